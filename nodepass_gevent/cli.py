@@ -1,0 +1,102 @@
+"""nodepass: a TCP/UDP reverse tunnel, speaking the NodePass v1.0 protocol.
+
+Usage:
+  nodepass <url>
+  nodepass --check <url>
+  nodepass (-h | --help)
+  nodepass --version
+
+URLs:
+  server://<tunnel_addr>/<target_addr>?log=<level>&tls=<mode>&crt=<file>&key=<file>
+      Listen for the client on tunnel_addr (the control channel) and for users,
+      TCP and UDP, on target_addr; hand each user to the client through the tunnel.
+  client://<tunnel_addr>/<target_addr>?log=<level>&tls=<mode>
+      Dial the server at tunnel_addr and forward each user to target_addr.
+
+  Addresses: host:port, :port (all interfaces), [ipv6]:port, name:port.
+  log   debug, info (default), warn, error or fatal.
+  tls   server: TLS for data connections: 0 none (default), 1 self-signed
+        certificate made at start-up, 2 the certificate in crt= and key=.
+        client: the least TLS mode it accepts from the server (default 0).
+  Quote the URL in a shell: & and ? are special there.
+
+Options:
+  --check       Validate the URL and environment (and load crt/key) and exit.
+  -h --help     Show this text.
+  --version     Show the version.
+
+Environment:
+  SEMAPHORE_LIMIT    Most concurrent connections and datagrams   [default: 1024]
+  MIN_POOL_CAPACITY  Fewest pooled data connections (client)     [default: 16]
+  MAX_POOL_CAPACITY  Most pooled data connections                [default: 1024]
+  UDP_DATA_BUF_SIZE  Largest UDP datagram or reply, bytes        [default: 8192]
+  UDP_READ_TIMEOUT   How long a UDP exchange waits for a reply   [default: 5s]
+  REPORT_INTERVAL    Heartbeat and traffic report interval       [default: 5s]
+  SERVICE_COOLDOWN   Pause before reconnecting / re-arming       [default: 5s]
+  SHUTDOWN_TIMEOUT   Grace for open connections on SIGTERM       [default: 5s]
+  Durations use Go syntax: 500ms, 5s, 1m30s.
+
+Examples:
+  nodepass 'server://0.0.0.0:10101/127.0.0.1:8080?log=debug&tls=1'
+  nodepass 'client://server.example.com:10101/127.0.0.1:8080'
+"""
+
+import enum
+import sys
+from typing import List, Optional
+
+from docopt import DocoptExit, docopt
+
+from nodepass_gevent import __version__
+from nodepass_gevent.config import ConfigError, load_settings, parse_url
+
+PROGRAM = "nodepass"
+
+
+class ExitStatus(enum.IntEnum):
+    OK = 0
+    FAILURE = 1   # the tunnel could not start or stopped on an internal error
+    USAGE = 2     # bad URL, environment or certificate
+
+
+def run(argv: Optional[List[str]] = None) -> int:
+    """The console script: parse arguments, then run one role until a signal."""
+    from gevent import monkey
+    monkey.patch_all()  # first: every socket below must be gevent's
+    try:
+        arguments = docopt(__doc__, argv, version="nodepass-gevent %s (NodePass v1.0 protocol)"
+                           % __version__)
+    except DocoptExit as exc:
+        print(exc.code if isinstance(exc.code, str) else __doc__, file=sys.stderr)
+        return ExitStatus.USAGE
+    try:
+        return main(arguments["<url>"], check_only=arguments["--check"])
+    except KeyboardInterrupt:
+        return ExitStatus.OK
+
+
+def main(url: str, check_only: bool = False) -> int:
+    from nodepass_gevent import log as logging_setup, service, tls
+    try:
+        config = parse_url(url)
+        settings = load_settings()
+        ssl_context = tls.server_context(config) if config.role == "server" else None
+    except ConfigError as exc:
+        return _fail(str(exc), ExitStatus.USAGE)
+    if check_only:
+        print("ok: %s tunnel=%s target=%s tls=%d log=%s"
+              % (config.role, config.tunnel, config.target, config.tls_mode, config.log_level))
+        return ExitStatus.OK
+    logging_setup.setup(config.log_level)
+    try:
+        service.run(config, settings, ssl_context)
+    except service.StartError as exc:
+        return _fail(str(exc), ExitStatus.FAILURE)
+    except service.Failure:
+        return ExitStatus.FAILURE
+    return ExitStatus.OK
+
+
+def _fail(message: str, status: ExitStatus) -> int:
+    print("%s: error: %s" % (PROGRAM, message), file=sys.stderr)
+    return status

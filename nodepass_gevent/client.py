@@ -1,0 +1,258 @@
+"""The client role: dials the server's tunnel, keeps a pool of data connections,
+and joins each launched one to the private target.
+
+A *session* is one tunnel connection. It ends when the server closes it, a
+write or read fails, or no line (not even a heartbeat) arrives for
+HEARTBEAT_MISSES report intervals; the client then reconnects after
+SERVICE_COOLDOWN. Exchanges already running are not cut by that.
+"""
+
+import socket
+import ssl
+from typing import Optional
+
+import gevent
+import gevent.pool
+from gevent.event import Event
+
+from nodepass_gevent import net, protocol, relay, tls
+from nodepass_gevent.config import Config, Settings
+from nodepass_gevent.log import log
+from nodepass_gevent.pool import ClientPool, DataConnection
+from nodepass_gevent.stats import Stats
+
+CONNECT_TIMEOUT = 5.0     # dialing the tunnel, a data connection or the target
+HANDSHAKE_TIMEOUT = 5.0   # the tunnel signal, TLS and the id on a data connection
+
+
+class SessionError(Exception):
+    """The tunnel cannot go on (server gone, refused policy, bad signal)."""
+
+
+class Client:
+    """Serves the server's launch signals; see the module docstring."""
+
+    def __init__(self, config: Config, settings: Settings) -> None:
+        self.config, self.settings = config, settings
+        self.stats = Stats()
+        # The semaphore: one slot per launched TCP connection or UDP exchange.
+        self._launches = gevent.pool.Pool(settings.semaphore_limit)
+        self._target_sockaddr = None  # resolved once, again after a failure
+        self.pool = None  # type: Optional[ClientPool]
+        self._control = None  # type: Optional[socket.socket]
+        self._loops = []
+        self.failed = Event()
+        self.closed = False
+
+    # -- lifecycle -------------------------------------------------------
+
+    def start(self) -> None:
+        for function in (self._run_sessions, self._report_forever):
+            loop = gevent.spawn(function)
+            loop.link_exception(self._on_loop_crash)
+            self._loops.append(loop)
+
+    def stop(self, timeout: float) -> None:
+        """Close the tunnel and pool; let running exchanges finish for ``timeout``."""
+        if self.closed:
+            return
+        self.closed = True
+        for loop in self._loops:
+            loop.kill(block=False)
+        net.close_quietly(self._control)
+        if self.pool is not None:
+            self.pool.close()
+        self._launches.join(timeout=timeout)
+        if len(self._launches):
+            log.warning("Client: cutting %d connections still open after %.1fs",
+                        len(self._launches), timeout)
+            self._launches.kill(timeout=1)
+
+    def _on_loop_crash(self, loop: gevent.Greenlet) -> None:
+        log.critical("Client: internal failure: %r", loop.exception)
+        self.failed.set()
+
+    def _run_sessions(self) -> None:
+        while not self.closed:
+            try:
+                self._session()
+            except SessionError as exc:
+                log.error("Client: %s", exc)
+            except (OSError, ssl.SSLError, protocol.ProtocolError) as exc:
+                log.warning("Client: tunnel to %s lost: %s", self.config.tunnel,
+                            _describe(exc))
+            finally:
+                self._end_session()
+            log.info("Client: reconnecting in %.1fs", self.settings.service_cooldown)
+            gevent.sleep(self.settings.service_cooldown)
+
+    def _report_forever(self) -> None:
+        while True:
+            gevent.sleep(self.settings.report_interval)
+            if self.stats.changed_since_report():
+                self.report()
+
+    def report(self) -> None:
+        pool = self.pool
+        idle, capacity = (pool.idle, pool.capacity) if pool is not None else (0, 0)
+        log.info("Client: %s", self.stats.line(idle, capacity))
+
+    # -- the tunnel ------------------------------------------------------
+
+    def _session(self) -> None:
+        control = self._control = net.dial_tcp(self.config.tunnel, CONNECT_TIMEOUT)
+        silence = self.settings.report_interval * protocol.HEARTBEAT_MISSES
+        net.set_user_timeout(control, silence)
+        control.settimeout(HANDSHAKE_TIMEOUT)
+        lines = control.makefile("rb")
+        signal = protocol.parse_tunnel_signal(self._read_line(lines))
+        data_port, tls_mode = int(signal.host), int(signal.kind)
+        if tls_mode < self.config.tls_mode:
+            raise SessionError("server %s offers tls=%d, below this client's minimum tls=%d;"
+                               " refusing the tunnel" % (self.config.tunnel, tls_mode,
+                                                         self.config.tls_mode))
+        log.info("Client: tunnel to %s open: data port %d, tls=%d (%s)", self.config.tunnel,
+                 data_port, tls_mode, tls.TLS_MODE_NAMES[tls_mode])
+        data_sockaddr = (control.getpeername()[0], data_port) + control.getpeername()[2:]
+        self.pool = ClientPool(self._data_dialer(data_sockaddr, tls.client_context(tls_mode)),
+                               self.settings.min_pool_capacity, self.settings.max_pool_capacity)
+        self.pool.start()
+        control.settimeout(silence)
+        self._serve_signals(lines)
+
+    def _end_session(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        net.close_quietly(self._control)
+        self.pool, self._control = None, None
+
+    def _read_line(self, lines) -> bytes:
+        line = lines.readline(protocol.MAX_SIGNAL_LENGTH + 1)
+        if not line:
+            raise ConnectionError("the server closed the tunnel")
+        if not line.endswith(b"\n") and len(line) > protocol.MAX_SIGNAL_LENGTH:
+            while line and not line.endswith(b"\n"):  # skip the rest of the long line
+                line = lines.readline(protocol.MAX_SIGNAL_LENGTH + 1)
+            raise protocol.ProtocolError("signal longer than %d bytes"
+                                         % protocol.MAX_SIGNAL_LENGTH)
+        return line
+
+    def _serve_signals(self, lines) -> None:
+        while True:
+            try:
+                line = self._read_line(lines)
+            except socket.timeout:
+                raise ConnectionError("no heartbeat from the server for %.1fs"
+                                      % (self.settings.report_interval
+                                         * protocol.HEARTBEAT_MISSES)) from None
+            except protocol.ProtocolError as exc:
+                log.warning("Client: skipped a bad signal: %s", exc)
+                continue
+            if not line.strip():
+                continue  # heartbeat
+            self._dispatch(line)
+
+    def _dispatch(self, line: bytes) -> None:
+        try:
+            signal = protocol.parse_signal(line)
+        except protocol.ProtocolError as exc:
+            log.warning("Client: skipped a bad signal: %s", exc)
+            return
+        if signal.kind == protocol.KIND_TCP:
+            launch = self._launch_tcp
+        elif signal.kind == protocol.KIND_UDP:
+            launch = self._launch_udp
+        else:
+            log.debug("Client: ignored signal of unknown kind %r", signal.kind)
+            return
+        log.debug("Client: launch %s for data connection %s",
+                  protocol.KIND_NAMES[signal.kind], signal.host)
+        self._launches.spawn(launch, self.pool, signal.host)
+
+    # -- data connections ----------------------------------------------------
+
+    def _data_dialer(self, sockaddr: tuple, context: Optional[ssl.SSLContext]):
+        server_name = self.config.tunnel.dial_host
+
+        def dial() -> DataConnection:
+            sock = net.dial_tcp(self.config.tunnel, CONNECT_TIMEOUT, sockaddr)
+            try:
+                sock.settimeout(HANDSHAKE_TIMEOUT)
+                if context is not None:
+                    sock = context.wrap_socket(sock, server_hostname=server_name)
+                connection_id = _read_id(sock)
+                sock.settimeout(None)
+                return connection_id, sock
+            except BaseException:
+                net.close_quietly(sock)
+                raise
+
+        return dial
+
+    def _dial_target(self) -> socket.socket:
+        try:
+            if self._target_sockaddr is None:
+                _, self._target_sockaddr = net.resolve(self.config.target, socket.SOCK_STREAM,
+                                                       passive=False)
+            return net.dial_tcp(self.config.target, CONNECT_TIMEOUT, self._target_sockaddr)
+        except OSError:
+            self._target_sockaddr = None  # maybe the name moved: resolve again next time
+            raise
+
+    def _launch_tcp(self, pool: ClientPool, connection_id: str) -> None:
+        data = pool.take(connection_id)
+        if data is None:
+            return
+        try:
+            target = self._dial_target()
+        except OSError as exc:
+            log.warning("Client: cannot reach target %s: %s", self.config.target, _describe(exc))
+            net.close_quietly(data)
+            return
+        self.stats.tcp_opened()
+        try:
+            relay.exchange(data, target, self.stats)
+        finally:
+            self.stats.tcp_closed()
+
+    def _launch_udp(self, pool: ClientPool, connection_id: str) -> None:
+        data = pool.take(connection_id)
+        if data is None:
+            return
+        target = None
+        try:
+            size, timeout = self.settings.udp_data_buf_size, self.settings.udp_read_timeout
+            datagram = relay.read_burst(data, size, timeout)
+            family, sockaddr = net.resolve(self.config.target, socket.SOCK_DGRAM, passive=False)
+            target = socket.socket(family, socket.SOCK_DGRAM)
+            target.settimeout(timeout)
+            target.connect(sockaddr)
+            target.send(datagram)
+            reply = target.recv(size)
+            data.sendall(reply)
+            self.stats.udp_exchanged(len(datagram), len(reply))
+        except (OSError, ValueError) as exc:
+            log.debug("Client: UDP exchange on %s failed: %s", connection_id, _describe(exc))
+        finally:
+            net.close_quietly(target)
+            net.close_quietly(data)
+
+
+def _read_id(sock: socket.socket) -> str:
+    """Exactly ID_LENGTH bytes: the id the server filed this connection under."""
+    received = b""
+    while len(received) < protocol.ID_LENGTH:
+        chunk = sock.recv(protocol.ID_LENGTH - len(received))
+        if not chunk:
+            raise ConnectionError("data connection closed before its id")
+        received += chunk
+    connection_id = received.decode("ascii", "replace")
+    if not protocol.is_connection_id(connection_id):
+        raise protocol.ProtocolError("bad data connection id %r" % received)
+    return connection_id
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__

@@ -1,0 +1,226 @@
+"""Turn the command-line URL and the environment into frozen configuration.
+
+Everything here is pure: strings in, frozen dataclasses out, ``ConfigError``
+(one readable line) for anything wrong. No sockets, no files beyond checking
+that certificate paths were given.
+
+    server://<tunnel_addr>/<target_addr>?log=<level>&tls=<0|1|2>&crt=<file>&key=<file>
+    client://<tunnel_addr>/<target_addr>?log=<level>&tls=<minimum mode>
+"""
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping, Optional, Tuple
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+ROLES = ("server", "client")
+LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
+TLS_MODES = (0, 1, 2)
+SERVER_PARAMS = ("log", "tls", "crt", "key")
+CLIENT_PARAMS = ("log", "tls")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, worded for the operator who made it."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """A host and port as written in the URL; host '' means "all interfaces"."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "%s:%d" % (host, self.port)
+
+    @property
+    def dial_host(self) -> str:
+        """Where to connect: an empty host means this machine."""
+        return self.host or "localhost"
+
+
+@dataclass(frozen=True)
+class Config:
+    """One tunnel endpoint, as the URL describes it."""
+
+    role: str
+    tunnel: Address
+    target: Address
+    log_level: str = "info"
+    # Server: the TLS mode of data connections. Client: the least it accepts.
+    tls_mode: int = 0
+    crt: Optional[str] = None
+    key: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The seed's environment variables; durations are in seconds."""
+
+    semaphore_limit: int = 1024
+    min_pool_capacity: int = 16
+    max_pool_capacity: int = 1024
+    udp_data_buf_size: int = 8192
+    udp_read_timeout: float = 5.0
+    report_interval: float = 5.0
+    service_cooldown: float = 5.0
+    shutdown_timeout: float = 5.0
+
+
+INT_SETTINGS = {
+    "SEMAPHORE_LIMIT": "semaphore_limit",
+    "MIN_POOL_CAPACITY": "min_pool_capacity",
+    "MAX_POOL_CAPACITY": "max_pool_capacity",
+    "UDP_DATA_BUF_SIZE": "udp_data_buf_size",
+}
+DURATION_SETTINGS = {
+    "UDP_READ_TIMEOUT": "udp_read_timeout",
+    "REPORT_INTERVAL": "report_interval",
+    "SERVICE_COOLDOWN": "service_cooldown",
+    "SHUTDOWN_TIMEOUT": "shutdown_timeout",
+}
+MAX_UDP_DATA_BUF_SIZE = 65535
+
+
+def parse_url(text: str) -> Config:
+    """Parse a ``server://`` or ``client://`` URL into a Config."""
+    scheme, sep, _ = text.partition("://")
+    if not sep:
+        raise ConfigError("not a URL: %r (expected server://... or client://...)" % text)
+    if scheme not in ROLES:
+        raise ConfigError("unknown scheme %r: use server:// or client://" % scheme)
+    parts = urlsplit(text)
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError("credentials in the URL are not supported")
+    tunnel = parse_address(parts.netloc, "tunnel address")
+    target = parse_address(parts.path.lstrip("/"), "target address")
+    params = _query_params(parts.query, SERVER_PARAMS if scheme == "server" else CLIENT_PARAMS)
+    log_level = params.get("log", "info").lower()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError("bad log level %r: use one of %s" % (log_level, ", ".join(LOG_LEVELS)))
+    tls_mode = _tls_mode(params.get("tls", "0"))
+    crt, key = params.get("crt") or None, params.get("key") or None
+    if scheme == "server" and tls_mode == 2 and not (crt and key):
+        raise ConfigError("tls=2 needs both crt=<certificate file> and key=<private key file>")
+    if scheme == "server" and tls_mode != 2 and (crt or key):
+        raise ConfigError("crt and key are used only with tls=2")
+    return Config(scheme, tunnel, target, log_level, tls_mode, crt, key)
+
+
+def parse_address(text: str, what: str) -> Address:
+    """Parse ``host:port``, ``:port``, ``[v6]:port`` or ``name:port``."""
+    if not text:
+        raise ConfigError("missing %s (expected host:port)" % what)
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise ConfigError("bad %s %r (expected [ipv6]:port)" % (what, text))
+        _check_ip(host, what, text, version=6)
+        return Address(host, _port(rest[1:], what, text))
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        raise ConfigError("bad %s %r: missing :port" % (what, text))
+    if ":" in host:
+        raise ConfigError("bad %s %r: write IPv6 hosts in brackets, [::1]:port" % (what, text))
+    if host and not _HOSTNAME.match(host):
+        raise ConfigError("bad %s %r: %r is not a host name or address" % (what, text, host))
+    if host and host[0].isdigit() and host.replace(".", "").isdigit():
+        _check_ip(host, what, text, version=4)
+    return Address(host, _port(port, what, text))
+
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
+
+
+def _check_ip(host: str, what: str, text: str, version: int) -> None:
+    try:
+        if ipaddress.ip_address(host).version == version:
+            return
+    except ValueError:
+        pass
+    raise ConfigError("bad %s %r: %r is not an IPv%d address" % (what, text, host, version))
+
+
+def _port(text: str, what: str, whole: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ConfigError("bad %s %r: port must be a number from 1 to 65535" % (what, whole))
+    return int(text)
+
+
+def _query_params(query: str, allowed: Tuple[str, ...]) -> Mapping[str, str]:
+    params = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name not in allowed:
+            raise ConfigError(
+                "unknown URL parameter %r: this mode takes %s" % (name, ", ".join(allowed)))
+        params[name] = unquote(value)
+    return params
+
+
+def _tls_mode(text: str) -> int:
+    if text not in ("0", "1", "2"):
+        raise ConfigError("bad tls value %r: use 0 (none), 1 (self-signed) or 2 (crt/key)" % text)
+    return int(text)
+
+
+def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
+    """Read the eight environment variables, keeping the seed's defaults."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for name, field in INT_SETTINGS.items():
+        if environ.get(name, "").strip():
+            values[field] = _positive_int(name, environ[name])
+    for name, field in DURATION_SETTINGS.items():
+        if environ.get(name, "").strip():
+            values[field] = _positive_duration(name, environ[name])
+    settings = Settings(**values)
+    if settings.min_pool_capacity > settings.max_pool_capacity:
+        raise ConfigError("MIN_POOL_CAPACITY (%d) is larger than MAX_POOL_CAPACITY (%d)"
+                          % (settings.min_pool_capacity, settings.max_pool_capacity))
+    if settings.udp_data_buf_size > MAX_UDP_DATA_BUF_SIZE:
+        raise ConfigError("UDP_DATA_BUF_SIZE must be at most %d" % MAX_UDP_DATA_BUF_SIZE)
+    return settings
+
+
+def _positive_int(name: str, text: str) -> int:
+    text = text.strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError("bad %s=%r: expected a whole number of at least 1" % (name, text))
+    return int(text)
+
+
+def _positive_duration(name: str, text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ConfigError as exc:
+        raise ConfigError("bad %s=%r: %s" % (name, text, exc)) from None
+    if seconds <= 0:
+        raise ConfigError("bad %s=%r: must be longer than zero" % (name, text))
+    return seconds
+
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6,
+                   "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go duration (``500ms``, ``5s``, ``1m30s``, ``1.5h``) into seconds."""
+    text = text.strip()
+    body = text[1:] if text[:1] in "+-" else text
+    if body == "0":
+        return 0.0
+    position, seconds = 0, 0.0
+    while position < len(body):
+        match = _DURATION_PART.match(body, position)
+        if not match:
+            raise ConfigError("expected a duration like 500ms, 5s or 1m30s")
+        seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    if not body:
+        raise ConfigError("expected a duration like 500ms, 5s or 1m30s")
+    return -seconds if text.startswith("-") else seconds

@@ -1,0 +1,174 @@
+"""Socket plumbing shared by both roles: listen, dial, accept, check, close.
+
+All of it is plain blocking socket code; gevent's monkey-patching (done by the
+CLI before anything else) turns each blocking call into a greenlet switch.
+"""
+
+import errno
+import socket
+from typing import Callable, Optional, Tuple
+
+import gevent
+from gevent.monkey import get_original
+
+from nodepass_gevent.config import Address
+from nodepass_gevent.log import log
+
+# The unpatched poll: a zero-timeout readiness check must not yield, and
+# select() cannot watch descriptors above 1023.
+_poll = get_original("select", "poll")
+_POLLIN_OR_ERROR = 0x001 | 0x008 | 0x010  # POLLIN | POLLERR | POLLHUP
+
+ACCEPT_BACKOFF_FIRST = 0.05
+ACCEPT_BACKOFF_MAX = 1.0
+# Out of descriptors or memory: wait for some to be released, keep the listener.
+_ACCEPT_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                     errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
+
+
+class BindError(Exception):
+    """A listening socket could not be opened (port in use, bad address...)."""
+
+
+def resolve(address: Address, kind: int, passive: bool) -> Tuple[int, tuple]:
+    """Family and sockaddr for an address; a passive empty host is every interface."""
+    host = address.host or None if passive else address.dial_host
+    flags = socket.AI_PASSIVE if passive else 0
+    infos = socket.getaddrinfo(host, address.port, socket.AF_UNSPEC, kind, 0, flags)
+    if passive and not address.host:
+        # Prefer the IPv6 wildcard: with V6ONLY off it takes IPv4 users too.
+        infos.sort(key=lambda info: info[0] != socket.AF_INET6)
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr
+
+
+def listen_tcp(address: Address, backlog: int = 1024) -> socket.socket:
+    return _bind(address, socket.SOCK_STREAM, backlog)
+
+
+def listen_udp(address: Address) -> socket.socket:
+    return _bind(address, socket.SOCK_DGRAM, None)
+
+
+def _bind(address: Address, kind: int, backlog: Optional[int]) -> socket.socket:
+    what = "TCP" if kind == socket.SOCK_STREAM else "UDP"
+    try:
+        family, sockaddr = resolve(address, kind, passive=True)
+    except (OSError, UnicodeError) as exc:
+        raise BindError("cannot resolve %s: %s" % (address, exc)) from None
+    sock = socket.socket(family, kind)
+    try:
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and not address.host:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+        if backlog is not None:
+            sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError("cannot listen on %s %s: %s" % (what, address, exc.strerror or exc)) \
+            from None
+    return sock
+
+
+def dial_tcp(address: Address, timeout: float, sockaddr: Optional[tuple] = None) -> socket.socket:
+    """Connect (to ``sockaddr`` if already resolved), with Nagle off for low latency."""
+    if sockaddr is None:
+        sock = socket.create_connection((address.dial_host, address.port), timeout)
+    else:
+        family = socket.AF_INET6 if len(sockaddr) == 4 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(sockaddr)
+        except BaseException:
+            sock.close()
+            raise
+    set_nodelay(sock)
+    sock.settimeout(None)
+    return sock
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+def set_user_timeout(sock: socket.socket, seconds: float) -> None:
+    """Fail writes that stay unacknowledged this long (Linux TCP_USER_TIMEOUT).
+
+    Without it a write to a peer behind a cut link succeeds into the send
+    buffer and the loss is noticed only after minutes of retransmissions.
+    """
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
+    except (OSError, AttributeError):
+        pass
+
+
+def local_port(sock: socket.socket) -> int:
+    return sock.getsockname()[1]
+
+
+def is_idle(sock: socket.socket) -> bool:
+    """True if a pooled connection is open and silent (nothing to read, no EOF).
+
+    A pooled connection must say nothing until it is used: readable means the
+    peer closed it, reset it, or talks out of turn; either way it is unusable.
+    """
+    try:
+        fileno = sock.fileno()
+        if fileno < 0:
+            return False
+        poller = _poll()
+        poller.register(fileno, _POLLIN_OR_ERROR)
+        return not poller.poll(0)
+    except (OSError, ValueError):
+        return False
+
+
+def close_quietly(sock: Optional[socket.socket]) -> None:
+    """Close a socket; never raises."""
+    if sock is None:
+        return
+    try:
+        sock.close()
+    except Exception:  # closing must never raise, whatever state the socket is in
+        pass
+
+
+def peer_name(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except (OSError, ValueError):
+        return "?"
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def serve_forever(listener: socket.socket, handle: Callable[[socket.socket, tuple], None],
+                  spawn: Callable, name: str) -> None:
+    """Accept connections until the listener is closed; ``spawn`` runs each handler.
+
+    ``spawn`` is a bounded pool's spawn: when the pool is full it blocks, so the
+    loop stops accepting and the kernel backlog absorbs the burst. Running out
+    of descriptors backs off (doubling, capped) instead of stopping the service.
+    """
+    delay = ACCEPT_BACKOFF_FIRST
+    while True:
+        try:
+            conn, address = listener.accept()
+        except OSError as exc:
+            if listener.fileno() < 0 or exc.errno in (errno.EBADF, errno.EINVAL):
+                return  # closed by our own shutdown
+            if exc.errno not in _ACCEPT_TRANSIENT:
+                raise
+            log.warning("%s: accept failed (%s); retrying in %.2fs", name, exc.strerror, delay)
+            gevent.sleep(delay)
+            delay = min(delay * 2, ACCEPT_BACKOFF_MAX)
+            continue
+        delay = ACCEPT_BACKOFF_FIRST
+        set_nodelay(conn)
+        spawn(handle, conn, address)

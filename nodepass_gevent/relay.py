@@ -1,0 +1,125 @@
+"""Moving bytes: the TCP exchange (both ways, half-close passed on) and UDP transfers.
+
+A relay owns the two sockets it is given: it closes both before it returns.
+"""
+
+import socket
+import ssl
+from typing import Optional, Tuple
+
+import gevent
+
+from nodepass_gevent import net
+from nodepass_gevent.stats import Stats
+
+CHUNK_SIZE = 65536
+
+
+def exchange(left: socket.socket, right: socket.socket, stats: Optional[Stats] = None
+             ) -> Tuple[int, int]:
+    """Copy left->right and right->left until both directions end; close both.
+
+    Returns the bytes moved each way. A clean EOF is passed on as a half-close,
+    so a peer that stops sending still gets its answer; an error in either
+    direction tears down both, so the other direction never waits forever.
+    """
+    backward = gevent.spawn(_pump, right, left, stats, False)
+    try:
+        forward_bytes = _pump(left, right, stats, True)
+        backward_bytes = backward.get()
+        return forward_bytes, backward_bytes
+    finally:
+        backward.kill(block=True)
+        net.close_quietly(left)
+        net.close_quietly(right)
+
+
+def _pump(source: socket.socket, sink: socket.socket, stats: Optional[Stats], inbound: bool
+          ) -> int:
+    moved = 0
+    try:
+        while True:
+            # recv() allocates its buffer only while bytes are waiting, so an
+            # idle connection holds no buffer at all.
+            chunk = source.recv(CHUNK_SIZE)
+            if not chunk:
+                break
+            sink.sendall(chunk)
+            moved += len(chunk)
+            if stats is not None:
+                stats.count_bytes(len(chunk), inbound)
+        half_close(sink)
+    except (OSError, ValueError):
+        # Reset, broken pipe, or the other pump already closed: end both ways.
+        abort(source)
+        abort(sink)
+    return moved
+
+
+def half_close(sock: socket.socket) -> None:
+    """Send EOF (TCP FIN) but keep reading; for TLS, keep the session alive.
+
+    ssl.SSLSocket.shutdown() drops the TLS session, so for a TLS socket the
+    FIN is sent through the plain socket method underneath it.
+    """
+    try:
+        if isinstance(sock, ssl.SSLSocket):
+            super(ssl.SSLSocket, sock).shutdown(socket.SHUT_WR)
+        else:
+            sock.shutdown(socket.SHUT_WR)
+    except (OSError, ValueError):
+        pass
+
+
+def abort(sock: socket.socket) -> None:
+    """Stop both directions at once (wakes any greenlet blocked on it)."""
+    try:
+        if isinstance(sock, ssl.SSLSocket):
+            super(ssl.SSLSocket, sock).shutdown(socket.SHUT_RDWR)
+        else:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, ValueError):
+        pass
+
+
+def read_until_eof(sock: socket.socket, limit: int, timeout: float) -> bytes:
+    """Read up to ``limit`` bytes until the peer closes (or the timeout)."""
+    sock.settimeout(timeout)
+    parts, size = [], 0
+    try:
+        while size < limit:
+            chunk = sock.recv(limit - size)
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+    except socket.timeout:
+        pass
+    return b"".join(parts)
+
+
+def read_burst(sock: socket.socket, limit: int, timeout: float) -> bytes:
+    """Read one message written in one go: wait for the first bytes, then take
+    whatever has already arrived behind them.
+
+    The peer may write a datagram as several TLS records or TCP segments
+    (PROTOCOL.md section 6), so one recv() is not enough, yet no length is sent.
+    """
+    sock.settimeout(timeout)
+    first = sock.recv(limit)
+    parts, size = [first], len(first)
+    sock.settimeout(0)
+    try:
+        while first and size < limit and (_tls_pending(sock) or not net.is_idle(sock)):
+            chunk = sock.recv(limit - size)
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+    except (socket.timeout, BlockingIOError, ssl.SSLWantReadError):
+        pass
+    return b"".join(parts)
+
+
+def _tls_pending(sock: socket.socket) -> int:
+    return sock.pending() if isinstance(sock, ssl.SSLSocket) else 0

@@ -1,0 +1,298 @@
+"""The server role: users arrive at target_addr, the client dials in at tunnel_addr.
+
+Listeners live as long as the server; a *session* lives as long as one client's
+tunnel connection. When a session ends, its pooled data connections go with it
+and the next client may connect (after SERVICE_COOLDOWN if the session had
+been in use, at once if it never opened a data connection, e.g. a port probe).
+"""
+
+import random
+import socket
+import ssl
+import time
+from typing import List, Optional
+
+import gevent
+import gevent.pool
+from gevent.event import Event
+from gevent.lock import Semaphore
+
+from nodepass_gevent import net, protocol, relay
+from nodepass_gevent.config import Address, Config, Settings
+from nodepass_gevent.log import log
+from nodepass_gevent.pool import ServerPool
+from nodepass_gevent.protocol import HEARTBEAT_MISSES
+from nodepass_gevent.stats import Stats
+
+DATA_PORT_RANGE = (1024, 8192)  # as v1.0 picks it
+DATA_PORT_TRIES = 64
+HANDSHAKE_TIMEOUT = 5.0   # TLS handshake and id write on a new data connection
+POOL_WAIT = 5.0           # how long a user waits for a pooled data connection
+MAX_PENDING_HANDSHAKES = 256
+CONTROL_READ_SIZE = 4096
+
+
+class Session:
+    """One connected client: its tunnel connection and a lock for writing signals."""
+
+    def __init__(self, control: socket.socket, peer: tuple) -> None:
+        self.control = control
+        self.peer_host = peer[0]
+        self.peer = net.peer_name(control)
+        self.in_use = False   # set once the client opens a data connection
+        self.ended = Event()
+        self._write_lock = Semaphore()
+
+    def send(self, signal: bytes) -> bool:
+        """Write one signal line; on failure end the session and return False."""
+        if self.ended.is_set():
+            return False
+        with self._write_lock:  # signal lines must never interleave
+            try:
+                self.control.sendall(signal)
+                return True
+            except OSError as exc:
+                log.warning("Tunnel: write to client %s failed: %s", self.peer, exc)
+        self.end()
+        return False
+
+    def alive(self) -> bool:
+        return not self.ended.is_set() and net.is_idle(self.control)
+
+    def end(self) -> None:
+        """Close the tunnel connection (wakes its reader). Never raises."""
+        self.ended.set()
+        relay.abort(self.control)
+        net.close_quietly(self.control)
+
+
+class Server:
+    """Listens for one client and any number of users; see the module docstring."""
+
+    def __init__(self, config: Config, settings: Settings,
+                 ssl_context: Optional[ssl.SSLContext]) -> None:
+        self.config, self.settings, self.ssl_context = config, settings, ssl_context
+        self.stats = Stats()
+        self.pool = ServerPool(settings.max_pool_capacity)
+        # The semaphore: one slot per user TCP connection or UDP exchange.
+        self._users = gevent.pool.Pool(settings.semaphore_limit)
+        self._handshakes = gevent.pool.Pool(MAX_PENDING_HANDSHAKES)
+        self._controls = gevent.pool.Pool(8)
+        self._session = None  # type: Optional[Session]
+        self._cooldown_until = 0.0
+        self._listeners = []  # type: List[socket.socket]
+        self._loops = []  # type: List[gevent.Greenlet]
+        self.data_port = 0
+        self.failed = Event()  # set if an internal loop dies: the process should exit
+        self.closed = False
+
+    # -- lifecycle -------------------------------------------------------
+
+    def start(self) -> None:
+        """Open every listener (BindError if one cannot be) and start serving."""
+        try:
+            tunnel = net.listen_tcp(self.config.tunnel)
+            self._listeners.append(tunnel)
+            data = self._listen_data_port()
+            self._listeners.append(data)
+            target_tcp = net.listen_tcp(self.config.target)
+            self._listeners.append(target_tcp)
+            target_udp = net.listen_udp(self.config.target)
+            self._listeners.append(target_udp)
+        except BaseException:
+            self._close_listeners()
+            raise
+        self.data_port = net.local_port(data)
+        self._spawn_loop(net.serve_forever, tunnel, self._on_tunnel, self._controls.spawn,
+                         "tunnel")
+        self._spawn_loop(net.serve_forever, data, self._on_data, self._handshakes.spawn, "data")
+        self._spawn_loop(net.serve_forever, target_tcp, self._on_user, self._users.spawn,
+                         "target")
+        self._spawn_loop(self._serve_udp, target_udp)
+        self._spawn_loop(self._report_forever)
+        log.info("Server: tunnel %s, data port %d, target %s (tcp+udp), tls=%d",
+                 self.config.tunnel, self.data_port, self.config.target, self.config.tls_mode)
+
+    def stop(self, timeout: float) -> None:
+        """Stop accepting, let user connections finish for ``timeout``, then cut them."""
+        if self.closed:
+            return
+        self.closed = True
+        self._close_listeners()
+        for loop in self._loops:
+            loop.kill(block=False)
+        self._end_session()
+        self._controls.kill(block=False)
+        self._handshakes.kill(block=False)
+        self.pool.flush()
+        self._users.join(timeout=timeout)
+        if len(self._users):
+            log.warning("Server: cutting %d connections still open after %.1fs",
+                        len(self._users), timeout)
+            self._users.kill(timeout=1)
+
+    def _spawn_loop(self, function, *args) -> None:
+        loop = gevent.spawn(function, *args)
+        loop.link_exception(self._on_loop_crash)
+        self._loops.append(loop)
+
+    def _on_loop_crash(self, loop: gevent.Greenlet) -> None:
+        log.critical("Server: internal failure: %r", loop.exception)
+        self.failed.set()
+
+    def _close_listeners(self) -> None:
+        for listener in self._listeners:
+            net.close_quietly(listener)
+
+    def _listen_data_port(self) -> socket.socket:
+        host = self.config.tunnel.host
+        for port in random.sample(range(*DATA_PORT_RANGE), DATA_PORT_TRIES):
+            try:
+                return net.listen_tcp(Address(host, port))
+            except net.BindError:
+                continue  # taken: try another
+        return net.listen_tcp(Address(host, 0))  # crowded range: let the kernel choose
+
+    # -- the tunnel (control) connection -----------------------------------
+
+    def _on_tunnel(self, control: socket.socket, peer: tuple) -> None:
+        current = self._session
+        who = net.peer_name(control)
+        if current is not None and current.alive():
+            log.warning("Tunnel: refused %s: a client is already connected from %s",
+                        who, current.peer)
+            net.close_quietly(control)
+            return
+        if time.monotonic() < self._cooldown_until:
+            log.info("Tunnel: refused %s: cooling down after the last client", who)
+            net.close_quietly(control)
+            return
+        self._end_session()
+        net.set_user_timeout(control, self.settings.report_interval * HEARTBEAT_MISSES)
+        session = self._session = Session(control, peer)
+        if not session.send(protocol.encode_tunnel_signal(self.data_port, self.config.tls_mode)):
+            return
+        log.info("Tunnel: client connected from %s", session.peer)
+        self._read_until_closed(session)
+        if self._session is session:
+            self._end_session()
+
+    def _read_until_closed(self, session: Session) -> None:
+        # A v1.0 client never writes on the tunnel: reading only tells us when
+        # it goes away. Anything it does send is read and dropped.
+        while not session.ended.is_set():
+            try:
+                if not session.control.recv(CONTROL_READ_SIZE):
+                    break
+            except OSError:
+                break
+
+    def _end_session(self) -> None:
+        session, self._session = self._session, None
+        if session is None:
+            return
+        session.end()
+        self.pool.flush()
+        if session.in_use and not self.closed:
+            self._cooldown_until = time.monotonic() + self.settings.service_cooldown
+            log.warning("Tunnel: client %s disconnected; accepting a new one in %.1fs",
+                        session.peer, self.settings.service_cooldown)
+        else:
+            log.info("Tunnel: connection from %s closed", session.peer)
+
+    def _report_forever(self) -> None:
+        while True:
+            gevent.sleep(self.settings.report_interval)
+            session = self._session
+            if session is not None:
+                session.send(protocol.HEARTBEAT)
+            if self.stats.changed_since_report():
+                self.report()
+
+    def report(self) -> None:
+        log.info("Server: %s", self.stats.line(self.pool.idle, self.pool.capacity))
+
+    # -- data connections from the client ----------------------------------
+
+    def _on_data(self, sock: socket.socket, peer: tuple) -> None:
+        session = self._session
+        if session is None or peer[0] != session.peer_host:
+            log.warning("Data: refused %s: not the connected tunnel client", net.peer_name(sock))
+            net.close_quietly(sock)
+            return
+        connection_id = protocol.new_connection_id()
+        try:
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_side=True)
+            sock.sendall(connection_id.encode("ascii"))
+            sock.settimeout(None)
+        except (OSError, ValueError) as exc:
+            log.debug("Data: handshake with %s failed: %s", net.peer_name(sock), exc)
+            net.close_quietly(sock)
+            return
+        session.in_use = True
+        if session.ended.is_set() or not self.pool.add(connection_id, sock):
+            net.close_quietly(sock)
+            return
+        log.debug("Data: connection %s from %s pooled", connection_id, session.peer)
+
+    # -- users ---------------------------------------------------------------
+
+    def _take_data_connection(self, kind: str, user: str):
+        """A pooled connection announced to the client, or None (logged)."""
+        session = self._session
+        if session is None:
+            log.debug("Target: no tunnel client; dropping %s user %s",
+                      protocol.KIND_NAMES[kind], user)
+            return None
+        taken = self.pool.take(POOL_WAIT)
+        if taken is None:
+            log.warning("Target: no data connection ready within %.0fs; dropping %s user %s",
+                        POOL_WAIT, protocol.KIND_NAMES[kind], user)
+            return None
+        connection_id, data = taken
+        if not session.send(protocol.encode_launch_signal(connection_id, kind)):
+            net.close_quietly(data)
+            return None
+        log.debug("Target: %s user %s -> data connection %s",
+                  protocol.KIND_NAMES[kind], user, connection_id)
+        return data
+
+    def _on_user(self, user: socket.socket, peer: tuple) -> None:
+        data = self._take_data_connection(protocol.KIND_TCP, net.peer_name(user))
+        if data is None:
+            net.close_quietly(user)
+            return
+        self.stats.tcp_opened()
+        try:
+            relay.exchange(user, data, self.stats)
+        finally:
+            self.stats.tcp_closed()
+
+    def _serve_udp(self, listener: socket.socket) -> None:
+        size = self.settings.udp_data_buf_size
+        while True:
+            try:
+                datagram, peer = listener.recvfrom(size)
+            except OSError:
+                if listener.fileno() < 0:
+                    return
+                continue  # e.g. an ICMP error queued on the socket: not fatal
+            self._users.spawn(self._on_datagram, listener, datagram, peer)
+
+    def _on_datagram(self, listener: socket.socket, datagram: bytes, peer: tuple) -> None:
+        data = self._take_data_connection(protocol.KIND_UDP, "%s:%d" % peer[:2])
+        if data is None:
+            return
+        try:
+            data.sendall(datagram)
+            reply = relay.read_until_eof(data, self.settings.udp_data_buf_size,
+                                         self.settings.udp_read_timeout)
+            if reply:
+                listener.sendto(reply, peer)
+            self.stats.udp_exchanged(len(datagram), len(reply))
+        except OSError as exc:
+            log.debug("Target: UDP exchange for %s failed: %s", peer, exc)
+        finally:
+            net.close_quietly(data)

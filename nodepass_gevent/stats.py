@@ -1,0 +1,50 @@
+"""Live traffic figures: plain counters, cheap on the hot path.
+
+All greenlets run in one thread, so an integer add needs no lock.
+"""
+
+
+class Stats:
+    """Counters one role keeps for its periodic report line."""
+
+    def __init__(self) -> None:
+        self.tcp_active = 0
+        self.tcp_total = 0
+        self.udp_total = 0
+        self.bytes_in = 0   # from users / the data side towards the target
+        self.bytes_out = 0  # back towards users
+        self._reported = self.snapshot()
+
+    def count_bytes(self, size: int, inbound: bool) -> None:
+        if inbound:
+            self.bytes_in += size
+        else:
+            self.bytes_out += size
+
+    def tcp_opened(self) -> None:
+        self.tcp_active += 1
+        self.tcp_total += 1
+
+    def tcp_closed(self) -> None:
+        self.tcp_active -= 1
+
+    def udp_exchanged(self, size_in: int, size_out: int) -> None:
+        self.udp_total += 1
+        self.bytes_in += size_in
+        self.bytes_out += size_out
+
+    def snapshot(self) -> tuple:
+        return (self.tcp_active, self.tcp_total, self.udp_total, self.bytes_in, self.bytes_out)
+
+    def changed_since_report(self) -> bool:
+        """True (once) if anything moved since the previous call, or traffic is live."""
+        now = self.snapshot()
+        changed = now != self._reported or self.tcp_active > 0
+        self._reported = now
+        return changed
+
+    def line(self, pool_idle: int, pool_capacity: int) -> str:
+        return ("Traffic: tcp active=%d total=%d | udp exchanges=%d | bytes in=%d out=%d"
+                " | pool idle=%d capacity=%d"
+                % (self.tcp_active, self.tcp_total, self.udp_total, self.bytes_in,
+                   self.bytes_out, pool_idle, pool_capacity))

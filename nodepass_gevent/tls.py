@@ -1,0 +1,96 @@
+"""TLS for data connections: contexts for both roles, and the self-signed certificate.
+
+Mode 0: plain TCP. Mode 1: TLS with a certificate made in memory at start-up,
+not verified by the client. Mode 2: the operator's crt/key; the client
+verifies the chain (system trust store, or SSL_CERT_FILE) and the tunnel host.
+"""
+
+import datetime
+import os
+import ssl
+import tempfile
+from typing import Optional, Tuple
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from nodepass_gevent.config import Config, ConfigError
+
+TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED = 0, 1, 2
+TLS_MODE_NAMES = {TLS_NONE: "none", TLS_SELF_SIGNED: "self-signed", TLS_VERIFIED: "verified"}
+# A relay passes a half-close on as a bare TCP FIN (see relay.half_close). With
+# OpenSSL 3 such an EOF would otherwise poison the session, and the answer
+# still flowing the other way could not be written. OpenSSL 1.1 needs nothing.
+_HALF_CLOSE_OPTIONS = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+
+
+def server_context(config: Config) -> Optional[ssl.SSLContext]:
+    """The server's context for its mode; ConfigError if crt/key do not load."""
+    if config.tls_mode == TLS_NONE:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= _HALF_CLOSE_OPTIONS
+    if config.tls_mode == TLS_SELF_SIGNED:
+        _load_pem_pair(context, *self_signed_pem())
+    else:
+        _load_files(context, config.crt, config.key)
+    return context
+
+
+def client_context(tls_mode: int) -> Optional[ssl.SSLContext]:
+    """The client's context for the mode the server announced."""
+    if tls_mode == TLS_NONE:
+        return None
+    if tls_mode == TLS_VERIFIED:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.options |= _HALF_CLOSE_OPTIONS
+    return context
+
+
+def self_signed_pem(common_name: str = "nodepass") -> Tuple[bytes, bytes]:
+    """A fresh EC key and a one-year certificate for it, both PEM."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _load_pem_pair(context: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    # ssl loads certificates only from files: write a private temporary file,
+    # load it, and remove it at once so the key never outlives start-up on disk.
+    with tempfile.TemporaryDirectory(prefix="nodepass-tls-") as folder:
+        path = os.path.join(folder, "self-signed.pem")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as pem:
+            pem.write(cert_pem + key_pem)
+        context.load_cert_chain(path)
+
+
+def _load_files(context: ssl.SSLContext, crt: str, key: str) -> None:
+    for label, path in (("certificate", crt), ("private key", key)):
+        if not os.access(path, os.R_OK):
+            raise ConfigError("cannot read %s file %s" % (label, path))
+    try:
+        context.load_cert_chain(crt, key)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError("cannot load certificate %s with key %s: %s"
+                          % (crt, key, getattr(exc, "reason", None) or exc)) from None

@@ -1,0 +1,84 @@
+"""Fixtures: every process or server a test starts is stopped here, pass or fail."""
+
+import os
+import sys
+from typing import Dict, Optional
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from support import (FAST_ENV, HOST, EchoServer, NodepassProcess, echo_works,  # noqa: E402
+                     free_port, make_test_ca, stop_all, wait_until)
+
+
+@pytest.fixture
+def nodepass():
+    """Start nodepass processes: ``nodepass(url, env=None)``; all stopped at teardown."""
+    started = []
+
+    def start(url: str, env: Optional[Dict[str, str]] = None, **kwargs) -> NodepassProcess:
+        full_env = dict(FAST_ENV)
+        full_env.update(env or {})
+        process = NodepassProcess(url, full_env, **kwargs)
+        started.append(process)
+        return process
+
+    yield start
+    stop_all(started)
+
+
+@pytest.fixture
+def echo():
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory) -> Dict[str, str]:
+    return make_test_ca(str(tmp_path_factory.mktemp("ca")))
+
+
+class Tunnel:
+    """A server and a client wired to an echo target, ready for traffic."""
+
+    def __init__(self, nodepass, echo, tls: int = 0, env=None, server_query: str = "",
+                 client_query: str = "") -> None:
+        self.tunnel_port, self.port = free_port(), free_port()
+        query = "log=debug&tls=%d%s" % (tls, server_query)
+        self.server_url = "server://%s:%d/%s:%d?%s" % (HOST, self.tunnel_port, HOST,
+                                                     self.port, query)
+        self.client_url = "client://%s:%d/%s:%d?log=debug%s" % (
+            HOST, self.tunnel_port, HOST, echo.port, client_query)
+        self._start, self.env = nodepass, env or {}
+        self.server = self.start_server()
+        self.client = self.start_client()
+
+    def start_server(self) -> NodepassProcess:
+        self.server = self._start(self.server_url, self.env)
+        return self.server
+
+    def start_client(self) -> NodepassProcess:
+        self.client = self._start(self.client_url, self.env)
+        return self.client
+
+    def wait_ready(self, timeout: float = 15) -> None:
+        try:
+            wait_until(lambda: echo_works(self.port), timeout, interval=0.1,
+                       what="traffic through the tunnel")
+        except AssertionError:
+            raise AssertionError("tunnel not ready.\nserver log:\n%s\nclient log:\n%s"
+                                 % (self.server.output()[-3000:],
+                                    self.client.output()[-3000:])) from None
+
+
+@pytest.fixture
+def make_tunnel(nodepass, echo):
+    """``make_tunnel(tls=0, env=None, server_query='', client_query='')`` -> ready Tunnel."""
+    def make(tls: int = 0, env=None, ready: bool = True, **queries) -> Tunnel:
+        tunnel = Tunnel(nodepass, echo, tls, env, **queries)
+        if ready:
+            tunnel.wait_ready()
+        return tunnel
+    return make

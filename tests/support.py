@@ -1,0 +1,273 @@
+"""Test helpers: free ports, nodepass processes, echo targets, a test CA.
+
+Everything here is real: sockets on 127.0.0.1 and real child processes. Every
+wait has a deadline. Fixtures in conftest.py make sure what starts is stopped.
+"""
+
+import datetime
+import hashlib
+import ipaddress
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+HOST = "127.0.0.1"
+FAST_ENV = {  # short intervals so recovery tests take seconds
+    "REPORT_INTERVAL": "1s",
+    "SERVICE_COOLDOWN": "500ms",
+    "SHUTDOWN_TIMEOUT": "3s",
+    "UDP_READ_TIMEOUT": "2s",
+}
+
+
+def free_port(host: str = HOST) -> int:
+    """A port free for both TCP and UDP right now (the OS picks it)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind((host, 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((host, port))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05,
+               what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
+
+
+class NodepassProcess:
+    """One `python -m nodepass_gevent URL` child, its output in a file."""
+
+    def __init__(self, url: str, env: Optional[Dict[str, str]] = None,
+                 prefix: Sequence[str] = ()) -> None:
+        self.url = url
+        self._log = tempfile.NamedTemporaryFile(prefix="nodepass-", suffix=".log", delete=False)
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            list(prefix) + [sys.executable, "-m", "nodepass_gevent", url],
+            stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+            stdin=subprocess.DEVNULL)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        with open(self._log.name, "r", errors="replace") as log:
+            return log.read()
+
+    def wait_for_output(self, text: str, timeout: float = 10) -> None:
+        wait_until(lambda: text in self.output(), timeout, what="%r in the log" % text)
+
+    def send_signal(self, number: int) -> None:
+        if self.alive():
+            self.proc.send_signal(number)
+
+    def stop(self, number: int = signal.SIGTERM, timeout: float = 10) -> int:
+        """Signal the process and wait for it; kill it if it will not go."""
+        self.send_signal(number)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError("nodepass did not stop within %ss:\n%s"
+                                 % (timeout, self.output()[-3000:]))
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def cleanup(self) -> None:
+        self.kill()
+        self._log.close()
+        try:
+            os.unlink(self._log.name)
+        except OSError:
+            pass
+
+
+def run_nodepass(args: List[str], timeout: float = 30,
+                 env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run nodepass to completion (for --check, --help, bad input)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "nodepass_gevent"] + args, env=full_env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+                          universal_newlines=True, stdin=subprocess.DEVNULL)
+
+
+# -- targets -------------------------------------------------------------------
+
+class _EchoHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        # Echo until the peer half-closes, then half-close back: this is what
+        # proves a half-close crossed the tunnel in both directions.
+        while True:
+            chunk = self.request.recv(65536)
+            if not chunk:
+                break
+            self.request.sendall(chunk)
+        self.request.shutdown(socket.SHUT_WR)
+
+
+class _UdpEchoHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        sock.sendto(data, self.client_address)
+
+
+class _ThreadingTCPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+
+class _ThreadingUDPServer(socketserver.ThreadingUDPServer):
+    daemon_threads = True
+    max_packet_size = 65535
+
+
+class EchoServer:
+    """TCP and UDP echo on one port, in threads of the test process."""
+
+    def __init__(self, host: str = HOST, port: int = 0) -> None:
+        port = port or free_port(host)
+        self.tcp = _ThreadingTCPServer((host, port), _EchoHandler)
+        self.udp = _ThreadingUDPServer((host, port), _UdpEchoHandler)
+        self.port = port
+        self._threads = [threading.Thread(target=server.serve_forever, daemon=True)
+                         for server in (self.tcp, self.udp)]
+        for thread in self._threads:
+            thread.start()
+
+    def close(self) -> None:
+        for server in (self.tcp, self.udp):
+            server.shutdown()
+            server.server_close()
+
+
+def tcp_exchange(port: int, payload: bytes, host: str = HOST, timeout: float = 10) -> bytes:
+    """Send ``payload``, half-close, and read everything that comes back.
+
+    A thread sends while this one reads, so neither side's buffers fill up.
+    """
+    def send_then_half_close() -> None:
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the reading side sees the failure too
+
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sender = threading.Thread(target=send_then_half_close, daemon=True)
+        sender.start()
+        received = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received.append(chunk)
+        sender.join(timeout)
+        return b"".join(received)
+
+
+def udp_exchange(port: int, payload: bytes, host: str = HOST, timeout: float = 5) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(payload, (host, port))
+        return sock.recvfrom(65535)[0]
+
+
+def echo_works(port: int, host: str = HOST) -> bool:
+    """One short round trip through the tunnel; False instead of an exception."""
+    try:
+        return tcp_exchange(port, b"ping", host, timeout=3) == b"ping"
+    except OSError:
+        return False
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- certificates ----------------------------------------------------------------
+
+def make_test_ca(folder: str, names: Sequence[str] = ("localhost",),
+                 ips: Sequence[str] = (HOST,)) -> Dict[str, str]:
+    """A CA and a server certificate it signed, as PEM files in ``folder``.
+
+    Returns the paths: ``ca`` (trust this), ``crt`` and ``key`` (the server's).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nodepass test CA")])
+    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(hours=1))
+               .not_valid_after(now + datetime.timedelta(days=2))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                            crl_sign=True, content_commitment=False,
+                                            key_encipherment=False, data_encipherment=False,
+                                            key_agreement=False, encipher_only=False,
+                                            decipher_only=False), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                              critical=False)
+               .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt_names = [x509.DNSName(name) for name in names]
+    alt_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = {"ca": os.path.join(folder, "ca.pem"), "crt": os.path.join(folder, "server.crt"),
+             "key": os.path.join(folder, "server.key")}
+    pem = serialization.Encoding.PEM
+    with open(paths["ca"], "wb") as out:
+        out.write(ca_cert.public_bytes(pem))
+    with open(paths["crt"], "wb") as out:
+        out.write(cert.public_bytes(pem))
+    with open(paths["key"], "wb") as out:
+        out.write(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    return paths
+
+
+def stop_all(processes: List[NodepassProcess]) -> None:
+    for process in processes:
+        process.cleanup()

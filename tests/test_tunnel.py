@@ -1,0 +1,145 @@
+"""End to end: our server and our client, real processes, an echo target."""
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from support import FAST_ENV, echo_works, sha256, tcp_exchange, udp_exchange, wait_until
+
+PAYLOAD_MB = 8
+
+
+def tls_tunnel(make_tunnel, test_ca, tls):
+    if tls == 2:
+        return make_tunnel(tls=2, env={"SSL_CERT_FILE": test_ca["ca"]},
+                           server_query="&crt=%s&key=%s" % (test_ca["crt"], test_ca["key"]))
+    return make_tunnel(tls=tls)
+
+
+@pytest.mark.parametrize("tls", [0, 1, 2])
+def test_large_payload_round_trip_is_byte_exact(make_tunnel, test_ca, tls):
+    tunnel = tls_tunnel(make_tunnel, test_ca, tls)
+    payload = os.urandom(PAYLOAD_MB * 1024 * 1024)
+    echoed = tcp_exchange(tunnel.port, payload, timeout=30)
+    assert len(echoed) == len(payload)
+    assert sha256(echoed) == sha256(payload)
+
+
+@pytest.mark.parametrize("tls", [0, 1])
+def test_half_close_request_gets_its_response(make_tunnel, tls):
+    tunnel = make_tunnel(tls=tls)
+    # The echo target answers only after it sees our EOF, then closes its side:
+    # both half-closes must cross the tunnel for this to return.
+    with socket.create_connection(("127.0.0.1", tunnel.port), timeout=10) as user:
+        user.sendall(b"request")
+        user.shutdown(socket.SHUT_WR)
+        answer = b""
+        while True:
+            chunk = user.recv(1024)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer == b"request"
+
+
+@pytest.mark.parametrize("tls", [0, 1, 2])
+def test_udp_datagram_gets_its_reply(make_tunnel, test_ca, tls):
+    tunnel = tls_tunnel(make_tunnel, test_ca, tls)
+    for size in (1, 1000, 4000, 8000):
+        payload = os.urandom(size)
+        assert udp_exchange(tunnel.port, payload) == payload
+
+
+def test_many_concurrent_connections_all_correct(make_tunnel):
+    tunnel = make_tunnel(tls=0)
+    results, errors = {}, []
+
+    def user(index):
+        payload = os.urandom(20000) + b"%d" % index
+        try:
+            results[index] = tcp_exchange(tunnel.port, payload, timeout=30) == payload
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=user, args=(index,)) for index in range(300)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert len(results) == 300 and all(results.values())
+
+
+def test_client_restart_recovers(make_tunnel):
+    tunnel = make_tunnel(tls=0)
+    tunnel.client.stop(signal.SIGKILL)
+    assert not echo_works(tunnel.port)
+    tunnel.start_client()
+    tunnel.wait_ready(timeout=15)
+
+
+def test_server_restart_client_reconnects_by_itself(make_tunnel):
+    tunnel = make_tunnel(tls=1)
+    tunnel.server.stop(signal.SIGKILL)
+    time.sleep(0.5)
+    tunnel.start_server()
+    tunnel.wait_ready(timeout=20)
+    assert tunnel.client.alive()
+    assert "reconnecting" in tunnel.client.output()
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_sigterm_stops_gracefully_with_status_zero(make_tunnel, role):
+    tunnel = make_tunnel(tls=0)
+    process = getattr(tunnel, role)
+    started = time.monotonic()
+    assert process.stop(signal.SIGTERM, timeout=10) == 0
+    assert time.monotonic() - started < float(FAST_ENV["SHUTDOWN_TIMEOUT"][:-1]) + 2
+    assert "Stopped" in process.output()
+    assert "Traceback" not in process.output()
+
+
+def test_sigterm_lets_an_open_connection_finish_within_the_grace(make_tunnel):
+    tunnel = make_tunnel(tls=0)
+    user = socket.create_connection(("127.0.0.1", tunnel.port), timeout=10)
+    try:
+        user.sendall(b"first")
+        assert user.recv(100) == b"first"
+        tunnel.server.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        user.sendall(b"still here")  # the open connection keeps working during the grace
+        assert user.recv(100) == b"still here"
+    finally:
+        user.close()
+    assert tunnel.server.proc.wait(10) == 0
+
+
+def test_sigusr1_logs_the_traffic_line_at_once(make_tunnel):
+    tunnel = make_tunnel(tls=0)
+    tunnel.server.send_signal(signal.SIGUSR1)
+    tunnel.client.send_signal(signal.SIGUSR1)
+    tunnel.server.wait_for_output("Server: Traffic: tcp active=")
+    tunnel.client.wait_for_output("Client: Traffic: tcp active=")
+
+
+def test_traffic_report_counts_bytes(make_tunnel):
+    tunnel = make_tunnel(tls=0)
+    assert tcp_exchange(tunnel.port, b"x" * 100000) == b"x" * 100000
+    wait_until(lambda: "bytes in=" in tunnel.server.output(), 5, what="a traffic report")
+    report = [line for line in tunnel.server.output().splitlines() if "Traffic:" in line][-1]
+    bytes_in = int(report.split("bytes in=")[1].split()[0])
+    assert bytes_in >= 100000
+
+
+def test_users_are_refused_cleanly_without_a_client(nodepass):
+    from support import HOST, free_port
+    tunnel_port, port = free_port(), free_port()
+    server = nodepass("server://%s:%d/%s:%d?log=debug" % (HOST, tunnel_port, HOST, port))
+    wait_until(lambda: "Server: tunnel" in server.output(), 10, what="server start")
+    with socket.create_connection((HOST, port), timeout=5) as user:
+        assert user.recv(10) == b""  # closed at once, not left hanging
+    assert server.alive()
