@@ -93,7 +93,10 @@ def parse_url(text: str) -> Config:
         raise ConfigError("not a URL: %r (expected server://... or client://...)" % text)
     if scheme not in ROLES:
         raise ConfigError("unknown scheme %r: use server:// or client://" % scheme)
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # e.g. an unclosed or invalid [IPv6] bracket
+        raise ConfigError("bad URL %r: %s" % (text, exc)) from None
     if parts.username is not None or parts.password is not None:
         raise ConfigError("credentials in the URL are not supported")
     tunnel = parse_address(parts.netloc, "tunnel address")

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 import gevent
 
 from nodepass_gevent import net
+from nodepass_gevent.log import log
 from nodepass_gevent.stats import Stats
 
 CHUNK_SIZE = 65536
@@ -49,8 +50,10 @@ def _pump(source: socket.socket, sink: socket.socket, stats: Optional[Stats], in
             if stats is not None:
                 stats.count_bytes(len(chunk), inbound)
         half_close(sink)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
         # Reset, broken pipe, or the other pump already closed: end both ways.
+        log.debug("Relay: %s after %d bytes %s: %r", "inbound" if inbound else "outbound",
+                  moved, "in" if inbound else "out", exc)
         abort(source)
         abort(sink)
     return moved
@@ -60,7 +63,11 @@ def half_close(sock: socket.socket) -> None:
     """Send EOF (TCP FIN) but keep reading; for TLS, keep the session alive.
 
     ssl.SSLSocket.shutdown() drops the TLS session, so for a TLS socket the
-    FIN is sent through the plain socket method underneath it.
+    FIN goes through the plain socket method underneath it. Not a
+    close_notify alert: OpenSSL refuses to write once it has received one, so
+    the answer still flowing the other way would be lost. Peers take the bare
+    FIN as the end of the stream (tls.py sets OP_IGNORE_UNEXPECTED_EOF; Go's
+    TLS reports it as an unexpected EOF on reads only).
     """
     try:
         if isinstance(sock, ssl.SSLSocket):

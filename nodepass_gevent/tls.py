@@ -20,7 +20,7 @@ from nodepass_gevent.config import Config, ConfigError
 
 TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED = 0, 1, 2
 TLS_MODE_NAMES = {TLS_NONE: "none", TLS_SELF_SIGNED: "self-signed", TLS_VERIFIED: "verified"}
-# A relay passes a half-close on as a bare TCP FIN (see relay.half_close). With
+# A peer may pass a half-close on as a bare TCP FIN, without close_notify. With
 # OpenSSL 3 such an EOF would otherwise poison the session, and the answer
 # still flowing the other way could not be written. OpenSSL 1.1 needs nothing.
 _HALF_CLOSE_OPTIONS = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)

@@ -1,0 +1,107 @@
+"""The command line: help, version, and every kind of bad input -> one line, no traceback."""
+
+import os
+import socket
+
+import pytest
+
+from support import HOST, free_port, run_nodepass
+
+
+def assert_clean_failure(result, status, *words):
+    assert result.returncode == status, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("nodepass: error: ")
+    for word in words:
+        assert word in lines[0]
+
+
+def test_help_shows_url_forms_and_environment():
+    result = run_nodepass(["--help"])
+    assert result.returncode == 0
+    for text in ("server://<tunnel_addr>/<target_addr>", "client://<tunnel_addr>/<target_addr>",
+                 "SEMAPHORE_LIMIT", "MIN_POOL_CAPACITY", "MAX_POOL_CAPACITY",
+                 "UDP_DATA_BUF_SIZE", "UDP_READ_TIMEOUT", "REPORT_INTERVAL",
+                 "SERVICE_COOLDOWN", "SHUTDOWN_TIMEOUT", "tls", "log"):
+        assert text in result.stdout
+
+
+def test_version():
+    result = run_nodepass(["--version"])
+    assert result.returncode == 0
+    assert result.stdout.startswith("nodepass-gevent ")
+
+
+def test_no_arguments_prints_usage_and_fails():
+    result = run_nodepass([])
+    assert result.returncode == 2
+    assert "Usage:" in result.stderr
+
+
+def test_check_accepts_a_good_url():
+    result = run_nodepass(["--check", "server://:10101/127.0.0.1:8080?tls=1"])
+    assert result.returncode == 0
+    assert result.stdout.startswith("ok: server")
+
+
+@pytest.mark.parametrize("url, words", [
+    ("ftp://a:1/b:2", ["unknown scheme"]),
+    ("server://a/b:2", ["missing :port"]),
+    ("server://a:99999/b:2", ["port"]),
+    ("server://a:1/b:2?tls=7", ["tls"]),
+    ("client://a:1", ["target"]),
+    ("server://a:1/b:2?tls=2", ["crt"]),
+])
+def test_bad_urls_exit_2(url, words):
+    assert_clean_failure(run_nodepass([url]), 2, *words)
+
+
+@pytest.mark.parametrize("name, value", [("SEMAPHORE_LIMIT", "lots"),
+                                         ("REPORT_INTERVAL", "5"),
+                                         ("MIN_POOL_CAPACITY", "0")])
+def test_bad_environment_exits_2(name, value):
+    result = run_nodepass(["server://%s:%d/%s:%d" % (HOST, free_port(), HOST, free_port())],
+                          env={name: value})
+    assert_clean_failure(result, 2, name)
+
+
+def test_unreadable_certificate_exits_2(tmp_path):
+    url = "server://%s:%d/%s:%d?tls=2&crt=%s&key=%s" % (
+        HOST, free_port(), HOST, free_port(), tmp_path / "missing.crt", tmp_path / "missing.key")
+    assert_clean_failure(run_nodepass([url]), 2, "cannot read certificate")
+
+
+def test_garbage_certificate_exits_2(tmp_path):
+    crt, key = tmp_path / "bad.crt", tmp_path / "bad.key"
+    crt.write_text("not a certificate")
+    key.write_text("not a key")
+    url = "server://%s:%d/%s:%d?tls=2&crt=%s&key=%s" % (HOST, free_port(), HOST, free_port(),
+                                                        crt, key)
+    assert_clean_failure(run_nodepass([url]), 2, "cannot load certificate")
+
+
+def test_key_not_matching_certificate_exits_2(tmp_path, test_ca):
+    from support import make_test_ca
+    other = make_test_ca(str(tmp_path))
+    url = "server://%s:%d/%s:%d?tls=2&crt=%s&key=%s" % (HOST, free_port(), HOST, free_port(),
+                                                        test_ca["crt"], other["key"])
+    assert_clean_failure(run_nodepass([url]), 2, "cannot load certificate")
+
+
+@pytest.mark.parametrize("which", ["tunnel", "target"])
+def test_port_in_use_exits_1(which):
+    with socket.socket() as busy:
+        busy.bind((HOST, 0))
+        busy.listen()
+        used = busy.getsockname()[1]
+        free = free_port()
+        ports = (used, free) if which == "tunnel" else (free, used)
+        result = run_nodepass(["server://%s:%d/%s:%d" % (HOST, ports[0], HOST, ports[1])])
+    assert_clean_failure(result, 1, "cannot listen", str(used))
+
+
+def test_unresolvable_listen_address_exits_1():
+    url = "server://no-such-host.invalid:%d/%s:%d" % (free_port(), HOST, free_port())
+    assert_clean_failure(run_nodepass([url]), 1, "cannot resolve")

@@ -1,0 +1,122 @@
+"""URL and environment parsing: pure functions, good and bad cases in tables."""
+
+import pytest
+from hypothesis import given, strategies as st
+
+from nodepass_gevent.config import (Address, ConfigError, Settings, load_settings,
+                                    parse_duration, parse_url)
+
+GOOD_URLS = [
+    ("server://10.1.0.1:10101/10.1.0.1:8080?log=debug&tls=0",
+     ("server", Address("10.1.0.1", 10101), Address("10.1.0.1", 8080), "debug", 0)),
+    ("server://:10101/127.0.0.1:8080?tls=1",
+     ("server", Address("", 10101), Address("127.0.0.1", 8080), "info", 1)),
+    ("server://0.0.0.0:10101/127.0.0.1:8080?log=warn&tls=2&crt=/c.pem&key=/k.pem",
+     ("server", Address("0.0.0.0", 10101), Address("127.0.0.1", 8080), "warn", 2)),
+    ("client://server.example.com:10101/127.0.0.1:8080",
+     ("client", Address("server.example.com", 10101), Address("127.0.0.1", 8080), "info", 0)),
+    ("client://[::1]:10101/[::1]:8080?log=error&tls=2",
+     ("client", Address("::1", 10101), Address("::1", 8080), "error", 2)),
+    ("client://nodepass-server:10101/web-service:80?log=FATAL",
+     ("client", Address("nodepass-server", 10101), Address("web-service", 80), "fatal", 0)),
+]
+
+BAD_URLS = [
+    ("", "not a URL"),
+    ("10.1.0.1:10101/127.0.0.1:8080", "not a URL"),
+    ("tcp://a:1/b:2", "unknown scheme"),
+    ("server:///127.0.0.1:8080", "missing tunnel address"),
+    ("server://127.0.0.1:10101", "missing target address"),
+    ("server://127.0.0.1/127.0.0.1:8080", "missing :port"),
+    ("server://127.0.0.1:0/127.0.0.1:8080", "port must be"),
+    ("server://127.0.0.1:70000/127.0.0.1:8080", "port must be"),
+    ("server://127.0.0.1:http/127.0.0.1:8080", "port must be"),
+    ("server://::1:10101/127.0.0.1:8080", "brackets"),
+    ("server://[::1/127.0.0.1:8080", "ipv6"),
+    ("server://[10.0.0.1]:1/127.0.0.1:8080", "brackets"),
+    ("server://300.1.1.1:1/127.0.0.1:8080", "not an IPv4"),
+    ("server://bad_host!:1/127.0.0.1:8080", "not a host name"),
+    ("server://a:1/b:2?tls=3", "bad tls value"),
+    ("server://a:1/b:2?tls=", "bad tls value"),
+    ("server://a:1/b:2?log=loud", "bad log level"),
+    ("server://a:1/b:2?tls=2", "needs both crt"),
+    ("server://a:1/b:2?tls=2&crt=/c.pem", "needs both crt"),
+    ("server://a:1/b:2?tls=1&crt=/c.pem&key=/k.pem", "only with tls=2"),
+    ("server://a:1/b:2?tsl=1", "unknown URL parameter"),
+    ("client://a:1/b:2?crt=/c.pem", "unknown URL parameter"),
+    ("server://user:pw@a:1/b:2", "credentials"),
+]
+
+
+@pytest.mark.parametrize("url, expected", GOOD_URLS)
+def test_good_urls_parse(url, expected):
+    config = parse_url(url)
+    assert (config.role, config.tunnel, config.target, config.log_level,
+            config.tls_mode) == expected
+
+
+@pytest.mark.parametrize("url, message", BAD_URLS)
+def test_bad_urls_are_rejected_with_a_reason(url, message):
+    with pytest.raises(ConfigError) as error:
+        parse_url(url)
+    assert message.lower() in str(error.value).lower()
+    assert "\n" not in str(error.value)
+
+
+def test_address_formats_back_to_url_form():
+    assert str(Address("::1", 80)) == "[::1]:80"
+    assert str(Address("", 80)) == ":80"
+    assert Address("", 80).dial_host == "localhost"
+
+
+@given(st.text(max_size=200))
+def test_any_text_parses_or_is_rejected_cleanly(text):
+    for prefix in ("", "server://", "client://"):
+        try:
+            parse_url(prefix + text)
+        except ConfigError:
+            pass
+
+
+DURATIONS = [("500ms", 0.5), ("5s", 5.0), ("1m30s", 90.0), ("1.5h", 5400.0), ("2h45m", 9900.0),
+             ("300us", 0.0003), ("10ns", 1e-8), ("0", 0.0), (".5s", 0.5), ("-1s", -1.0)]
+
+
+@pytest.mark.parametrize("text, seconds", DURATIONS)
+def test_go_durations(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5", "s", "5 s", "5x", "1m30", "ms5", "--1s"])
+def test_bad_durations(text):
+    with pytest.raises(ConfigError):
+        parse_duration(text)
+
+
+def test_settings_defaults_are_the_seeds():
+    assert load_settings({}) == Settings(1024, 16, 1024, 8192, 5.0, 5.0, 5.0, 5.0)
+
+
+def test_settings_from_environment():
+    settings = load_settings({"SEMAPHORE_LIMIT": "2048", "MIN_POOL_CAPACITY": "32",
+                              "MAX_POOL_CAPACITY": "4096", "UDP_DATA_BUF_SIZE": "16384",
+                              "UDP_READ_TIMEOUT": "10s", "REPORT_INTERVAL": "1s",
+                              "SERVICE_COOLDOWN": "3s", "SHUTDOWN_TIMEOUT": "1m"})
+    assert settings == Settings(2048, 32, 4096, 16384, 10.0, 1.0, 3.0, 60.0)
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"SEMAPHORE_LIMIT": "many"}, "SEMAPHORE_LIMIT"),
+    ({"SEMAPHORE_LIMIT": "0"}, "at least 1"),
+    ({"MIN_POOL_CAPACITY": "-4"}, "MIN_POOL_CAPACITY"),
+    ({"MIN_POOL_CAPACITY": "64", "MAX_POOL_CAPACITY": "32"}, "larger than"),
+    ({"UDP_DATA_BUF_SIZE": "100000"}, "at most"),
+    ({"UDP_READ_TIMEOUT": "5"}, "UDP_READ_TIMEOUT"),
+    ({"REPORT_INTERVAL": "0s"}, "longer than zero"),
+    ({"SERVICE_COOLDOWN": "-1s"}, "longer than zero"),
+    ({"SHUTDOWN_TIMEOUT": "soon"}, "SHUTDOWN_TIMEOUT"),
+])
+def test_bad_settings_are_rejected(environ, message):
+    with pytest.raises(ConfigError) as error:
+        load_settings(environ)
+    assert message in str(error.value)

@@ -1,0 +1,64 @@
+"""Signal and id encoding: pure functions, table-driven, plus any-bytes fuzzing."""
+
+import pytest
+from hypothesis import given, strategies as st
+
+from nodepass_gevent import protocol
+from nodepass_gevent.protocol import ProtocolError
+
+
+def test_encodings_are_v1_bytes():
+    assert protocol.encode_tunnel_signal(4321, 1) == b"//4321#1\n"
+    assert protocol.encode_launch_signal("0a1b2c3d", protocol.KIND_TCP) == b"//0a1b2c3d#1\n"
+    assert protocol.encode_launch_signal("0a1b2c3d", protocol.KIND_UDP) == b"//0a1b2c3d#2\n"
+    assert protocol.HEARTBEAT == b"\n"
+
+
+def test_new_ids_are_eight_lowercase_hex():
+    ids = {protocol.new_connection_id() for _ in range(1000)}
+    assert len(ids) > 990
+    assert all(protocol.is_connection_id(i) for i in ids)
+
+
+@pytest.mark.parametrize("line, host, kind, query", [
+    (b"//4321#0\n", "4321", "0", {}),
+    (b"  //0a1b2c3d#1\r\n", "0a1b2c3d", "1", {}),
+    (b"//0a1b2c3d#2", "0a1b2c3d", "2", {}),
+    (b"//4321?auth=hmac#2\n", "4321", "2", {"auth": "hmac"}),
+    (b"//0a1b2c3d#9\n", "0a1b2c3d", "9", {}),
+])
+def test_signals_parse(line, host, kind, query):
+    signal = protocol.parse_signal(line)
+    assert (signal.host, signal.kind, signal.query) == (host, kind, query)
+
+
+@pytest.mark.parametrize("line", [
+    b"", b"\n", b"garbage\n", b"4321#1\n", b"//#1\n", b"//[::1#1\n", b"//a b#1\n",
+    b"\xff\xfe//x#1\n", b"//" + b"a" * 5000 + b"#1\n",
+])
+def test_bad_signals_are_rejected(line):
+    with pytest.raises(ProtocolError):
+        protocol.parse_signal(line)
+
+
+@pytest.mark.parametrize("line", [b"//abc#1\n", b"//0#1\n", b"//70000#1\n", b"//4321#3\n",
+                                  b"//4321\n"])
+def test_bad_tunnel_signals_are_rejected(line):
+    with pytest.raises(ProtocolError):
+        protocol.parse_tunnel_signal(line)
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_parse_or_are_rejected_cleanly(data):
+    for parse in (protocol.parse_signal, protocol.parse_tunnel_signal):
+        try:
+            signal = parse(data)
+        except ProtocolError:
+            continue
+        assert signal.host
+
+
+@given(st.integers(1, 65535), st.sampled_from([0, 1, 2]))
+def test_tunnel_signal_round_trips(port, tls):
+    signal = protocol.parse_tunnel_signal(protocol.encode_tunnel_signal(port, tls))
+    assert (int(signal.host), int(signal.kind)) == (port, tls)
