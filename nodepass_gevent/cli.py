@@ -7,10 +7,10 @@ Usage:
   nodepass --version
 
 URLs:
-  server://<tunnel_addr>/<target_addr>?log=<level>&tls=<mode>&crt=<file>&key=<file>
+  server://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<mode>&crt=<file>&key=<file>
       Listen for the client on tunnel_addr (the control channel) and for users,
       TCP and UDP, on target_addr; hand each user to the client through the tunnel.
-  client://<tunnel_addr>/<target_addr>?log=<level>&tls=<mode>
+  client://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<mode>
       Dial the server at tunnel_addr and forward each user to target_addr.
 
   Addresses: host:port, :port (all interfaces), [ipv6]:port, name:port.
@@ -18,6 +18,9 @@ URLs:
   tls   server: TLS for data connections: 0 none (default), 1 self-signed
         certificate made at start-up, 2 the certificate in crt= and key=.
         client: the least TLS mode it accepts from the server (default 0).
+  KEY   a shared key, the same on both sides: control and data connections
+        must then prove it (HMAC challenge-response). Not v1.0-compatible.
+        NODEPASS_KEY=<key> does the same and keeps the key off the command line.
   Quote the URL in a shell: & and ? are special there.
 
 Options:
@@ -34,6 +37,7 @@ Environment:
   REPORT_INTERVAL    Heartbeat and traffic report interval       [default: 5s]
   SERVICE_COOLDOWN   Pause before reconnecting / re-arming       [default: 5s]
   SHUTDOWN_TIMEOUT   Grace for open connections on SIGTERM       [default: 5s]
+  NODEPASS_KEY       The shared key, if not given in the URL
   Durations use Go syntax: 500ms, 5s, 1m30s.
 
 Examples:
@@ -42,13 +46,15 @@ Examples:
 """
 
 import enum
+import os
 import sys
 from typing import List, Optional
 
 from docopt import DocoptExit, docopt
 
 from nodepass_gevent import __version__
-from nodepass_gevent.config import ConfigError, load_settings, parse_url
+from nodepass_gevent.config import (KEY_VARIABLE, ConfigError, key_in_url, load_settings,
+                                    parse_url, without_key)
 
 PROGRAM = "nodepass"
 
@@ -80,12 +86,15 @@ def main(url: str, check_only: bool = False) -> int:
     try:
         config = parse_url(url)
         settings = load_settings()
+        if key_in_url(url) is not None and not check_only:
+            _restart_without_key(url, config.auth_key)
         ssl_context = tls.server_context(config) if config.role == "server" else None
     except ConfigError as exc:
         return _fail(str(exc), ExitStatus.USAGE)
     if check_only:
-        print("ok: %s tunnel=%s target=%s tls=%d log=%s"
-              % (config.role, config.tunnel, config.target, config.tls_mode, config.log_level))
+        print("ok: %s tunnel=%s target=%s tls=%d log=%s auth=%s"
+              % (config.role, config.tunnel, config.target, config.tls_mode, config.log_level,
+                 "on" if config.auth_key else "off"))
         return ExitStatus.OK
     logging_setup.setup(config.log_level)
     try:
@@ -95,6 +104,22 @@ def main(url: str, check_only: bool = False) -> int:
     except service.Failure:
         return ExitStatus.FAILURE
     return ExitStatus.OK
+
+
+def _restart_without_key(url: str, key: bytes) -> None:
+    """Re-run this program with the key moved from argv to the environment.
+
+    The command line is world-readable (ps, /proc/PID/cmdline); a process's
+    environment is not. exec keeps the pid, so supervisors see no change.
+    """
+    environ = dict(os.environ)
+    environ[KEY_VARIABLE] = key.decode("utf-8")
+    if sys.argv[0].endswith("__main__.py"):
+        program = [sys.executable, "-m", "nodepass_gevent"]
+    else:
+        program = [sys.executable, sys.argv[0]]
+    sys.stdout.flush()
+    os.execve(sys.executable, program + [without_key(url)], environ)
 
 
 def _fail(message: str, status: ExitStatus) -> int:

@@ -15,7 +15,7 @@ import gevent
 import gevent.pool
 from gevent.event import Event
 
-from nodepass_gevent import net, protocol, relay, tls
+from nodepass_gevent import auth, net, protocol, relay, tls
 from nodepass_gevent.config import Config, Settings
 from nodepass_gevent.log import log
 from nodepass_gevent.pool import ClientPool, DataConnection
@@ -23,6 +23,7 @@ from nodepass_gevent.stats import Stats
 
 CONNECT_TIMEOUT = 5.0     # dialing the tunnel, a data connection or the target
 HANDSHAKE_TIMEOUT = 5.0   # the tunnel signal, TLS and the id on a data connection
+AUTH_BACKOFF_MAX = 60.0   # longest pause between tries after the key was rejected
 
 
 class SessionError(Exception):
@@ -41,6 +42,7 @@ class Client:
         self.pool = None  # type: Optional[ClientPool]
         self._control = None  # type: Optional[socket.socket]
         self._loops = []
+        self._auth_failures = 0
         self.failed = Event()
         self.closed = False
 
@@ -74,8 +76,14 @@ class Client:
 
     def _run_sessions(self) -> None:
         while not self.closed:
+            pause = self.settings.service_cooldown
             try:
                 self._session()
+            except auth.AuthError as exc:
+                # A wrong key will not fix itself: say so loudly, retry slowly.
+                self._auth_failures += 1
+                pause = min(AUTH_BACKOFF_MAX, pause * 2 ** self._auth_failures)
+                log.error("Client: authentication failed: %s", exc)
             except SessionError as exc:
                 log.error("Client: %s", exc)
             except (OSError, ssl.SSLError, protocol.ProtocolError) as exc:
@@ -83,8 +91,8 @@ class Client:
                             _describe(exc))
             finally:
                 self._end_session()
-            log.info("Client: reconnecting in %.1fs", self.settings.service_cooldown)
-            gevent.sleep(self.settings.service_cooldown)
+            log.info("Client: reconnecting in %.1fs", pause)
+            gevent.sleep(pause)
 
     def _report_forever(self) -> None:
         while True:
@@ -105,20 +113,47 @@ class Client:
         net.set_user_timeout(control, silence)
         control.settimeout(HANDSHAKE_TIMEOUT)
         lines = control.makefile("rb")
-        signal = protocol.parse_tunnel_signal(self._read_line(lines))
+        signal = self._handshake(control, lines)
         data_port, tls_mode = int(signal.host), int(signal.kind)
         if tls_mode < self.config.tls_mode:
             raise SessionError("server %s offers tls=%d, below this client's minimum tls=%d;"
                                " refusing the tunnel" % (self.config.tunnel, tls_mode,
                                                          self.config.tls_mode))
-        log.info("Client: tunnel to %s open: data port %d, tls=%d (%s)", self.config.tunnel,
-                 data_port, tls_mode, tls.TLS_MODE_NAMES[tls_mode])
+        log.info("Client: tunnel to %s open: data port %d, tls=%d (%s)%s", self.config.tunnel,
+                 data_port, tls_mode, tls.TLS_MODE_NAMES[tls_mode],
+                 ", authenticated" if self.config.auth_key else "")
         data_sockaddr = (control.getpeername()[0], data_port) + control.getpeername()[2:]
         self.pool = ClientPool(self._data_dialer(data_sockaddr, tls.client_context(tls_mode)),
                                self.settings.min_pool_capacity, self.settings.max_pool_capacity)
         self.pool.start()
         control.settimeout(silence)
+        self._auth_failures = 0
         self._serve_signals(lines)
+
+    def _handshake(self, control: socket.socket, lines) -> protocol.Signal:
+        """Read the tunnel signal, proving the shared key first if there is one."""
+        signal = protocol.parse_signal(self._read_line(lines))
+        key = self.config.auth_key
+        if not auth.is_challenge(signal):
+            if key is not None:
+                raise SessionError("server %s does not ask for the shared key; refusing it"
+                                   " (is it a NodePass v1.0 server, or an impostor?)"
+                                   % (self.config.tunnel,))
+            return protocol.check_tunnel_signal(signal)
+        if key is None:
+            raise SessionError("server %s requires a shared key: use client://KEY@host:port/..."
+                               " or NODEPASS_KEY" % (self.config.tunnel,))
+        server_nonce, client_nonce = signal.query.get("nonce", ""), auth.new_nonce()
+        if not auth.is_nonce(server_nonce):
+            raise protocol.ProtocolError("bad authentication challenge")
+        control.sendall(auth.client_response(key, server_nonce, client_nonce))
+        answer = protocol.parse_signal(self._read_line(lines))
+        if auth.is_rejection(answer):
+            raise auth.AuthError("server %s rejected our shared key" % (self.config.tunnel,))
+        if not auth.check_tunnel_signal(key, client_nonce, server_nonce, answer):
+            raise auth.AuthError("server %s did not prove the shared key (wrong key, or a"
+                                 " tampered tunnel signal)" % (self.config.tunnel,))
+        return protocol.check_tunnel_signal(answer)
 
     def _end_session(self) -> None:
         if self.pool is not None:
@@ -180,6 +215,9 @@ class Client:
                 sock.settimeout(HANDSHAKE_TIMEOUT)
                 if context is not None:
                     sock = context.wrap_socket(sock, server_hostname=server_name)
+                if self.config.auth_key is not None:
+                    nonce = net.recv_exactly(sock, auth.NONCE_LENGTH).decode("ascii", "replace")
+                    sock.sendall(auth.data_response(self.config.auth_key, nonce))
                 connection_id = _read_id(sock)
                 sock.settimeout(None)
                 return connection_id, sock
@@ -240,12 +278,7 @@ class Client:
 
 def _read_id(sock: socket.socket) -> str:
     """Exactly ID_LENGTH bytes: the id the server filed this connection under."""
-    received = b""
-    while len(received) < protocol.ID_LENGTH:
-        chunk = sock.recv(protocol.ID_LENGTH - len(received))
-        if not chunk:
-            raise ConnectionError("data connection closed before its id")
-        received += chunk
+    received = net.recv_exactly(sock, protocol.ID_LENGTH)
     connection_id = received.decode("ascii", "replace")
     if not protocol.is_connection_id(connection_id):
         raise protocol.ProtocolError("bad data connection id %r" % received)

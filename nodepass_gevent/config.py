@@ -4,20 +4,24 @@ Everything here is pure: strings in, frozen dataclasses out, ``ConfigError``
 (one readable line) for anything wrong. No sockets, no files beyond checking
 that certificate paths were given.
 
-    server://<tunnel_addr>/<target_addr>?log=<level>&tls=<0|1|2>&crt=<file>&key=<file>
-    client://<tunnel_addr>/<target_addr>?log=<level>&tls=<minimum mode>
+    server://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<0|1|2>&crt=<file>&key=<file>
+    client://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<minimum mode>
+
+KEY (or the NODEPASS_KEY environment variable) switches on shared-key
+authentication (auth.py); without it the wire bytes are v1.0's.
 """
 
 import ipaddress
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 ROLES = ("server", "client")
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
 TLS_MODES = (0, 1, 2)
+KEY_VARIABLE = "NODEPASS_KEY"
 SERVER_PARAMS = ("log", "tls", "crt", "key")
 CLIENT_PARAMS = ("log", "tls")
 
@@ -55,6 +59,8 @@ class Config:
     tls_mode: int = 0
     crt: Optional[str] = None
     key: Optional[str] = None
+    # The shared key for authentication; None keeps the v1.0 protocol.
+    auth_key: Optional[bytes] = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,12 @@ DURATION_SETTINGS = {
 MAX_UDP_DATA_BUF_SIZE = 65535
 
 
-def parse_url(text: str) -> Config:
-    """Parse a ``server://`` or ``client://`` URL into a Config."""
+def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
+    """Parse a ``server://`` or ``client://`` URL into a Config.
+
+    The shared key comes from the URL's user part or, failing that, from
+    NODEPASS_KEY in ``environ``.
+    """
     scheme, sep, _ = text.partition("://")
     if not sep:
         raise ConfigError("not a URL: %r (expected server://... or client://...)" % text)
@@ -97,9 +107,8 @@ def parse_url(text: str) -> Config:
         parts = urlsplit(text)
     except ValueError as exc:  # e.g. an unclosed or invalid [IPv6] bracket
         raise ConfigError("bad URL %r: %s" % (text, exc)) from None
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError("credentials in the URL are not supported")
-    tunnel = parse_address(parts.netloc, "tunnel address")
+    auth_key = _auth_key(parts.netloc, os.environ if environ is None else environ)
+    tunnel = parse_address(parts.netloc.rpartition("@")[2], "tunnel address")
     target = parse_address(parts.path.lstrip("/"), "target address")
     params = _query_params(parts.query, SERVER_PARAMS if scheme == "server" else CLIENT_PARAMS)
     log_level = params.get("log", "info").lower()
@@ -111,7 +120,40 @@ def parse_url(text: str) -> Config:
         raise ConfigError("tls=2 needs both crt=<certificate file> and key=<private key file>")
     if scheme == "server" and tls_mode != 2 and (crt or key):
         raise ConfigError("crt and key are used only with tls=2")
-    return Config(scheme, tunnel, target, log_level, tls_mode, crt, key)
+    return Config(scheme, tunnel, target, log_level, tls_mode, crt, key, auth_key)
+
+
+def _auth_key(netloc: str, environ: Mapping[str, str]) -> Optional[bytes]:
+    user, at, _ = netloc.rpartition("@")
+    if not at:
+        key = environ.get(KEY_VARIABLE, "")
+        return key.encode("utf-8") if key else None
+    if ":" in user:
+        raise ConfigError("write the shared key as KEY@host:port (no user:password)")
+    key = unquote(user)
+    if not key:
+        raise ConfigError("empty shared key before '@'")
+    return key.encode("utf-8")
+
+
+def without_key(url: str) -> str:
+    """The URL with its shared key removed (to keep it out of process listings)."""
+    scheme, sep, rest = url.partition("://")
+    netloc_end = len(rest)
+    for mark in "/?#":
+        if mark in rest:
+            netloc_end = min(netloc_end, rest.index(mark))
+    netloc = rest[:netloc_end]
+    return scheme + sep + netloc.rpartition("@")[2] + rest[netloc_end:]
+
+
+def key_in_url(url: str) -> Optional[str]:
+    """The raw (still percent-encoded) key part of a URL, if it has one."""
+    rest = url.partition("://")[2]
+    for mark in "/?#":
+        rest = rest.split(mark, 1)[0]
+    user, at, _ = rest.rpartition("@")
+    return user if at else None
 
 
 def parse_address(text: str, what: str) -> Address:

@@ -95,9 +95,13 @@ def parse_signal(line: bytes) -> Signal:
 
 def parse_tunnel_signal(line: bytes) -> Signal:
     """The first line on the tunnel: the data port and the TLS mode."""
-    signal = parse_signal(line)
+    return check_tunnel_signal(parse_signal(line))
+
+
+def check_tunnel_signal(signal: Signal) -> Signal:
+    """``signal`` if it is a valid tunnel signal; ProtocolError if not."""
     if not signal.host.isdigit() or not 1 <= int(signal.host) <= 65535:
-        raise ProtocolError("tunnel signal without a data port: %r" % line[:80])
+        raise ProtocolError("tunnel signal without a data port: %r" % signal.host[:80])
     if signal.kind not in ("0", "1", "2"):
         raise ProtocolError("tunnel signal with unknown TLS mode %r" % signal.kind)
     return signal

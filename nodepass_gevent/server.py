@@ -17,7 +17,7 @@ import gevent.pool
 from gevent.event import Event
 from gevent.lock import Semaphore
 
-from nodepass_gevent import net, protocol, relay
+from nodepass_gevent import auth, net, protocol, relay
 from nodepass_gevent.config import Address, Config, Settings
 from nodepass_gevent.log import log
 from nodepass_gevent.pool import ServerPool
@@ -110,8 +110,9 @@ class Server:
                          "target")
         self._spawn_loop(self._serve_udp, target_udp)
         self._spawn_loop(self._report_forever)
-        log.info("Server: tunnel %s, data port %d, target %s (tcp+udp), tls=%d",
-                 self.config.tunnel, self.data_port, self.config.target, self.config.tls_mode)
+        log.info("Server: tunnel %s, data port %d, target %s (tcp+udp), tls=%d, auth=%s",
+                 self.config.tunnel, self.data_port, self.config.target, self.config.tls_mode,
+                 "on" if self.config.auth_key else "off")
 
     def stop(self, timeout: float) -> None:
         """Stop accepting, let user connections finish for ``timeout``, then cut them."""
@@ -156,26 +157,56 @@ class Server:
     # -- the tunnel (control) connection -----------------------------------
 
     def _on_tunnel(self, control: socket.socket, peer: tuple) -> None:
-        current = self._session
         who = net.peer_name(control)
-        if current is not None and current.alive():
-            log.warning("Tunnel: refused %s: a client is already connected from %s",
-                        who, current.peer)
-            net.close_quietly(control)
-            return
-        if time.monotonic() < self._cooldown_until:
-            log.info("Tunnel: refused %s: cooling down after the last client", who)
+        tunnel_signal = protocol.encode_tunnel_signal(self.data_port, self.config.tls_mode)
+        if self.config.auth_key is not None:
+            tunnel_signal = self._authenticate_client(control, who)
+        refusal = self._refusal()  # checked after the handshake: another may have won
+        if refusal or tunnel_signal is None:
+            if refusal:
+                log.warning("Tunnel: refused %s: %s", who, refusal)
             net.close_quietly(control)
             return
         self._end_session()
         net.set_user_timeout(control, self.settings.report_interval * HEARTBEAT_MISSES)
         session = self._session = Session(control, peer)
-        if not session.send(protocol.encode_tunnel_signal(self.data_port, self.config.tls_mode)):
+        if not session.send(tunnel_signal):
             return
-        log.info("Tunnel: client connected from %s", session.peer)
+        log.info("Tunnel: client connected from %s%s", session.peer,
+                 " (authenticated)" if self.config.auth_key else "")
         self._read_until_closed(session)
         if self._session is session:
             self._end_session()
+
+    def _refusal(self) -> Optional[str]:
+        """Why a new client cannot have the tunnel now, or None if it can."""
+        current = self._session
+        if current is not None and current.alive():
+            return "a client is already connected from %s" % current.peer
+        if time.monotonic() < self._cooldown_until:
+            return "cooling down after the last client"
+        return None
+
+    def _authenticate_client(self, control: socket.socket, who: str) -> Optional[bytes]:
+        """Run the key handshake; the tunnel signal to send, or None (logged)."""
+        server_nonce = auth.new_nonce()
+        try:
+            control.settimeout(HANDSHAKE_TIMEOUT)
+            control.sendall(auth.encode_challenge(server_nonce))
+            response = net.recv_line(control, protocol.MAX_SIGNAL_LENGTH)
+            client_nonce = auth.check_client_response(self.config.auth_key, server_nonce,
+                                                      response)
+            if client_nonce is None:
+                control.sendall(auth.encode_rejection())
+            control.settimeout(None)
+        except OSError as exc:
+            log.warning("Tunnel: %s did not authenticate: %s", who, exc or "timed out")
+            return None
+        if client_nonce is None:
+            log.warning("Tunnel: %s failed authentication (wrong or missing key)", who)
+            return None
+        return auth.encode_tunnel_signal(self.config.auth_key, client_nonce, server_nonce,
+                                         self.data_port, self.config.tls_mode)
 
     def _read_until_closed(self, session: Session) -> None:
         # A v1.0 client never writes on the tunnel: reading only tells us when
@@ -225,6 +256,10 @@ class Server:
             sock.settimeout(HANDSHAKE_TIMEOUT)
             if self.ssl_context is not None:
                 sock = self.ssl_context.wrap_socket(sock, server_side=True)
+            if self.config.auth_key is not None and not self._authenticate_data(sock):
+                log.warning("Data: %s failed authentication", session.peer)
+                net.close_quietly(sock)
+                return
             sock.sendall(connection_id.encode("ascii"))
             sock.settimeout(None)
         except (OSError, ValueError) as exc:
@@ -236,6 +271,12 @@ class Server:
             net.close_quietly(sock)
             return
         log.debug("Data: connection %s from %s pooled", connection_id, session.peer)
+
+    def _authenticate_data(self, sock: socket.socket) -> bool:
+        nonce = auth.new_nonce()
+        sock.sendall(nonce.encode("ascii"))
+        response = net.recv_exactly(sock, auth.MAC_LENGTH)
+        return auth.check_data_response(self.config.auth_key, nonce, response)
 
     # -- users ---------------------------------------------------------------
 

@@ -21,7 +21,8 @@ def assert_clean_failure(result, status, *words):
 def test_help_shows_url_forms_and_environment():
     result = run_nodepass(["--help"])
     assert result.returncode == 0
-    for text in ("server://<tunnel_addr>/<target_addr>", "client://<tunnel_addr>/<target_addr>",
+    for text in ("server://[KEY@]<tunnel_addr>/<target_addr>",
+                 "client://[KEY@]<tunnel_addr>/<target_addr>", "NODEPASS_KEY",
                  "SEMAPHORE_LIMIT", "MIN_POOL_CAPACITY", "MAX_POOL_CAPACITY",
                  "UDP_DATA_BUF_SIZE", "UDP_READ_TIMEOUT", "REPORT_INTERVAL",
                  "SERVICE_COOLDOWN", "SHUTDOWN_TIMEOUT", "tls", "log"):

@@ -44,7 +44,8 @@ BAD_URLS = [
     ("server://a:1/b:2?tls=1&crt=/c.pem&key=/k.pem", "only with tls=2"),
     ("server://a:1/b:2?tsl=1", "unknown URL parameter"),
     ("client://a:1/b:2?crt=/c.pem", "unknown URL parameter"),
-    ("server://user:pw@a:1/b:2", "credentials"),
+    ("server://user:pw@a:1/b:2", "no user:password"),
+    ("server://@a:1/b:2", "empty shared key"),
 ]
 
 
@@ -120,3 +121,27 @@ def test_bad_settings_are_rejected(environ, message):
     with pytest.raises(ConfigError) as error:
         load_settings(environ)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("url, environ, key", [
+    ("server://a:1/b:2", {}, None),
+    ("server://s3cret@a:1/b:2", {}, b"s3cret"),
+    ("client://p%40ss%2Fword@[::1]:1/b:2", {}, b"p@ss/word"),
+    ("client://a:1/b:2", {"NODEPASS_KEY": "from-env"}, b"from-env"),
+    ("client://url-wins@a:1/b:2", {"NODEPASS_KEY": "from-env"}, b"url-wins"),
+])
+def test_shared_key_from_url_or_environment(url, environ, key):
+    config = parse_url(url, environ)
+    assert config.auth_key == key
+    assert "s3cret" not in repr(config) and "from-env" not in repr(config)
+
+
+@pytest.mark.parametrize("url, stripped", [
+    ("server://s3cret@a:1/b:2?tls=1", "server://a:1/b:2?tls=1"),
+    ("client://k%40y@[::1]:1/b:2", "client://[::1]:1/b:2"),
+    ("server://a:1/b:2?crt=/x@y", "server://a:1/b:2?crt=/x@y"),
+])
+def test_key_is_removed_from_the_url(url, stripped):
+    from nodepass_gevent.config import key_in_url, without_key
+    assert without_key(url) == stripped
+    assert (key_in_url(url) is None) == (url == stripped)
