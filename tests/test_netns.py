@@ -1,0 +1,597 @@
+"""End-to-end tests across a real NAT and stateful firewall, in network namespaces.
+
+    public (server, users) --- nat (MASQUERADE, drops NEW from public) --- private (client, services)
+
+scripts/netns-topology builds the namespaces; scripts/scenarios.py runs the
+private services and the user-side checks (the Vagrant VMs run the same code).
+Every process runs inside a namespace this module created, as
+`ip netns exec NS python -m nodepass_gevent URL` (ip execs, so the Popen pid is
+the real process), so all traffic stays inside those namespaces.
+
+Needs root. If the topology cannot be built the tests FAIL, never skip; set
+NODEPASS_SKIP_NETNS=1 to skip them on purpose (e.g. on a laptop without root).
+Run with -s to see the timings and recovery times each test prints.
+"""
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from nodepass_gevent.protocol import HEARTBEAT_MISSES  # heartbeats a silent tunnel may miss
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPOLOGY = ROOT / "scripts" / "netns-topology"
+SCENARIOS = ROOT / "scripts" / "scenarios.py"
+
+# Small intervals so that faults heal in seconds (Go duration syntax).
+REPORT_INTERVAL = 1.0
+SERVICE_COOLDOWN = 1.0
+SHUTDOWN_TIMEOUT = 4.0
+NODEPASS_ENV = {
+    "REPORT_INTERVAL": "%dms" % (REPORT_INTERVAL * 1000),
+    "SERVICE_COOLDOWN": "%dms" % (SERVICE_COOLDOWN * 1000),
+    "SHUTDOWN_TIMEOUT": "%dms" % (SHUTDOWN_TIMEOUT * 1000),
+    "UDP_READ_TIMEOUT": "2s",
+}
+TRANSFER_SIZE = 50 * 1000 * 1000
+START_DEADLINE = 20.0  # a fresh tunnel must carry traffic within this
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# ------------------------------------------------------------------ processes
+
+class NsProcess:
+    """One process started in a namespace, with its output in a log file."""
+
+    def __init__(self, name: str, namespace: str, argv: List[str], log_path: Path,
+                 env: Optional[Dict[str, str]] = None) -> None:
+        self.name, self.namespace, self.argv, self.log_path = name, namespace, argv, log_path
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        self._log = open(str(log_path), "ab")
+        self.popen = subprocess.Popen(["ip", "netns", "exec", namespace] + argv,
+                                      stdout=self._log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, env=full_env)
+        self.pid = self.popen.pid
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.running():
+            self.popen.send_signal(signum)
+
+    def wait(self, timeout: float) -> Optional[int]:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = SHUTDOWN_TIMEOUT + 2) -> Optional[int]:
+        """SIGTERM, then SIGKILL if it does not go in time. Never raises."""
+        self.signal(signal.SIGTERM)
+        status = self.wait(timeout)
+        if status is None:
+            self.signal(signal.SIGKILL)
+            status = self.wait(5)
+        self._log.close()
+        return status
+
+    def tail(self, lines: int = 15) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "--- %s (pid %d, %s) ---\n%s" % (self.name, self.pid, self.namespace,
+                                                "\n".join(text))
+
+
+class Processes:
+    """Every process this module starts, so that teardown can prove none is left."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.started: List[NsProcess] = []
+
+    def start(self, name: str, namespace: str, argv: List[str],
+              env: Optional[Dict[str, str]] = None) -> NsProcess:
+        log_path = self.log_dir / ("%02d-%s.log" % (len(self.started), name))
+        process = NsProcess(name, namespace, argv, log_path, env)
+        self.started.append(process)
+        return process
+
+    def diagnostics(self) -> str:
+        return "\n".join(p.tail() for p in self.started[-4:])
+
+    def stop_all(self) -> List[str]:
+        still_running = [p for p in self.started if p.running()]
+        for process in still_running:
+            process.stop()
+        return ["%s (pid %d)" % (p.name, p.pid) for p in self.started if p.running()]
+
+
+# ------------------------------------------------------------------- topology
+
+class Topology:
+    """The namespaces and addresses `netns-topology up` reported."""
+
+    def __init__(self, prefix: str, addresses: Dict[str, str], processes: Processes) -> None:
+        self.prefix, self.processes = prefix, processes
+        self.public = addresses["PUBLIC_NS"]
+        self.nat = addresses["NAT_NS"]
+        self.private = addresses["PRIVATE_NS"]
+        self.server_ip = addresses["SERVER_IP"]
+        self.server_name = addresses["SERVER_NAME"]
+        self.private_ip = addresses["PRIVATE_IP"]
+
+    def namespaces(self) -> List[str]:
+        return [self.public, self.nat, self.private]
+
+
+def run(argv: List[str], timeout: float = 30.0) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=timeout)
+
+
+def in_namespace(namespace: str, argv: List[str], timeout: float = 30.0) -> str:
+    result = run(["ip", "netns", "exec", namespace] + argv, timeout)
+    assert result.returncode == 0, "%s failed: %s" % (shlex.join(argv), result.stderr)
+    return result.stdout
+
+
+def root_namespace_state() -> Dict[str, str]:
+    """What this module must leave as it found it in the namespace it runs in."""
+    rules = run(["iptables-save"]).stdout.splitlines()
+    links = run(["ip", "-o", "link", "show"]).stdout.splitlines()
+    return {
+        # Comments carry a timestamp and chain lines carry counters: compare rules.
+        "iptables rules": "\n".join(r for r in rules if not r.startswith(("#", ":"))),
+        "network links": "\n".join(sorted(line.split(":")[1].strip() for line in links)),
+    }
+
+
+def parse_addresses(text: str) -> Dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines())
+
+
+def namespace_pids(namespace: str) -> List[int]:
+    return [int(pid) for pid in run(["ip", "netns", "pids", namespace]).stdout.split()]
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory):
+    if os.environ.get("NODEPASS_SKIP_NETNS") == "1":
+        pytest.skip("NODEPASS_SKIP_NETNS=1: namespace tests skipped on request")
+    if os.geteuid() != 0:
+        pytest.fail("the namespace suite needs root (set NODEPASS_SKIP_NETNS=1 to skip it)")
+    before = root_namespace_state()
+    prefix = "np%d" % os.getpid()
+    built = run([str(TOPOLOGY), "up", prefix])
+    if built.returncode != 0:
+        pytest.fail("cannot build the NAT topology:\n%s%s" % (built.stdout, built.stderr))
+    topo = Topology(prefix, parse_addresses(built.stdout),
+                    Processes(tmp_path_factory.mktemp("netns-logs")))
+    try:
+        yield topo
+    finally:
+        _tear_down_and_check(topo, before)
+
+
+def _tear_down_and_check(topo: Topology, before: Dict[str, str]) -> None:
+    problems = ["process still running: %s" % p for p in topo.processes.stop_all()]
+    for namespace in topo.namespaces():
+        strays = namespace_pids(namespace)
+        if strays:
+            problems.append("stray processes in %s: %s" % (namespace, strays))
+    down = run([str(TOPOLOGY), "down", topo.prefix])
+    if down.returncode != 0:
+        problems.append("teardown failed: %s" % down.stderr)
+    check = run([str(TOPOLOGY), "check", topo.prefix])
+    if check.returncode != 0:
+        problems.append(check.stdout.strip())
+    after = root_namespace_state()
+    for what in before:
+        if before[what] != after[what]:
+            problems.append("the root namespace's %s changed:\n%s\n---\n%s"
+                            % (what, before[what], after[what]))
+    assert not problems, "the NAT suite left things behind:\n" + "\n".join(problems)
+
+
+# ------------------------------------------------------------ services, checks
+
+def start_services(topology: Topology) -> NsProcess:
+    """HTTP and UDP echo on one port in the private namespace."""
+    port = int(in_namespace(topology.private, [sys.executable, str(SCENARIOS), "free-ports", "1"]))
+    address = "%s:%d" % (topology.private_ip, port)
+    process = topology.processes.start(
+        "services", topology.private, [sys.executable, str(SCENARIOS), "serve", address])
+    process.address = address
+    check(topology, topology.private, ["ready"], address, "--deadline", "10")
+    return process
+
+
+@pytest.fixture(scope="module")
+def services(topology):
+    process = start_services(topology)
+    yield process.address
+    assert process.stop() == 0, process.tail()
+
+
+def check(topology: Topology, namespace: str, names: List[str], target: Optional[str],
+          *options: str, timeout: float = 90.0) -> Dict[str, dict]:
+    """Run scenarios.py checks in a namespace; results by check name."""
+    argv = [sys.executable, str(SCENARIOS), "check"] + names
+    argv += ["--target", target] if target else []
+    result = run(["ip", "netns", "exec", namespace] + argv + list(options), timeout)
+    results = {}
+    for line in result.stdout.splitlines():
+        entry = json.loads(line)
+        results[entry["check"]] = entry
+        print("  %-10s %s" % (namespace.split("-")[-1], line))
+    failed = [r for r in results.values() if not r["ok"]]
+    assert result.returncode == 0 and not failed and len(results) == len(names), (
+        "checks failed: %s\n%s\n%s" % (failed or result.stderr, result.stderr,
+                                       topology.processes.diagnostics()))
+    return results
+
+
+def start_check(topology: Topology, namespace: str, names: List[str], target: str,
+                *options: str) -> NsProcess:
+    """A check running in the background (its JSON lines land in its log)."""
+    argv = [sys.executable, str(SCENARIOS), "check"] + names + ["--target", target]
+    return topology.processes.start("check-" + "-".join(names), namespace, argv + list(options))
+
+
+def results_of(process: NsProcess) -> Dict[str, dict]:
+    lines = process.log_path.read_text().splitlines()
+    entries = [json.loads(line) for line in lines if line.startswith("{")]
+    for entry in entries:
+        print("  background %s" % json.dumps(entry, sort_keys=True))
+    return {entry["check"]: entry for entry in entries}
+
+
+# --------------------------------------------------------------------- tunnel
+
+class Tunnel:
+    """A nodepass server in `public` and client in `private`, restartable."""
+
+    def __init__(self, topology: Topology, service: str, tls: int, pki: Optional[Dict]) -> None:
+        self.topology, self.tls = topology, tls
+        ports = in_namespace(topology.public, [sys.executable, str(SCENARIOS), "free-ports", "2"])
+        self.tunnel_port, target_port = (int(p) for p in ports.split())
+        self.target = "%s:%d" % (topology.server_ip, target_port)
+        query = "log=info&tls=%d" % tls
+        if tls == 2:
+            query += "&crt=%s&key=%s" % (pki["server"], pki["key"])
+        self.server_url = "server://%s:%d/%s?%s" % (topology.server_ip, self.tunnel_port,
+                                                    self.target, query)
+        # tls=2: dial by name (mapped in the private namespace's /etc/hosts) and
+        # insist on a verified certificate, so a downgrade to 0 or 1 fails the test.
+        tunnel_host = topology.server_name if tls == 2 else topology.server_ip
+        self.client_url = "client://%s:%d/%s?log=info&tls=%d" % (tunnel_host, self.tunnel_port,
+                                                                 service, tls)
+        self.client_env = dict(NODEPASS_ENV)
+        if tls == 2:
+            self.client_env["SSL_CERT_FILE"] = pki["ca"]
+        self.server = self.start_server()
+        self.client = self.start_client()
+
+    def start_server(self) -> NsProcess:
+        self.server = self.topology.processes.start(
+            "server-tls%d" % self.tls, self.topology.public,
+            [sys.executable, "-m", "nodepass_gevent", self.server_url], NODEPASS_ENV)
+        return self.server
+
+    def start_client(self) -> NsProcess:
+        self.client = self.topology.processes.start(
+            "client-tls%d" % self.tls, self.topology.private,
+            [sys.executable, "-m", "nodepass_gevent", self.client_url], self.client_env)
+        return self.client
+
+    def wait_ready(self, deadline: float) -> float:
+        """Seconds until a user's GET came through (fails past `deadline`)."""
+        started = time.monotonic()
+        check(self.topology, self.topology.public, ["ready"], self.target,
+              "--deadline", str(deadline))
+        return time.monotonic() - started
+
+    def control_connection(self) -> str:
+        """The client's end of its one tunnel (control) connection, as host:port.
+
+        A new value means the client opened a new tunnel: proof of a reconnect
+        that does not depend on log wording.
+        """
+        # With a state filter, ss prints: Recv-Q Send-Q Local-Address Peer-Address
+        lines = in_namespace(self.topology.private, [
+            "ss", "-H", "-t", "-n", "state", "established",
+            "dst", "%s:%d" % (self.topology.server_ip, self.tunnel_port)]).splitlines()
+        assert len(lines) == 1, "expected one tunnel connection, ss shows %s" % lines
+        return lines[0].split()[2]
+
+    def user_sessions(self) -> int:
+        """Users' TCP connections the server holds open on its target port."""
+        port = self.target.rsplit(":", 1)[1]
+        lines = in_namespace(self.topology.public, [
+            "ss", "-H", "-t", "-n", "state", "established", "sport", "= :" + port])
+        return len(lines.splitlines())
+
+    def stop(self) -> None:
+        statuses = [(process, process.stop()) for process in (self.client, self.server)]
+        for process, status in statuses:
+            assert status == 0, "%s exited with %s\n%s" % (process.name, status, process.tail())
+
+
+def import_scenarios():
+    sys.path.insert(0, str(SCENARIOS.parent))
+    try:
+        import scenarios
+    finally:
+        sys.path.remove(str(SCENARIOS.parent))
+    return scenarios
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory, topology):
+    return import_scenarios().make_pki(str(tmp_path_factory.mktemp("pki")),
+                                       topology.server_ip, topology.server_name)
+
+
+@pytest.fixture
+def make_tunnel(topology, services, pki):
+    tunnels: List[Tunnel] = []
+
+    def make(tls: int = 0) -> Tunnel:
+        tunnel = Tunnel(topology, services, tls, pki)
+        tunnels.append(tunnel)
+        seconds = tunnel.wait_ready(START_DEADLINE)
+        print("  tunnel tls=%d ready in %.2fs" % (tls, seconds))
+        return tunnel
+
+    yield make
+    for tunnel in tunnels:
+        tunnel.stop()
+
+
+# ------------------------------------------------------------------ scenarios
+
+def firewall_drops(topology: Topology) -> int:
+    """Packets the nat router's firewall rules have dropped so far."""
+    rules = in_namespace(topology.nat, ["iptables", "-L", "FORWARD", "-v", "-x", "-n"])
+    return sum(int(line.split()[0]) for line in rules.splitlines()
+               if "nodepass-test-firewall" in line)
+
+
+def test_firewall_blocks_direct_connections(topology, services):
+    """Without the tunnel, users cannot reach the private service at all."""
+    dropped_before = firewall_drops(topology)
+    check(topology, topology.public, ["firewall"], None, "--private", services,
+          "--blocked-timeout", "1")
+    # The public side has a route to the private subnet: the firewall, not a
+    # missing route, is what stopped the TCP SYN and the UDP datagram.
+    assert firewall_drops(topology) >= dropped_before + 2
+    # ...while the private side can open connections to the public side.
+    check(topology, topology.private, ["get"], services)
+
+
+@pytest.mark.parametrize("tls", [0, 1, 2])
+def test_http_get_upload_download_by_hash(make_tunnel, topology, tls):
+    tunnel = make_tunnel(tls)
+    results = check(topology, topology.public, ["get", "upload", "download"], tunnel.target,
+                    "--size", str(TRANSFER_SIZE), "--seed", "tls%d" % tls)
+    for name in ("upload", "download"):
+        print("  tls=%d %s of %d MB: %.1f MB/s" % (tls, name, TRANSFER_SIZE // 10**6,
+                                                  TRANSFER_SIZE / 1e6 / results[name]["seconds"]))
+
+
+@pytest.mark.parametrize("tls", [0, 1])
+def test_udp_request_reply(make_tunnel, topology, tls):
+    tunnel = make_tunnel(tls)
+    check(topology, topology.public, ["udp"], tunnel.target, "--datagrams", "50",
+          "--udp-max", "4096", "--seed", "udp%d" % tls)
+
+
+def test_200_concurrent_sessions(make_tunnel, topology):
+    tunnel = make_tunnel(0)
+    results = check(topology, topology.public, ["concurrent"], tunnel.target,
+                    "--sessions", "200", "--session-bytes", "65536")
+    assert results["concurrent"]["sessions"] == 200
+
+
+# How long the router's link stays cut: past the client's silence limit (it
+# must notice the dead tunnel and reconnect by itself) and past the server's
+# TCP_USER_TIMEOUT on the control connection (same limit), by 2 seconds.
+CUT_SECONDS = HEARTBEAT_MISSES * REPORT_INTERVAL + 2
+# Once the link is back: the client's next dial comes within SERVICE_COOLDOWN,
+# or within the SYN retransmission of a dial that was in flight (1s, then 2s
+# apart: <= 2 * SERVICE_COOLDOWN here); the server re-arms SERVICE_COOLDOWN
+# after its session ended; the client then fills its pool and the user's GET
+# goes through, allowed REPORT_INTERVAL. So with 1s settings the bound is 6s.
+RECOVERY_BOUND = 2 * SERVICE_COOLDOWN + SERVICE_COOLDOWN + REPORT_INTERVAL + 2
+
+
+@pytest.mark.parametrize("cut", ["link-down", "blackhole"])
+def test_link_cut_recovers_by_itself(make_tunnel, topology, cut):
+    """The router's public link dies silently for CUT_SECONDS, then comes back."""
+    tunnel = make_tunnel(0)
+    tunnel_before = tunnel.control_connection()
+    if cut == "link-down":
+        sever = ["ip", "link", "set", "wan", "down"]
+        mend = ["ip", "link", "set", "wan", "up"]
+    else:  # packets vanish both ways, no ICMP, no link event: a router losing its state
+        rule = ["FORWARD", "-i", "wan", "-j", "DROP"]
+        back = ["FORWARD", "-o", "wan", "-j", "DROP"]
+        sever = ["sh", "-c", "iptables -I %s && iptables -I %s" % (" ".join(rule), " ".join(back))]
+        mend = ["sh", "-c", "iptables -D %s && iptables -D %s" % (" ".join(rule), " ".join(back))]
+    in_namespace(topology.nat, sever)
+    time.sleep(CUT_SECONDS)
+    in_namespace(topology.nat, mend)
+    recovery = tunnel.wait_ready(RECOVERY_BOUND)
+    print("  %s for %.0fs: recovered %.2fs after the link came back (bound %.0fs)"
+          % (cut, CUT_SECONDS, recovery, RECOVERY_BOUND))
+    assert tunnel.server.running() and tunnel.client.running()
+    assert tunnel.control_connection() != tunnel_before, "the tunnel was never re-opened"
+    # New connections of both kinds work, and bytes are right.
+    check(topology, topology.public, ["get", "udp", "download"], tunnel.target,
+          "--size", "5000000", "--datagrams", "10")
+
+
+# A restarted process is ready after its start-up (about a second of Python
+# imports), the server's re-arm of SERVICE_COOLDOWN and the client's retry
+# every SERVICE_COOLDOWN (its first dial may hit the moment before the listener
+# is back), plus pool fill: 2 * SERVICE_COOLDOWN + 4s.
+RESTART_BOUND = 2 * SERVICE_COOLDOWN + 4
+
+
+def test_kill9_client_then_server(make_tunnel, topology):
+    tunnel = make_tunnel(0)
+
+    tunnel.client.signal(signal.SIGKILL)
+    assert tunnel.client.wait(5) == -signal.SIGKILL
+    tunnel.start_client()
+    seconds = tunnel.wait_ready(RESTART_BOUND)
+    print("  client killed -9 and restarted: tunnel back in %.2fs (bound %.0fs)"
+          % (seconds, RESTART_BOUND))
+
+    client_before = tunnel.client.pid
+    tunnel_before = tunnel.control_connection()
+    tunnel.server.signal(signal.SIGKILL)
+    assert tunnel.server.wait(5) == -signal.SIGKILL
+    tunnel.start_server()
+    seconds = tunnel.wait_ready(RESTART_BOUND)
+    print("  server killed -9 and restarted: client reconnected by itself in %.2fs"
+          " (bound %.0fs)" % (seconds, RESTART_BOUND))
+    assert tunnel.client.running() and tunnel.client.pid == client_before
+    assert tunnel.control_connection() != tunnel_before
+    check(topology, topology.public, ["get", "udp"], tunnel.target, "--datagrams", "5")
+
+
+PACED_SIZE = 8 * 1000 * 1000
+PACED_RATE = 4 * 1000 * 1000  # the download lasts about 2s, well inside SHUTDOWN_TIMEOUT
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_sigterm_during_transfer(make_tunnel, topology, role):
+    """SIGTERM drains: a transfer that fits the grace period ends intact, an idle
+    session is cut at SHUTDOWN_TIMEOUT, the process exits 0, nothing is left."""
+    tunnel = make_tunnel(0)
+    download = start_check(topology, topology.public, ["download"], tunnel.target,
+                           "--size", str(PACED_SIZE), "--rate", str(PACED_RATE),
+                           "--seed", "sigterm")
+    idle = start_check(topology, topology.public, ["hold"], tunnel.target,
+                       "--deadline", str(SHUTDOWN_TIMEOUT + 5))
+    # Python start-up of the two checks takes a while on a busy machine: wait
+    # until the server holds both sessions, then let the download flow a bit.
+    deadline = time.monotonic() + 10
+    while tunnel.user_sessions() < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tunnel.user_sessions() == 2, "the two user sessions did not open"
+    time.sleep(0.3)
+    assert download.running() and idle.running()
+
+    process = tunnel.server if role == "server" else tunnel.client
+    sent = time.monotonic()
+    process.signal(signal.SIGTERM)
+    status = process.wait(SHUTDOWN_TIMEOUT + 3)
+    exit_seconds = time.monotonic() - sent
+    print("  %s got SIGTERM mid-transfer: exit status %s after %.2fs (SHUTDOWN_TIMEOUT %.0fs)"
+          % (role, status, exit_seconds, SHUTDOWN_TIMEOUT))
+    assert status == 0, process.tail()
+    assert exit_seconds <= SHUTDOWN_TIMEOUT + 2
+
+    for background in (download, idle):
+        assert background.wait(15) is not None, "%s still running" % background.name
+    results = results_of(download)
+    results.update(results_of(idle))
+    assert results["download"]["ok"], results["download"]
+    assert results["hold"]["ok"], results["hold"]
+    assert results["hold"]["held_seconds"] <= SHUTDOWN_TIMEOUT + 2 + 0.3
+
+    # The namespace holds nothing of ours but the services.
+    namespace = topology.public if role == "server" else topology.private
+    expected = [] if role == "server" else [p.pid for p in topology.processes.started
+                                            if p.name == "services"]
+    assert sorted(namespace_pids(namespace)) == sorted(expected)
+    # The other side is still up; the tunnel's own teardown stops it (exit 0).
+    other = tunnel.client if role == "server" else tunnel.server
+    assert other.running(), other.tail()
+
+
+# ------------------------------------------------------ the Vagrant client VM
+
+VM_SERVER_IP, VM_CLIENT_IP = "192.168.56.10", "192.168.56.11"  # as in the Vagrantfile
+
+
+@pytest.fixture
+def vagrant_layout(topology):
+    """The client VM's layout, rehearsed: `netns-topology up --uplink` moves a NIC
+    of the caller's namespace into the nat namespace (on the VM, its NIC on the
+    private network). Here that NIC is one end of a veth pair made for the
+    purpose, whose other end sits in PREFIX-public, playing the server VM."""
+    prefix = topology.prefix + "v"
+    server_vm, uplink = prefix + "-public", prefix + "up"
+    run(["ip", "netns", "add", server_vm])
+    try:
+        in_namespace(server_vm, ["ip", "link", "set", "lo", "up"])
+        made = run(["ip", "link", "add", uplink, "type", "veth",
+                    "peer", "name", "eth1", "netns", server_vm])
+        assert made.returncode == 0, made.stderr
+        in_namespace(server_vm, ["ip", "addr", "add", VM_SERVER_IP + "/24", "dev", "eth1"])
+        in_namespace(server_vm, ["ip", "link", "set", "eth1", "up"])
+        built = run([str(TOPOLOGY), "up", prefix, "--uplink", uplink,
+                     "--uplink-addr", VM_CLIENT_IP + "/24", "--server-ip", VM_SERVER_IP])
+        assert built.returncode == 0, built.stderr
+        addresses = parse_addresses(built.stdout)
+        addresses["PUBLIC_NS"] = server_vm
+        layout = Topology(prefix, addresses, topology.processes)
+        # As vagrant-nat does on the server VM: a route to the private subnet,
+        # so that only the client VM's firewall keeps users out.
+        in_namespace(server_vm, ["ip", "route", "add", addresses["PRIVATE_NET"],
+                                 "via", VM_CLIENT_IP])
+        yield layout
+    finally:
+        for process in topology.processes.started:
+            if process.namespace.startswith(prefix + "-"):
+                process.stop()
+        run([str(TOPOLOGY), "down", prefix])
+        run(["ip", "link", "del", uplink])  # only there if "up" failed before moving it
+
+
+def test_vagrant_client_vm_layout(vagrant_layout, tmp_path):
+    """What scripts/vagrant-nat sets up, with the seeded test CA made twice, as the
+    two VMs make it: the client trusts its own copy, the server uses the other."""
+    layout = vagrant_layout
+    scenarios = import_scenarios()
+    seed = "vagrant-nodepass-nat-test"
+    server_pki = scenarios.make_pki(str(tmp_path / "server"), VM_SERVER_IP,
+                                    layout.server_name, seed=seed)
+    client_pki = scenarios.make_pki(str(tmp_path / "client"), VM_SERVER_IP,
+                                    layout.server_name, seed=seed)
+    services = start_services(layout)
+    check(layout, layout.public, ["firewall"], None, "--private", services.address,
+          "--blocked-timeout", "1")
+    tunnel = Tunnel(layout, services.address, 2, dict(server_pki, ca=client_pki["ca"]))
+    seconds = tunnel.wait_ready(START_DEADLINE)
+    print("  vagrant layout: tls=2 tunnel ready in %.2fs" % seconds)
+    check(layout, layout.public, ["get", "udp", "download"], tunnel.target,
+          "--size", "5000000", "--datagrams", "10")
+    tunnel.stop()
+    assert services.stop() == 0
+
+
+def test_vagrantfile_validates(tmp_path):
+    """`vagrant validate` needs neither a box nor a provider; its state goes to tmp."""
+    if not shutil.which("vagrant"):
+        pytest.skip("vagrant is not installed (apt-get install vagrant)")
+    env = dict(os.environ, VAGRANT_DOTFILE_PATH=str(tmp_path / "dot"),
+               VAGRANT_HOME=str(tmp_path / "home"), VAGRANT_CHECKPOINT_DISABLE="1")
+    result = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=str(ROOT), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True, timeout=60)
+    assert result.returncode == 0, result.stdout
+    assert "validated successfully" in result.stdout

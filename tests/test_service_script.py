@@ -1,0 +1,417 @@
+"""scripts/nodepass-service against a temporary --root: files written, commands shown.
+
+With --root the script never runs systemctl, useradd or userdel; it prints them.
+The generated units are checked by `systemd-analyze verify --root`, which reads
+them (and our drop-ins) from the temporary root without a running systemd.
+"""
+
+import glob
+import os
+import pty
+import re
+import select
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+
+from support import make_test_ca
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "nodepass-service"
+UNITS = Path("etc/systemd/system")
+TEMPLATE = UNITS / "nodepass@.service"
+CONFIG = Path("etc/nodepass")
+VENV_BIN = Path("opt/nodepass-gevent/venv/bin")
+SERVER_URL = "server://127.0.0.1:10101/127.0.0.1:8080?tls=1"
+CLIENT_URL = "client://127.0.0.1:10101/127.0.0.1:22"
+# Units systemd-analyze needs to find in the root before it accepts ours.
+SYSTEM_TARGETS = ("sysinit.target", "basic.target", "multi-user.target", "network-online.target")
+
+
+def service(root: Path, *args: str, python: str = sys.executable,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    # PYTHONPATH: the URL check falls back on `python -m nodepass_gevent`.
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([python, str(SCRIPT), "--root", str(root)] + list(args),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                          universal_newlines=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def ok(root: Path, *args: str) -> str:
+    result = service(root, *args)
+    assert result.returncode == 0, result.stderr + result.stdout
+    return result.stdout
+
+
+def files_under(root: Path) -> List[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+
+
+def dropin(root: Path, name: str, file_name: str) -> Path:
+    return root / UNITS / "nodepass@{}.service.d".format(name) / file_name
+
+
+# -- create and the files it writes ------------------------------------------------
+
+def test_help_names_every_command(tmp_path):
+    out = ok(tmp_path, "--help")
+    for command in ("install", "create", "start", "stop", "restart", "status", "list",
+                    "delete", "update", "uninstall", "--root"):
+        assert command in out
+
+
+def test_no_command_off_a_terminal_is_a_usage_error(tmp_path):
+    result = service(tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "nodepass-service: error:" in result.stderr
+
+
+def test_create_writes_env_file_template_and_stop_timeout(tmp_path):
+    out = ok(tmp_path, "create", "web", SERVER_URL, "--env", "SHUTDOWN_TIMEOUT=10s",
+             "--env", "MIN_POOL_CAPACITY=32")
+    env_file = tmp_path / CONFIG / "web.env"
+    text = env_file.read_text()
+    assert "NODEPASS_URL='{}'\n".format(SERVER_URL) in text
+    assert "SHUTDOWN_TIMEOUT='10s'\n" in text and "MIN_POOL_CAPACITY='32'\n" in text
+    assert "# SEMAPHORE_LIMIT=1024\n" in text  # defaults shown, not pinned
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o640
+    template = (tmp_path / TEMPLATE).read_text()
+    for line in ("Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                 "ProtectHome=yes", "PrivateTmp=yes", "User=nodepass", "KillSignal=SIGTERM",
+                 "EnvironmentFile=/etc/nodepass/%i.env",
+                 "ExecStart=/opt/nodepass-gevent/venv/bin/nodepass ${NODEPASS_URL}",
+                 "AmbientCapabilities=\n"):
+        assert line in template
+    assert dropin(tmp_path, "web", "stop.conf").read_text() == \
+        "[Service]\nTimeoutStopSec=15s\n"
+    assert not dropin(tmp_path, "web", "bind.conf").exists()
+    # Nothing really ran, and the dry run says what would have.
+    assert "--root given, not running: useradd --system" in out
+    assert "--root given, not running: systemctl daemon-reload" in out
+    # Atomic writes leave no temporary files behind.
+    assert not [f for f in files_under(tmp_path) if os.path.basename(f).startswith(".")]
+
+
+@pytest.mark.parametrize("shutdown, stop_timeout", [
+    (None, "10s"), ("3s", "8s"), ("1m30s", "95s"), ("500ms", "5500ms"), ("1h", "3605s"),
+])
+def test_stop_timeout_is_shutdown_timeout_plus_margin(tmp_path, shutdown, stop_timeout):
+    extra = ["--env", "SHUTDOWN_TIMEOUT=" + shutdown] if shutdown else []
+    ok(tmp_path, "create", "t", CLIENT_URL, *extra)
+    assert "TimeoutStopSec={}\n".format(stop_timeout) in \
+        dropin(tmp_path, "t", "stop.conf").read_text()
+
+
+@pytest.mark.parametrize("url, privileged", [
+    ("server://:443/127.0.0.1:8080", True),          # tunnel port
+    ("server://127.0.0.1:10101/127.0.0.1:80", True),  # target port, where users arrive
+    ("server://[::1]:1023/[::1]:8080", True),
+    ("server://:1024/127.0.0.1:8080", False),
+    ("client://127.0.0.1:443/127.0.0.1:22", False),  # a client only dials out
+])
+def test_bind_capability_only_for_a_server_below_1024(tmp_path, url, privileged):
+    ok(tmp_path, "create", "t", url)
+    bind = dropin(tmp_path, "t", "bind.conf")
+    assert bind.exists() == privileged
+    if privileged:
+        assert "AmbientCapabilities=CAP_NET_BIND_SERVICE\n" in bind.read_text()
+    # The shared template never grants it.
+    template = (tmp_path / TEMPLATE).read_text()
+    assert "AmbientCapabilities=\n" in template and "AmbientCapabilities=CAP" not in template
+
+
+@pytest.mark.parametrize("args, message", [
+    (["create", "a/b", CLIENT_URL], "bad tunnel name"),
+    (["create", "a b", CLIENT_URL], "bad tunnel name"),
+    (["create", "x" * 65, CLIENT_URL], "bad tunnel name"),
+    (["create", "t", "ftp://127.0.0.1:1/127.0.0.1:2"], "URL refused"),
+    (["create", "t", "server://127.0.0.1/127.0.0.1:2"], "URL refused"),
+    (["create", "t", "server://127.0.0.1:1/127.0.0.1:2?tls=2&crt=/nonexistent.pem&key=/x"],
+     "URL refused"),
+    (["create", "t", "client://127.0.0.1:1/127.0.0.1:2?x='"], "quotes"),
+    (["create", "t", CLIENT_URL, "--env", "NOT_A_VARIABLE=1"], "unknown variable"),
+    (["create", "t", CLIENT_URL, "--env", "SEMAPHORE_LIMIT=-1"], "positive integer"),
+    (["create", "t", CLIENT_URL, "--env", "SHUTDOWN_TIMEOUT=5 s"], "duration"),
+    (["create", "t", CLIENT_URL, "--env", "SHUTDOWN_TIMEOUT"], "KEY=VALUE"),
+    (["create", "t"], "arguments"),
+])
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, args, message):
+    result = service(tmp_path, *args)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nodepass-service: error:")
+    assert message in lines[0]
+    assert files_under(tmp_path) == []
+
+
+def test_certificate_in_private_tmp_is_refused(tmp_path, test_ca):
+    # test_ca lives under /tmp, which the unit replaces by its own (PrivateTmp).
+    url = "server://127.0.0.1:10101/127.0.0.1:8080?tls=2&crt={crt}&key={key}".format(**test_ca)
+    result = service(tmp_path, "create", "t", url)
+    assert result.returncode == 2 and "invisible to the service" in result.stderr
+    assert files_under(tmp_path) == []
+
+
+@pytest.fixture
+def certificates_in_home():
+    """A CA and server certificate under the home directory, removed afterwards."""
+    home = Path.home()
+    if not re.match(r"/(home|root)(/|$)", str(home)):
+        pytest.skip("home directory {} is not one ProtectHome= hides".format(home))
+    folder = tempfile.mkdtemp(prefix="nodepass-test-", dir=str(home))
+    try:
+        yield make_test_ca(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_certificate_under_home_is_bind_mounted_read_only(tmp_path, certificates_in_home):
+    paths = certificates_in_home
+    url = "server://127.0.0.1:10101/127.0.0.1:8080?tls=2&crt={crt}&key={key}".format(**paths)
+    ok(tmp_path, "create", "sec", url)
+    tls = dropin(tmp_path, "sec", "tls.conf").read_text()
+    assert "ProtectHome=tmpfs\n" in tls
+    assert 'BindReadOnlyPaths="{crt}" "{key}"\n'.format(**paths) in tls
+
+
+def test_create_over_an_existing_tunnel_needs_force(tmp_path):
+    ok(tmp_path, "create", "t", "server://:443/127.0.0.1:8080")
+    before = (tmp_path / CONFIG / "t.env").read_text()
+    result = service(tmp_path, "create", "t", "server://:8443/127.0.0.1:8080")
+    assert result.returncode == 1 and "exists" in result.stderr
+    assert (tmp_path / CONFIG / "t.env").read_text() == before
+    ok(tmp_path, "create", "--force", "t", "server://:8443/127.0.0.1:8080")
+    assert "server://:8443/" in (tmp_path / CONFIG / "t.env").read_text()
+    assert not dropin(tmp_path, "t", "bind.conf").exists()  # no longer below 1024
+
+
+@pytest.mark.parametrize("verb", ["start", "stop", "restart", "status", "delete"])
+def test_unknown_tunnel_is_an_error(tmp_path, verb):
+    ok(tmp_path, "create", "known", CLIENT_URL)
+    result = service(tmp_path, verb, "unknown")
+    assert result.returncode == 1
+    assert result.stderr.strip() == \
+        "nodepass-service: error: unknown tunnel 'unknown' (see: nodepass-service list)"
+
+
+@pytest.mark.parametrize("verb", ["start", "stop", "restart", "status"])
+def test_systemctl_verbs_are_shown_not_run_under_root(tmp_path, verb):
+    ok(tmp_path, "create", "web", SERVER_URL)
+    out = ok(tmp_path, verb, "web")
+    shown = "systemctl status --no-pager" if verb == "status" else "systemctl " + verb
+    assert "--root given, not running: {} nodepass@web.service\n".format(shown) in out
+    if verb == "status":
+        assert "tunnel web: " + SERVER_URL in out
+
+
+def test_list_and_delete(tmp_path):
+    assert "no tunnels" in ok(tmp_path, "list")
+    ok(tmp_path, "create", "web", SERVER_URL)
+    ok(tmp_path, "create", "ssh", CLIENT_URL)
+    rows = ok(tmp_path, "list").splitlines()
+    assert rows[0].split() == ["NAME", "MODE", "ACTIVE", "ENABLED", "URL"]
+    assert rows[1].split() == ["ssh", "client", "-", "-", CLIENT_URL]
+    assert rows[2].split() == ["web", "server", "-", "-", SERVER_URL]
+
+    out = ok(tmp_path, "delete", "web")
+    assert "not running: systemctl disable --now nodepass@web.service" in out
+    assert not (tmp_path / CONFIG / "web.env").exists()
+    assert not (tmp_path / UNITS / "nodepass@web.service.d").exists()
+    assert [row.split()[0] for row in ok(tmp_path, "list").splitlines()[1:-1]] == ["ssh"]
+
+
+def test_uninstall_keeps_tunnels_unless_purged(tmp_path):
+    ok(tmp_path, "create", "web", SERVER_URL)
+    venv_file = tmp_path / VENV_BIN / "python"
+    venv_file.parent.mkdir(parents=True)
+    venv_file.write_text("")
+    result = service(tmp_path, "uninstall")
+    assert result.returncode == 1 and "tunnels exist: web" in result.stderr
+    assert venv_file.exists()
+
+    out = ok(tmp_path, "uninstall", "--purge")
+    assert "deleted tunnel web" in out
+    assert files_under(tmp_path) == []
+    assert not (tmp_path / "opt" / "nodepass-gevent").exists()
+    assert not (tmp_path / CONFIG).exists()
+
+
+# -- the interactive menu, on a real pseudo-terminal ------------------------------
+
+def run_on_terminal(args: List[str], keystrokes: str, timeout: float = 30) -> str:
+    """Run the script with a pty as its terminal, type, and return what it showed."""
+    controller, terminal = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    process = subprocess.Popen([sys.executable, str(SCRIPT)] + args, stdin=terminal,
+                               stdout=terminal, stderr=terminal, env=env, close_fds=True)
+    os.close(terminal)
+    shown = b""
+    try:
+        os.write(controller, keystrokes.encode())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # the terminal closed: the script is gone
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            elif process.poll() is not None:
+                break
+        assert process.wait(5) == 0, shown.decode(errors="replace")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        os.close(controller)
+    return shown.decode(errors="replace")
+
+
+def test_menu_creates_and_lists_a_tunnel(tmp_path):
+    keystrokes = "2\nweb\n{}\nSHUTDOWN_TIMEOUT=2s\n\n7\nq\n".format(SERVER_URL)
+    shown = run_on_terminal(["--root", str(tmp_path)], keystrokes)
+    assert "10) uninstall" in shown
+    assert "created tunnel web" in shown
+    assert re.search(r"web\s+server\s+-\s+-\s+" + re.escape(SERVER_URL), shown)
+    assert "SHUTDOWN_TIMEOUT='2s'" in (tmp_path / CONFIG / "web.env").read_text()
+
+
+# -- Python 3.8 -------------------------------------------------------------------
+
+def find_python(minor: int) -> Optional[str]:
+    """An interpreter python3.MINOR that really runs, or None."""
+    candidates = [shutil.which("python3.{}".format(minor))]
+    candidates += sorted(glob.glob(os.path.expanduser(
+        "~/.pyenv/versions/3.{}.*/bin/python3".format(minor))))
+    for candidate in filter(None, candidates):
+        try:
+            result = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[1])"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    universal_newlines=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if result.stdout.strip() == str(minor):
+            return candidate
+    return None
+
+
+def test_script_runs_on_python_3_8(tmp_path):
+    python38 = find_python(8)
+    if python38 is None:
+        pytest.skip("no Python 3.8 interpreter on this machine")
+    result = service(tmp_path, "list", python=python38)
+    assert result.returncode == 0 and "no tunnels" in result.stdout, result.stderr
+    result = service(tmp_path, "create", "a/b", CLIENT_URL, python=python38)
+    assert result.returncode == 2 and "bad tunnel name" in result.stderr
+
+
+# -- a real install, then systemd-analyze verify on the units ---------------------
+
+@pytest.fixture(scope="module")
+def installed_root(tmp_path_factory):
+    """A root with the package pip-installed into its venv and four tunnels created.
+
+    --system-site-packages: the dependencies come from this interpreter, so
+    nothing but the package itself (and pip's build backend) is fetched.
+    """
+    root = tmp_path_factory.mktemp("installed")
+    started = time.monotonic()
+    ok(root, "install", "--system-site-packages")
+    install_seconds = time.monotonic() - started
+    assert install_seconds < 120
+    ok(root, "create", "web", SERVER_URL, "--env", "SHUTDOWN_TIMEOUT=20s")
+    ok(root, "create", "low", "server://:443/127.0.0.1:80?log=warn")
+    ok(root, "create", "ssh", CLIENT_URL, "--env", "SSL_CERT_FILE=/etc/nodepass/ca.pem")
+    return root
+
+
+def test_install_puts_the_package_in_its_own_venv(installed_root):
+    nodepass = installed_root / VENV_BIN / "nodepass"
+    version = subprocess.run([str(nodepass), "--version"], stdout=subprocess.PIPE,
+                             universal_newlines=True, timeout=30)
+    assert version.returncode == 0 and "nodepass-gevent" in version.stdout
+    packages = glob.glob(str(installed_root / "opt/nodepass-gevent/venv/lib/python3*"
+                             / "site-packages/nodepass_gevent/cli.py"))
+    assert packages, "the package is not in the venv's site-packages"
+    assert (installed_root / TEMPLATE).exists()
+    assert '"source": "{}"'.format(REPO) in (installed_root / CONFIG / "install.json").read_text()
+
+
+def analyze(root: Path, *units: str) -> subprocess.CompletedProcess:
+    """systemd-analyze verify reading units from root, as a booted system would."""
+    executable = shutil.which("systemd-analyze")
+    assert executable, "systemd-analyze is missing: apt-get install systemd"
+    system_units = root / "usr/lib/systemd/system"
+    system_units.mkdir(parents=True, exist_ok=True)
+    for target in SYSTEM_TARGETS:
+        source = next(Path(d, target) for d in ("/usr/lib/systemd/system", "/lib/systemd/system")
+                      if Path(d, target).exists())
+        shutil.copyfile(str(source), str(system_units / target))
+    return subprocess.run([executable, "verify", "--root={}".format(root)] + list(units),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=60)
+
+
+def test_generated_units_pass_systemd_analyze_verify(installed_root, certificates_in_home):
+    url = "server://127.0.0.1:10101/127.0.0.1:8080?tls=2&crt={crt}&key={key}".format(
+        **certificates_in_home)
+    ok(installed_root, "create", "--force", "sec", url)
+    units = ["nodepass@{}.service".format(name) for name in ("web", "low", "ssh", "sec")]
+    result = analyze(installed_root, *units)
+    assert result.returncode == 0, result.stdout
+    # verify only warns (exit 0) on unknown keys or bad values: any word about our units fails.
+    assert "nodepass" not in result.stdout, result.stdout
+
+
+def test_verify_harness_reads_our_dropins(installed_root, tmp_path):
+    """The check above can fail: verify sees a broken drop-in and a missing ExecStart."""
+    broken = dropin(installed_root, "low", "bind.conf")
+    original = broken.read_text()
+    broken.write_text(original + "NotASystemdKey=yes\n")
+    try:
+        result = analyze(installed_root, "nodepass@low.service")
+    finally:
+        broken.write_text(original)
+    assert "bind.conf" in result.stdout, result.stdout
+
+    nodepass = installed_root / VENV_BIN / "nodepass"
+    moved = tmp_path / "nodepass"
+    shutil.move(str(nodepass), str(moved))
+    try:
+        result = analyze(installed_root, "nodepass@web.service")
+    finally:
+        shutil.move(str(moved), str(nodepass))
+    assert result.returncode != 0 and "not executable" in result.stdout, result.stdout
+
+
+def test_update_reinstalls_and_restarts_the_tunnels(installed_root):
+    out = ok(installed_root, "update")
+    assert "not running: systemctl daemon-reload" in out
+    assert re.search(r"not running: systemctl try-restart nodepass@low\.service "
+                     r"nodepass@\w+\.service", out)
+    assert "Successfully installed nodepass-gevent" in out
+
+
+def test_shared_key_goes_into_the_environment_file_not_the_url(tmp_path):
+    root = tmp_path / "root"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--root", str(root), "create", "keyed",
+         "client://tunnel.example.net:10101/127.0.0.1:22", "--env", "NODEPASS_KEY=s3cret",
+         "--no-start"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    env_file = root / "etc" / "nodepass" / "keyed.env"
+    text = env_file.read_text()
+    assert "NODEPASS_KEY='s3cret'" in text
+    assert "s3cret" not in text.split("NODEPASS_URL=")[1].splitlines()[0]
+    assert oct(env_file.stat().st_mode & 0o777) == "0o640"
