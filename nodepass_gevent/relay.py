@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import gevent
 
-from nodepass_gevent import net
+from nodepass_gevent import net, zerocopy
 from nodepass_gevent.log import log
 from nodepass_gevent.stats import Stats
 
@@ -38,25 +38,33 @@ def exchange(left: socket.socket, right: socket.socket, stats: Optional[Stats] =
 def _pump(source: socket.socket, sink: socket.socket, stats: Optional[Stats], inbound: bool
           ) -> int:
     moved = 0
+    count = (lambda size: stats.count_bytes(size, inbound)) if stats else (lambda size: None)
     try:
-        while True:
-            # recv() allocates its buffer only while bytes are waiting, so an
-            # idle connection holds no buffer at all.
-            chunk = source.recv(CHUNK_SIZE)
-            if not chunk:
-                break
-            sink.sendall(chunk)
-            moved += len(chunk)
-            if stats is not None:
-                stats.count_bytes(len(chunk), inbound)
+        if zerocopy.AVAILABLE and not isinstance(source, ssl.SSLSocket) \
+                and not isinstance(sink, ssl.SSLSocket):
+            moved = zerocopy.pump(source, sink, count)
+        else:
+            moved = _copy(source, sink, count)
         half_close(sink)
     except (OSError, ValueError) as exc:
         # Reset, broken pipe, or the other pump already closed: end both ways.
-        log.debug("Relay: %s after %d bytes %s: %r", "inbound" if inbound else "outbound",
-                  moved, "in" if inbound else "out", exc)
+        log.debug("Relay: %s direction ended by %r", "inbound" if inbound else "outbound", exc)
         abort(source)
         abort(sink)
     return moved
+
+
+def _copy(source: socket.socket, sink: socket.socket, count) -> int:
+    moved = 0
+    while True:
+        # recv() allocates its buffer only while bytes are waiting, so an
+        # idle connection holds no buffer at all.
+        chunk = source.recv(CHUNK_SIZE)
+        if not chunk:
+            return moved
+        sink.sendall(chunk)
+        moved += len(chunk)
+        count(len(chunk))
 
 
 def half_close(sock: socket.socket) -> None:
