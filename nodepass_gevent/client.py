@@ -38,7 +38,9 @@ class Client:
         self.stats = Stats()
         # The semaphore: one slot per launched TCP connection or UDP exchange.
         self._launches = gevent.pool.Pool(settings.semaphore_limit)
-        self._target_sockaddr = None  # resolved once, again after a failure
+        # The target, resolved once and again only after a failure.
+        self._target_sockaddr = None
+        self._udp_target = None  # type: Optional[tuple]
         self.pool = None  # type: Optional[ClientPool]
         self._control = None  # type: Optional[socket.socket]
         self._loops = []
@@ -261,7 +263,10 @@ class Client:
         try:
             size, timeout = self.settings.udp_data_buf_size, self.settings.udp_read_timeout
             datagram = relay.read_burst(data, size, timeout)
-            family, sockaddr = net.resolve(self.config.target, socket.SOCK_DGRAM, passive=False)
+            if self._udp_target is None:
+                self._udp_target = net.resolve(self.config.target, socket.SOCK_DGRAM,
+                                               passive=False)
+            family, sockaddr = self._udp_target
             target = socket.socket(family, socket.SOCK_DGRAM)
             target.settimeout(timeout)
             target.connect(sockaddr)
@@ -269,7 +274,10 @@ class Client:
             reply = target.recv(size)
             data.sendall(reply)
             self.stats.udp_exchanged(len(datagram), len(reply))
+        except socket.timeout:
+            log.debug("Client: no UDP reply from %s within %.1fs", self.config.target, timeout)
         except (OSError, ValueError) as exc:
+            self._udp_target = None
             log.debug("Client: UDP exchange on %s failed: %s", connection_id, _describe(exc))
         finally:
             net.close_quietly(target)

@@ -195,7 +195,8 @@ def tcp_exchange(port: int, payload: bytes, host: str = HOST, timeout: float = 1
 
 
 def udp_exchange(port: int, payload: bytes, host: str = HOST, timeout: float = 5) -> bytes:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
         sock.sendto(payload, (host, port))
         return sock.recvfrom(65535)[0]

@@ -143,3 +143,43 @@ def test_users_are_refused_cleanly_without_a_client(nodepass):
     with socket.create_connection((HOST, port), timeout=5) as user:
         assert user.recv(10) == b""  # closed at once, not left hanging
     assert server.alive()
+
+
+@pytest.mark.parametrize("tunnel_host, user_host, listen_host", [
+    ("[::1]", "::1", "[::1]"),        # IPv6 everywhere
+    ("localhost", "127.0.0.1", ""),   # a DNS name to dial, ":port" (all interfaces) to listen
+])
+def test_address_forms(nodepass, echo, tunnel_host, user_host, listen_host):
+    import socket as socket_module
+    if user_host == "::1" and not socket_module.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    from support import free_port
+    tunnel_port, port = free_port(), free_port()
+    nodepass("server://%s:%d/%s:%d" % (listen_host or tunnel_host, tunnel_port,
+                                       listen_host, port))
+    nodepass("client://%s:%d/127.0.0.1:%d" % (tunnel_host, tunnel_port, echo.port))
+    wait_until(lambda: echo_works(port, host=user_host), 15, what="traffic over %s" % user_host)
+    assert udp_exchange(port, b"datagram", host=user_host) == b"datagram"
+
+
+@pytest.mark.parametrize("level, present, absent", [
+    ("debug", ["DEBUG", "INFO "], []),
+    ("info", ["INFO "], ["DEBUG"]),
+    ("warn", [], ["DEBUG", "INFO "]),
+])
+def test_log_levels(nodepass, echo, level, present, absent):
+    from support import free_port
+    tunnel_port, port = free_port(), free_port()
+    server = nodepass("server://127.0.0.1:%d/127.0.0.1:%d?log=%s" % (tunnel_port, port, level))
+    nodepass("client://127.0.0.1:%d/127.0.0.1:%d?log=%s" % (tunnel_port, echo.port, level))
+    wait_until(lambda: echo_works(port), 15, what="traffic")
+    assert server.stop() == 0
+    output = server.output()
+    for word in present:
+        assert word in output
+    for word in absent:
+        assert word not in output
+    if level == "debug":
+        assert "-> data connection" in output  # every connection is traced
+    stamp = output.splitlines()[0][:23] if output else ""
+    assert not output or (stamp[4] == "-" and stamp[19] == ".")
