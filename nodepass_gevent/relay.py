@@ -24,27 +24,32 @@ def exchange(left: socket.socket, right: socket.socket, stats: Optional[Stats] =
     so a peer that stops sending still gets its answer; an error in either
     direction tears down both, so the other direction never waits forever.
     """
-    backward = gevent.spawn(_pump, right, left, stats, False)
     try:
-        forward_bytes = _pump(left, right, stats, True)
-        backward_bytes = backward.get()
-        return forward_bytes, backward_bytes
+        if zerocopy.AVAILABLE and not isinstance(left, ssl.SSLSocket) \
+                and not isinstance(right, ssl.SSLSocket):
+            return zerocopy.exchange(left, right, _counter(stats, True), _counter(stats, False))
+        backward = gevent.spawn(_pump, right, left, stats, False)
+        try:
+            forward_bytes = _pump(left, right, stats, True)
+            return forward_bytes, backward.get()
+        finally:
+            backward.kill(block=True)
     finally:
-        backward.kill(block=True)
         net.close_quietly(left)
         net.close_quietly(right)
+
+
+def _counter(stats: Optional[Stats], inbound: bool):
+    if stats is None:
+        return lambda size: None
+    return lambda size: stats.count_bytes(size, inbound)
 
 
 def _pump(source: socket.socket, sink: socket.socket, stats: Optional[Stats], inbound: bool
           ) -> int:
     moved = 0
-    count = (lambda size: stats.count_bytes(size, inbound)) if stats else (lambda size: None)
     try:
-        if zerocopy.AVAILABLE and not isinstance(source, ssl.SSLSocket) \
-                and not isinstance(sink, ssl.SSLSocket):
-            moved = zerocopy.pump(source, sink, count)
-        else:
-            moved = _copy(source, sink, count)
+        moved = _copy(source, sink, _counter(stats, inbound))
         half_close(sink)
     except (OSError, ValueError) as exc:
         # Reset, broken pipe, or the other pump already closed: end both ways.
