@@ -88,9 +88,11 @@ def check_client_response(key: bytes, server_nonce: str, line: bytes) -> Optiona
 
 
 def encode_tunnel_signal(key: bytes, client_nonce: str, server_nonce: str, data_port: int,
-                         tls_mode: int) -> bytes:
+                         tls_mode: int, extensions: str = "") -> bytes:
+    """The tunnel signal with the server's proof; ``extensions``: "&name=value..." """
     mac = _mac(key, _LABEL_SERVER, client_nonce, server_nonce, data_port, tls_mode)
-    return ("//%d?auth=%s&mac=%s#%d\n" % (data_port, SCHEME, mac, tls_mode)).encode("ascii")
+    return ("//%d?auth=%s&mac=%s%s#%d\n" % (data_port, SCHEME, mac, extensions, tls_mode)
+            ).encode("ascii")
 
 
 def check_tunnel_signal(key: bytes, client_nonce: str, server_nonce: str,

@@ -7,7 +7,7 @@ Usage:
   nodepass --version
 
 URLs:
-  server://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<mode>&crt=<file>&key=<file>
+  server://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<mode>&crt=<file>&key=<file>&udp=<mode>
       Listen for the client on tunnel_addr (the control channel) and for users,
       TCP and UDP, on target_addr; hand each user to the client through the tunnel.
   client://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<mode>
@@ -18,6 +18,9 @@ URLs:
   tls   server: TLS for data connections: 0 none (default), 1 self-signed
         certificate made at start-up, 2 the certificate in crt= and key=.
         client: the least TLS mode it accepts from the server (default 0).
+  udp   server: v1 (default) carries each UDP datagram on a connection of its
+        own, as NodePass v1.0; flow offers one connection per user address,
+        much faster, used when the client is nodepass-gevent too.
   KEY   a shared key, the same on both sides: control and data connections
         must then prove it (HMAC challenge-response). Not v1.0-compatible.
         NODEPASS_KEY=<key> does the same and keeps the key off the command line.

@@ -15,7 +15,7 @@ import gevent
 import gevent.pool
 from gevent.event import Event
 
-from nodepass_gevent import auth, net, protocol, relay, tls
+from nodepass_gevent import auth, net, protocol, relay, tls, udpflow
 from nodepass_gevent.config import Config, Settings
 from nodepass_gevent.log import log
 from nodepass_gevent.pool import ClientPool, DataConnection
@@ -41,6 +41,7 @@ class Client:
         # The target, resolved once and again only after a failure.
         self._target_sockaddr = None
         self._udp_target = None  # type: Optional[tuple]
+        self._flow_connections = set()  # data connections of open UDP flows
         self.pool = None  # type: Optional[ClientPool]
         self._control = None  # type: Optional[socket.socket]
         self._loops = []
@@ -66,6 +67,8 @@ class Client:
         net.close_quietly(self._control)
         if self.pool is not None:
             self.pool.close()
+        for data in list(self._flow_connections):
+            net.abort(data)  # UDP has nothing in flight worth a grace period
         self._launches.join(timeout=timeout)
         if len(self._launches):
             log.warning("Client: cutting %d connections still open after %.1fs",
@@ -128,6 +131,9 @@ class Client:
         self.pool = ClientPool(self._data_dialer(data_sockaddr, tls.client_context(tls_mode)),
                                self.settings.min_pool_capacity, self.settings.max_pool_capacity)
         self.pool.start()
+        if protocol.offers_udp_flow(signal):
+            control.sendall(protocol.ACK_UDP_FLOW)
+            log.info("Client: using UDP flows (one data connection per user address)")
         control.settimeout(silence)
         self._auth_failures = 0
         self._serve_signals(lines)
@@ -199,6 +205,8 @@ class Client:
             launch = self._launch_tcp
         elif signal.kind == protocol.KIND_UDP:
             launch = self._launch_udp
+        elif signal.kind == protocol.KIND_UDP_FLOW:
+            launch = self._launch_udp_flow
         else:
             log.debug("Client: ignored signal of unknown kind %r", signal.kind)
             return
@@ -255,6 +263,43 @@ class Client:
         finally:
             self.stats.tcp_closed()
 
+    def _udp_target_socket(self, timeout: Optional[float]) -> socket.socket:
+        """A UDP socket connected to the target (resolved once, again after a failure)."""
+        try:
+            if self._udp_target is None:
+                self._udp_target = net.resolve(self.config.target, socket.SOCK_DGRAM,
+                                               passive=False)
+            family, sockaddr = self._udp_target
+            target = socket.socket(family, socket.SOCK_DGRAM)
+            target.settimeout(timeout)
+            try:
+                target.connect(sockaddr)
+            except OSError:
+                target.close()
+                raise
+            return target
+        except OSError:
+            self._udp_target = None
+            raise
+
+    def _launch_udp_flow(self, pool: ClientPool, connection_id: str) -> None:
+        data = pool.take(connection_id)
+        if data is None:
+            return
+        try:
+            target = self._udp_target_socket(None)
+        except OSError as exc:
+            log.warning("Client: cannot reach UDP target %s: %s", self.config.target,
+                        _describe(exc))
+            net.close_quietly(data)
+            return
+        self._flow_connections.add(data)
+        try:
+            udpflow.client_flow(data, target, self.stats, self.settings.udp_data_buf_size,
+                                self.settings.udp_read_timeout)
+        finally:
+            self._flow_connections.discard(data)
+
     def _launch_udp(self, pool: ClientPool, connection_id: str) -> None:
         data = pool.take(connection_id)
         if data is None:
@@ -263,13 +308,7 @@ class Client:
         try:
             size, timeout = self.settings.udp_data_buf_size, self.settings.udp_read_timeout
             datagram = relay.read_burst(data, size, timeout)
-            if self._udp_target is None:
-                self._udp_target = net.resolve(self.config.target, socket.SOCK_DGRAM,
-                                               passive=False)
-            family, sockaddr = self._udp_target
-            target = socket.socket(family, socket.SOCK_DGRAM)
-            target.settimeout(timeout)
-            target.connect(sockaddr)
+            target = self._udp_target_socket(timeout)
             target.send(datagram)
             reply = target.recv(size)
             data.sendall(reply)
@@ -277,7 +316,6 @@ class Client:
         except socket.timeout:
             log.debug("Client: no UDP reply from %s within %.1fs", self.config.target, timeout)
         except (OSError, ValueError) as exc:
-            self._udp_target = None
             log.debug("Client: UDP exchange on %s failed: %s", connection_id, _describe(exc))
         finally:
             net.close_quietly(target)

@@ -4,7 +4,7 @@ Everything here is pure: strings in, frozen dataclasses out, ``ConfigError``
 (one readable line) for anything wrong. No sockets, no files beyond checking
 that certificate paths were given.
 
-    server://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<0|1|2>&crt=<file>&key=<file>
+    server://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<0|1|2>&crt=<file>&key=<file>&udp=<v1|flow>
     client://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<minimum mode>
 
 KEY (or the NODEPASS_KEY environment variable) switches on shared-key
@@ -22,7 +22,8 @@ ROLES = ("server", "client")
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
 TLS_MODES = (0, 1, 2)
 KEY_VARIABLE = "NODEPASS_KEY"
-SERVER_PARAMS = ("log", "tls", "crt", "key")
+SERVER_PARAMS = ("log", "tls", "crt", "key", "udp")
+UDP_MODES = ("v1", "flow")
 CLIENT_PARAMS = ("log", "tls")
 
 
@@ -59,6 +60,8 @@ class Config:
     tls_mode: int = 0
     crt: Optional[str] = None
     key: Optional[str] = None
+    # Server: "flow" offers the UDP flow extension (udpflow.py); "v1" does not.
+    udp_mode: str = "v1"
     # The shared key for authentication; None keeps the v1.0 protocol.
     auth_key: Optional[bytes] = field(default=None, repr=False)
 
@@ -120,7 +123,11 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
         raise ConfigError("tls=2 needs both crt=<certificate file> and key=<private key file>")
     if scheme == "server" and tls_mode != 2 and (crt or key):
         raise ConfigError("crt and key are used only with tls=2")
-    return Config(scheme, tunnel, target, log_level, tls_mode, crt, key, auth_key)
+    udp_mode = params.get("udp", "v1")
+    if udp_mode not in UDP_MODES:
+        raise ConfigError("bad udp value %r: use v1 (one connection per datagram, as NodePass"
+                          " v1.0) or flow (one connection per user address)" % udp_mode)
+    return Config(scheme, tunnel, target, log_level, tls_mode, crt, key, udp_mode, auth_key)
 
 
 def _auth_key(netloc: str, environ: Mapping[str, str]) -> Optional[bytes]:

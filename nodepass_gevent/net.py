@@ -6,6 +6,7 @@ CLI before anything else) turns each blocking call into a greenlet switch.
 
 import errno
 import socket
+import ssl
 from typing import Callable, Optional, Tuple
 
 import gevent
@@ -154,6 +155,17 @@ def recv_line(sock: socket.socket, limit: int) -> bytes:
             raise ConnectionError("closed in the middle of a line")
         line += byte
     return line
+
+
+def abort(sock: socket.socket) -> None:
+    """Stop both directions at once (wakes any greenlet blocked on it)."""
+    try:
+        if isinstance(sock, ssl.SSLSocket):
+            super(ssl.SSLSocket, sock).shutdown(socket.SHUT_RDWR)
+        else:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, ValueError):
+        pass
 
 
 def close_quietly(sock: Optional[socket.socket]) -> None:

@@ -39,7 +39,14 @@ HEARTBEAT_MISSES = 3
 
 KIND_TCP = "1"
 KIND_UDP = "2"
-KIND_NAMES = {KIND_TCP: "tcp", KIND_UDP: "udp"}
+KIND_UDP_FLOW = "3"  # extension (udpflow.py): only after the client acknowledged it
+KIND_NAMES = {KIND_TCP: "tcp", KIND_UDP: "udp", KIND_UDP_FLOW: "udp flow"}
+
+# Extensions are advertised in the tunnel signal's query string (ignored by
+# v1.0 clients) and acknowledged by a line from the client on the tunnel
+# (never read by v1.0 servers).
+EXTENSION_UDP_FLOW = ("udp", "flow")
+ACK_UDP_FLOW = b"//flow#udp\n"
 
 
 class ProtocolError(ValueError):
@@ -64,8 +71,13 @@ def is_connection_id(text: str) -> bool:
     return len(text) == ID_LENGTH and all(c in "0123456789abcdef" for c in text)
 
 
-def encode_tunnel_signal(data_port: int, tls_mode: int) -> bytes:
-    return b"//%d#%d\n" % (data_port, tls_mode)
+def encode_tunnel_signal(data_port: int, tls_mode: int, udp_flow: bool = False) -> bytes:
+    query = b"?%s=%s" % tuple(part.encode() for part in EXTENSION_UDP_FLOW) if udp_flow else b""
+    return b"//%d%s#%d\n" % (data_port, query, tls_mode)
+
+
+def offers_udp_flow(signal: "Signal") -> bool:
+    return signal.query.get(EXTENSION_UDP_FLOW[0]) == EXTENSION_UDP_FLOW[1]
 
 
 def encode_launch_signal(connection_id: str, kind: str) -> bytes:

@@ -54,8 +54,8 @@ def _pump(source: socket.socket, sink: socket.socket, stats: Optional[Stats], in
     except (OSError, ValueError) as exc:
         # Reset, broken pipe, or the other pump already closed: end both ways.
         log.debug("Relay: %s direction ended by %r", "inbound" if inbound else "outbound", exc)
-        abort(source)
-        abort(sink)
+        net.abort(source)
+        net.abort(sink)
     return moved
 
 
@@ -87,17 +87,6 @@ def half_close(sock: socket.socket) -> None:
             super(ssl.SSLSocket, sock).shutdown(socket.SHUT_WR)
         else:
             sock.shutdown(socket.SHUT_WR)
-    except (OSError, ValueError):
-        pass
-
-
-def abort(sock: socket.socket) -> None:
-    """Stop both directions at once (wakes any greenlet blocked on it)."""
-    try:
-        if isinstance(sock, ssl.SSLSocket):
-            super(ssl.SSLSocket, sock).shutdown(socket.SHUT_RDWR)
-        else:
-            sock.shutdown(socket.SHUT_RDWR)
     except (OSError, ValueError):
         pass
 

@@ -10,6 +10,7 @@ import random
 import socket
 import ssl
 import time
+from functools import partial
 from typing import List, Optional
 
 import gevent
@@ -17,7 +18,7 @@ import gevent.pool
 from gevent.event import Event
 from gevent.lock import Semaphore
 
-from nodepass_gevent import auth, net, protocol, relay
+from nodepass_gevent import auth, net, protocol, relay, udpflow
 from nodepass_gevent.config import Address, Config, Settings
 from nodepass_gevent.log import log
 from nodepass_gevent.pool import ServerPool
@@ -40,6 +41,7 @@ class Session:
         self.peer_host = peer[0]
         self.peer = net.peer_name(control)
         self.in_use = False   # set once the client opens a data connection
+        self.udp_flow = False  # set once the client acknowledges UDP flows
         self.ended = Event()
         self._write_lock = Semaphore()
 
@@ -62,7 +64,7 @@ class Session:
     def end(self) -> None:
         """Close the tunnel connection (wakes its reader). Never raises."""
         self.ended.set()
-        relay.abort(self.control)
+        net.abort(self.control)
         net.close_quietly(self.control)
 
 
@@ -82,6 +84,8 @@ class Server:
         self._cooldown_until = 0.0
         self._listeners = []  # type: List[socket.socket]
         self._loops = []  # type: List[gevent.Greenlet]
+        self._offers_udp_flow = config.udp_mode == "flow"
+        self._flows = udpflow.ServerFlows()
         self.data_port = 0
         self.failed = Event()  # set if an internal loop dies: the process should exit
         self.closed = False
@@ -123,6 +127,7 @@ class Server:
         for loop in self._loops:
             loop.kill(block=False)
         self._end_session()
+        self._flows.end_all()  # UDP has nothing in flight worth a grace period
         self._controls.kill(block=False)
         self._handshakes.kill(block=False)
         self.pool.flush()
@@ -158,7 +163,8 @@ class Server:
 
     def _on_tunnel(self, control: socket.socket, peer: tuple) -> None:
         who = net.peer_name(control)
-        tunnel_signal = protocol.encode_tunnel_signal(self.data_port, self.config.tls_mode)
+        tunnel_signal = protocol.encode_tunnel_signal(self.data_port, self.config.tls_mode,
+                                                      self._offers_udp_flow)
         if self.config.auth_key is not None:
             tunnel_signal = self._authenticate_client(control, who)
         refusal = self._refusal()  # checked after the handshake: another may have won
@@ -205,18 +211,26 @@ class Server:
         if client_nonce is None:
             log.warning("Tunnel: %s failed authentication (wrong or missing key)", who)
             return None
+        extensions = "&%s=%s" % protocol.EXTENSION_UDP_FLOW if self._offers_udp_flow else ""
         return auth.encode_tunnel_signal(self.config.auth_key, client_nonce, server_nonce,
-                                         self.data_port, self.config.tls_mode)
+                                         self.data_port, self.config.tls_mode, extensions)
 
     def _read_until_closed(self, session: Session) -> None:
-        # A v1.0 client never writes on the tunnel: reading only tells us when
-        # it goes away. Anything it does send is read and dropped.
-        while not session.ended.is_set():
-            try:
-                if not session.control.recv(CONTROL_READ_SIZE):
+        # A v1.0 client never writes on the tunnel: reading tells us when it
+        # goes away. Ours may acknowledge an extension; anything else is dropped.
+        lines = session.control.makefile("rb")
+        try:
+            while not session.ended.is_set():
+                line = lines.readline(protocol.MAX_SIGNAL_LENGTH)
+                if not line:
                     break
-            except OSError:
-                break
+                if line == protocol.ACK_UDP_FLOW and self._offers_udp_flow:
+                    session.udp_flow = True
+                    log.info("Tunnel: client %s uses UDP flows", session.peer)
+        except (OSError, ValueError):
+            pass
+        finally:
+            lines.close()
 
     def _end_session(self) -> None:
         session, self._session = self._session, None
@@ -320,7 +334,18 @@ class Server:
                 if listener.fileno() < 0:
                     return
                 continue  # e.g. an ICMP error queued on the socket: not fatal
-            self._users.spawn(self._on_datagram, listener, datagram, peer)
+            flow = self._flows.get(peer)
+            if flow is not None:
+                flow.offer(datagram)
+            elif self._session is not None and self._session.udp_flow:
+                flow = udpflow.ServerFlow(listener, peer, self.stats, size,
+                                          self.settings.udp_read_timeout)
+                flow.offer(datagram)
+                self._flows.add(flow)  # now, so the next datagram finds it
+                self._users.spawn(self._flows.run, flow, partial(
+                    self._take_data_connection, protocol.KIND_UDP_FLOW, "%s:%d" % peer[:2]))
+            else:
+                self._users.spawn(self._on_datagram, listener, datagram, peer)
 
     def _on_datagram(self, listener: socket.socket, datagram: bytes, peer: tuple) -> None:
         data = self._take_data_connection(protocol.KIND_UDP, "%s:%d" % peer[:2])

@@ -14,6 +14,7 @@ import ssl
 import threading
 import time
 from typing import Dict, List, Optional
+from urllib.parse import urlsplit
 
 HOST = "127.0.0.1"
 TUNNEL_SIGNAL = re.compile(rb"^//(\d+)#([012])\n$")
@@ -177,9 +178,9 @@ class ReferenceClient:
         self.control = socket.create_connection((HOST, tunnel_port), timeout=10)
         self.reader = self.control.makefile("rb")
         self.first_line = self.reader.readline()
-        match = TUNNEL_SIGNAL.match(self.first_line)
-        assert match, "bad tunnel signal %r" % self.first_line
-        self.data_port, self.tls_mode = int(match.group(1)), int(match.group(2))
+        # As v1.0 does: parse it as a URL and read host and fragment only.
+        signal = urlsplit(self.first_line.decode().strip())
+        self.data_port, self.tls_mode = int(signal.hostname), int(signal.fragment)
         self.context = None
         if self.tls_mode:
             self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -43,6 +43,8 @@ BAD_URLS = [
     ("server://a:1/b:2?tls=2&crt=/c.pem", "needs both crt"),
     ("server://a:1/b:2?tls=1&crt=/c.pem&key=/k.pem", "only with tls=2"),
     ("server://a:1/b:2?tsl=1", "unknown URL parameter"),
+    ("server://a:1/b:2?udp=fast", "bad udp value"),
+    ("client://a:1/b:2?udp=flow", "unknown URL parameter"),
     ("client://a:1/b:2?crt=/c.pem", "unknown URL parameter"),
     ("server://user:pw@a:1/b:2", "no user:password"),
     ("server://@a:1/b:2", "empty shared key"),
@@ -62,6 +64,11 @@ def test_bad_urls_are_rejected_with_a_reason(url, message):
         parse_url(url)
     assert message.lower() in str(error.value).lower()
     assert "\n" not in str(error.value)
+
+
+def test_udp_mode():
+    assert parse_url("server://a:1/b:2").udp_mode == "v1"
+    assert parse_url("server://a:1/b:2?udp=flow").udp_mode == "flow"
 
 
 def test_address_formats_back_to_url_form():

@@ -12,6 +12,9 @@ def test_encodings_are_v1_bytes():
     assert protocol.encode_launch_signal("0a1b2c3d", protocol.KIND_TCP) == b"//0a1b2c3d#1\n"
     assert protocol.encode_launch_signal("0a1b2c3d", protocol.KIND_UDP) == b"//0a1b2c3d#2\n"
     assert protocol.HEARTBEAT == b"\n"
+    assert protocol.encode_tunnel_signal(4321, 0, udp_flow=True) == b"//4321?udp=flow#0\n"
+    assert protocol.offers_udp_flow(protocol.parse_signal(b"//4321?udp=flow#0\n"))
+    assert not protocol.offers_udp_flow(protocol.parse_signal(b"//4321#0\n"))
 
 
 def test_new_ids_are_eight_lowercase_hex():
