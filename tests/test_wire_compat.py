@@ -80,6 +80,7 @@ def test_v1_client_serves_our_server(nodepass, echo, reference_client, tls):
     client = reference_client(tunnel_port, echo.port)
     assert TUNNEL_SIGNAL.match(client.first_line)
     assert client.tls_mode == tls
+    assert 1024 <= client.data_port < 8192  # v1.0's random range
     wait_until(lambda: echo_works(port), 15, what="traffic via our server")
     payload = os.urandom(3 * 1024 * 1024)
     assert sha256(tcp_exchange(port, payload, timeout=30)) == sha256(payload)
@@ -91,5 +92,7 @@ def test_v1_client_serves_our_server(nodepass, echo, reference_client, tls):
     launches = [LAUNCH_SIGNAL.match(line) for line in client.lines if line != b"\n"]
     assert launches and all(launches)
     assert {m.group(1) for m in launches} <= set(client.ids_seen)
+    ids = [m.group(1) for m in launches]
+    assert len(ids) == len(set(ids))  # every data connection is used once
     assert {m.group(2) for m in launches} == {b"1", b"2"}
     assert all(len(i) == 8 for i in client.ids_seen)

@@ -1,0 +1,129 @@
+"""The pools, in-process with gevent and real socket pairs (no network to mock)."""
+
+import gevent
+import gevent.event
+import gevent.socket
+import pytest
+
+from nodepass_gevent import pool as pool_module
+from nodepass_gevent.pool import ClientPool, ServerPool
+from nodepass_gevent.protocol import new_connection_id
+
+
+class Dialer:
+    """Hands out real connected socket pairs, each under a fresh id."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay, self.peers, self.dialed = delay, [], 0
+
+    def __call__(self):
+        if self.delay:
+            gevent.sleep(self.delay)
+        ours, theirs = gevent.socket.socketpair()
+        self.peers.append(theirs)
+        self.dialed += 1
+        return new_connection_id(), ours
+
+    def close(self):
+        for sock in self.peers:
+            sock.close()
+
+
+@pytest.fixture
+def dialer():
+    dialer = Dialer()
+    yield dialer
+    dialer.close()
+
+
+def wait_for(predicate, timeout=5.0):
+    with gevent.Timeout(timeout):
+        while not predicate():
+            gevent.sleep(0.01)
+
+
+def test_client_pool_fills_to_capacity_and_refills_at_once_when_used(dialer):
+    pool = ClientPool(dialer, min_capacity=8, max_capacity=64)
+    pool.start()
+    try:
+        wait_for(lambda: pool.idle == 8)
+        some_id = next(iter(pool._idle))
+        assert pool.take(some_id) is not None
+        wait_for(lambda: pool.idle == 8, timeout=0.5)  # no waiting for a 1 s round
+        assert dialer.dialed == 9
+    finally:
+        pool.close()
+
+
+def test_capacity_rule_grows_above_80_percent_and_shrinks_below_20(dialer):
+    pool = ClientPool(dialer, min_capacity=10, max_capacity=12)
+    pool._created = 9  # 90% of capacity had to be created this round
+    pool._adjust()
+    assert pool.capacity == 11
+    for _ in range(5):
+        pool._created = 12
+        pool._adjust()
+    assert pool.capacity == 12  # bounded by MAX_POOL_CAPACITY
+    pool._created = 1
+    pool._adjust()
+    assert pool.capacity == 11
+    for _ in range(5):
+        pool._created = 0
+        pool._adjust()
+    assert pool.capacity == 10  # bounded by MIN_POOL_CAPACITY
+    pool._created = 5  # between 20% and 80%: unchanged
+    pool._adjust()
+    assert pool.capacity == 10
+    pool.close()
+
+
+def test_launch_waits_for_an_id_still_being_read(dialer):
+    # The server may signal an id before the client has read it off the wire
+    # (PROTOCOL.md section 6): the launch must wait for it, not give up.
+    release = gevent.event.Event()
+
+    def slow_dial():
+        release.wait()
+        return "0a0b0c0d", dialer()[1]
+
+    pool = ClientPool(slow_dial, min_capacity=1, max_capacity=1)
+    pool.start()
+    try:
+        gevent.sleep(0.05)  # the dial is under way, its id not read yet
+        launch = gevent.spawn(pool.take, "0a0b0c0d")
+        gevent.sleep(0.2)
+        assert not launch.ready()
+        release.set()
+        assert launch.get(timeout=3) is not None
+    finally:
+        pool.close()
+
+
+def test_many_unknown_ids_flush_the_pool(dialer, monkeypatch):
+    monkeypatch.setattr(pool_module, "ID_ARRIVAL_WAIT", 0.05)
+    pool = ClientPool(dialer, min_capacity=9, max_capacity=9)
+    pool.start()
+    try:
+        wait_for(lambda: pool.idle == 9)
+        stale = set(pool._idle)
+        for _ in range(4):  # more than a third of capacity
+            assert pool.take("00000000") is None
+        wait_for(lambda: pool.idle == 9 and not (set(pool._idle) & stale))
+    finally:
+        pool.close()
+
+
+def test_server_pool_is_fifo_and_skips_dead_or_chatty_connections():
+    pairs = [gevent.socket.socketpair() for _ in range(4)]
+    pool = ServerPool(capacity=3)
+    for index, (ours, _) in enumerate(pairs[:3]):
+        assert pool.add("id%d" % index, ours)
+    assert not pool.add("id3", pairs[3][0])  # full
+    pairs[0][1].close()              # the client closed the oldest one
+    pairs[1][1].sendall(b"garbage")  # the next one talks out of turn
+    taken = pool.take(timeout=1)
+    assert taken is not None and taken[0] == "id2"
+    assert pool.take(timeout=0.1) is None
+    for ours, theirs in pairs:
+        ours.close()
+        theirs.close()
