@@ -269,15 +269,7 @@ class Client:
             if self._udp_target is None:
                 self._udp_target = net.resolve(self.config.target, socket.SOCK_DGRAM,
                                                passive=False)
-            family, sockaddr = self._udp_target
-            target = socket.socket(family, socket.SOCK_DGRAM)
-            target.settimeout(timeout)
-            try:
-                target.connect(sockaddr)
-            except OSError:
-                target.close()
-                raise
-            return target
+            return net.connect(self._udp_target[1], socket.SOCK_DGRAM, timeout)
         except OSError:
             self._udp_target = None
             raise

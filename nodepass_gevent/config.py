@@ -223,12 +223,12 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
     """Read the eight environment variables, keeping the seed's defaults."""
     environ = os.environ if environ is None else environ
     values = {}
-    for name, field in INT_SETTINGS.items():
+    for name, attribute in INT_SETTINGS.items():
         if environ.get(name, "").strip():
-            values[field] = _positive_int(name, environ[name])
-    for name, field in DURATION_SETTINGS.items():
+            values[attribute] = _positive_int(name, environ[name])
+    for name, attribute in DURATION_SETTINGS.items():
         if environ.get(name, "").strip():
-            values[field] = _positive_duration(name, environ[name])
+            values[attribute] = _positive_duration(name, environ[name])
     settings = Settings(**values)
     if settings.min_pool_capacity > settings.max_pool_capacity:
         raise ConfigError("MIN_POOL_CAPACITY (%d) is larger than MAX_POOL_CAPACITY (%d)"

@@ -78,16 +78,22 @@ def dial_tcp(address: Address, timeout: float, sockaddr: Optional[tuple] = None)
     if sockaddr is None:
         sock = socket.create_connection((address.dial_host, address.port), timeout)
     else:
-        family = socket.AF_INET6 if len(sockaddr) == 4 else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(sockaddr)
-        except BaseException:
-            sock.close()
-            raise
+        sock = connect(sockaddr, socket.SOCK_STREAM, timeout)
     set_nodelay(sock)
     sock.settimeout(None)
+    return sock
+
+
+def connect(sockaddr: tuple, kind: int, timeout: Optional[float]) -> socket.socket:
+    """A socket of ``kind`` connected to a resolved address (IPv4 or IPv6)."""
+    family = socket.AF_INET6 if len(sockaddr) == 4 else socket.AF_INET
+    sock = socket.socket(family, kind)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -159,11 +165,20 @@ def recv_line(sock: socket.socket, limit: int) -> bytes:
 
 def abort(sock: socket.socket) -> None:
     """Stop both directions at once (wakes any greenlet blocked on it)."""
+    shutdown(sock, socket.SHUT_RDWR)
+
+
+def shutdown(sock: socket.socket, how: int) -> None:
+    """shutdown(2) on the TCP socket, also under TLS; never raises.
+
+    ssl.SSLSocket.shutdown() drops the TLS session, which would leave the
+    other direction unreadable: the plain socket method underneath is used.
+    """
     try:
         if isinstance(sock, ssl.SSLSocket):
-            super(ssl.SSLSocket, sock).shutdown(socket.SHUT_RDWR)
+            super(ssl.SSLSocket, sock).shutdown(how)
         else:
-            sock.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(how)
     except (OSError, ValueError):
         pass
 

@@ -73,22 +73,14 @@ def _copy(source: socket.socket, sink: socket.socket, count) -> int:
 
 
 def half_close(sock: socket.socket) -> None:
-    """Send EOF (TCP FIN) but keep reading; for TLS, keep the session alive.
+    """Send EOF (TCP FIN) but keep reading, also under TLS.
 
-    ssl.SSLSocket.shutdown() drops the TLS session, so for a TLS socket the
-    FIN goes through the plain socket method underneath it. Not a
-    close_notify alert: OpenSSL refuses to write once it has received one, so
-    the answer still flowing the other way would be lost. Peers take the bare
-    FIN as the end of the stream (tls.py sets OP_IGNORE_UNEXPECTED_EOF; Go's
-    TLS reports it as an unexpected EOF on reads only).
+    Not a close_notify alert: OpenSSL refuses to write once it has received
+    one, so the answer still flowing the other way would be lost. Peers take
+    the bare FIN as the end of the stream (tls.py sets OP_IGNORE_UNEXPECTED_EOF;
+    Go's TLS reports it as an unexpected EOF on reads only).
     """
-    try:
-        if isinstance(sock, ssl.SSLSocket):
-            super(ssl.SSLSocket, sock).shutdown(socket.SHUT_WR)
-        else:
-            sock.shutdown(socket.SHUT_WR)
-    except (OSError, ValueError):
-        pass
+    net.shutdown(sock, socket.SHUT_WR)
 
 
 def read_until_eof(sock: socket.socket, limit: int, timeout: float) -> bytes:

@@ -5,9 +5,11 @@ wait has a deadline. Fixtures in conftest.py make sure what starts is stopped.
 """
 
 import datetime
+import glob
 import hashlib
 import ipaddress
 import os
+import shutil
 import signal
 import socket
 import socketserver
@@ -270,6 +272,23 @@ def make_test_ca(folder: str, names: Sequence[str] = ("localhost",),
         out.write(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption()))
     return paths
+
+
+def find_python(minor: int) -> Optional[str]:
+    """An interpreter python3.MINOR that really runs, or None."""
+    candidates = [shutil.which("python3.%d" % minor)]
+    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.%d.*/bin/python3"
+                                                      % minor)))
+    for candidate in filter(None, candidates):
+        try:
+            result = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[1])"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    universal_newlines=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if result.stdout.strip() == str(minor):
+            return candidate
+    return None
 
 
 def stop_all(processes: List[NodepassProcess]) -> None:

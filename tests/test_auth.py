@@ -1,14 +1,13 @@
 """Shared-key authentication and the minimum TLS mode, end to end and on the wire."""
 
 import os
-import signal
 import socket
 import time
 
 import pytest
 
 from nodepass_gevent import auth, protocol
-from support import HOST, FAST_ENV, echo_works, free_port, tcp_exchange, wait_until
+from support import HOST, echo_works, free_port, tcp_exchange, wait_until
 
 KEY = "correct horse battery staple"
 

@@ -1,6 +1,5 @@
 """The command line: help, version, and every kind of bad input -> one line, no traceback."""
 
-import os
 import socket
 
 import pytest

@@ -4,19 +4,17 @@ Both ends of the tunnel run from the built nodepass.pyz, with an echo target
 in this process; the bytes must come back through the tunnel.
 """
 
-import glob
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import pytest
 
-from support import (FAST_ENV, HOST, EchoServer, NodepassProcess, echo_works, free_port,
+from support import (FAST_ENV, find_python, HOST, EchoServer, NodepassProcess, echo_works, free_port,
                      stop_all, tcp_exchange, wait_until)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,23 +103,6 @@ def test_tunnel_runs_from_the_pyz(pyz, pyz_env, pyz_processes):
         assert server.stop() == 0 and client.stop() == 0
     finally:
         echo.close()
-
-
-def find_python(minor: int) -> Optional[str]:
-    """An interpreter python3.MINOR that really runs, or None."""
-    candidates = [shutil.which("python3.%d" % minor)]
-    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.%d.*/bin/python3"
-                                                      % minor)))
-    for candidate in filter(None, candidates):
-        try:
-            result = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[1])"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                    universal_newlines=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if result.stdout.strip() == str(minor):
-            return candidate
-    return None
 
 
 def test_pyz_refuses_another_python_plainly(pyz, pyz_env):

@@ -17,11 +17,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import pytest
 
-from support import make_test_ca
+from support import find_python, make_test_ca
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "nodepass-service"
@@ -287,22 +287,6 @@ def test_menu_creates_and_lists_a_tunnel(tmp_path):
 
 
 # -- Python 3.8 -------------------------------------------------------------------
-
-def find_python(minor: int) -> Optional[str]:
-    """An interpreter python3.MINOR that really runs, or None."""
-    candidates = [shutil.which("python3.{}".format(minor))]
-    candidates += sorted(glob.glob(os.path.expanduser(
-        "~/.pyenv/versions/3.{}.*/bin/python3".format(minor))))
-    for candidate in filter(None, candidates):
-        try:
-            result = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[1])"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                    universal_newlines=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if result.stdout.strip() == str(minor):
-            return candidate
-    return None
 
 
 def test_script_runs_on_python_3_8(tmp_path):
