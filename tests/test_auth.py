@@ -59,10 +59,14 @@ def test_client_without_the_key_is_refused_clearly_on_both_sides(nodepass, echo,
 def test_wrong_key_backs_off_instead_of_storming(nodepass, echo):
     server, client, _, _ = start_pair(nodepass, echo, KEY, "wrong", env={
         "SERVICE_COOLDOWN": "200ms"})
+    client.wait_for_output("rejected our shared key", timeout=15)
+    first = client.output().count("rejected our shared key")
     time.sleep(3)
-    attempts = client.output().count("rejected our shared key")
-    # 200ms cooldown doubled per failure: 0.4 + 0.8 + 1.6 s -> at most 4 tries in 3 s
-    assert 1 <= attempts <= 4
+    attempts = client.output().count("rejected our shared key") - first
+    # 200ms cooldown doubled per failure (0.4, 0.8, 1.6, 3.2 s): at most 3 more
+    # tries in 3 s, where a fixed cooldown would make 15.
+    assert attempts <= 3
+    assert "reconnecting in 0.8s" in client.output() or "reconnecting in 1.6s" in client.output()
 
 
 def test_keyed_client_refuses_an_unkeyed_server(nodepass, echo):
