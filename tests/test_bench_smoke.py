@@ -1,0 +1,148 @@
+"""scripts/bench --smoke: every workload path runs and the report has every row.
+
+The smoke run starts real iperf3, nginx, socat and nodepass processes on
+loopback and takes about 25 s; it stops all of them itself (by pid) even when it
+fails. Outside CI the test is skipped when one of the tools is missing; in CI
+(CI=true) a missing tool is a failure, so the script cannot rot unseen.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO_ROOT, "scripts", "bench")
+TOOLS = ("iperf3", "socat", "nginx", "ab")
+
+# Every row of the results table, by workload: the report must hold each one.
+EXPECTED_ROWS = [
+    "bulk TCP, 1 stream",
+    "bulk TCP, 8 streams",
+    "bulk TCP, 1 stream, reverse",
+    "bulk TCP, 8 streams, reverse",
+    "churn, requests",
+    "churn, p50",
+    "churn, p99",
+    "churn, failed requests",
+    "1-byte ping-pong, p50",
+    "1-byte ping-pong, p99",
+    "idle connections echoing",
+    "idle, time to establish all",
+    "idle, tunnel memory per connection",
+    "UDP sequential, replies",
+    "UDP sequential, p50",
+    "UDP sequential, p99",
+    "UDP sequential, lost",
+    "UDP 16 senders, replies",
+    "UDP 16 senders, p50",
+    "UDP 16 senders, p99",
+    "UDP 16 senders, lost",
+    "tunnel CPU, 1 stream",
+    "tunnel CPU, 8 streams",
+    "tunnel CPU, 1 stream, reverse",
+    "tunnel CPU, 8 streams, reverse",
+]
+COLUMNS = ["direct", "socat", "nodepass tls=0", "nodepass tls=1"]
+# Rows where a mode has no figure by design (no relay process to measure).
+NOT_APPLICABLE = {("idle, tunnel memory per connection", "direct")} | {
+    (row, "direct") for row in EXPECTED_ROWS if row.startswith("tunnel CPU")
+}
+
+
+def results_rows(report):
+    """metric label -> {column title: cell} from the report's results table."""
+    section = report.split("## Results (medians)", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[1]] = dict(zip(header[3:], cells[3:]))
+    return rows
+
+
+def processes_left_in(directory):
+    """Pids whose working directory is directory: every process the bench starts
+    inherits it, so none may be left once the bench has exited."""
+    left = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink("/proc/%s/cwd" % entry) == str(directory):
+                    left.append(int(entry))
+            except OSError:
+                continue
+    return left
+
+
+@pytest.fixture
+def tools_present():
+    missing = [tool for tool in TOOLS if not shutil.which(tool)]
+    if missing and os.environ.get("CI") != "true":
+        pytest.skip("scripts/bench needs %s" % ", ".join(missing))
+    assert not missing, "CI must install %s for the bench smoke test" % ", ".join(missing)
+
+
+@pytest.mark.timeout(150)
+def test_smoke_run_reports_every_workload(tools_present, tmp_path):
+    report_path = tmp_path / "bench.md"
+    done = subprocess.run(
+        [sys.executable, BENCH, "--smoke", "--output", str(report_path)],
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        timeout=140,
+    )
+    stderr = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 0, "bench --smoke failed:\n%s" % stderr[-4000:]
+    report = report_path.read_text(encoding="utf-8")
+    assert "FAILED" not in report
+
+    rows = results_rows(report)
+    assert sorted(rows) == sorted(EXPECTED_ROWS)
+    for label in EXPECTED_ROWS:
+        for column in COLUMNS:
+            cell = rows[label][column]
+            if (label, column) in NOT_APPLICABLE:
+                assert cell == "—", (label, column, cell)
+            else:
+                assert re.match(r"^[0-9][0-9,]*(\.[0-9]+)?( \(|$)", cell), (label, column, cell)
+    # Tunnel cells carry their ratios to direct and socat from the same run.
+    assert re.search(r"\(\d+\.\d\d×d, \d+\.\d\d×s\)", rows["bulk TCP, 1 stream"]["nodepass tls=0"])
+    assert "scripts/bench --smoke --output" in report
+    assert "## Machine" in report and "## Targets of issue 4" in report
+    assert processes_left_in(tmp_path) == []
+
+
+@pytest.mark.timeout(90)
+def test_smoke_failure_is_reported_by_exit_status(tmp_path):
+    """A route that cannot come up makes the bench exit non-zero (here: nodepass
+    given an environment it refuses), and the report says which cell failed."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            BENCH,
+            "--smoke",
+            "--only",
+            "latency",
+            "--modes",
+            "direct,tls0",
+            "--nodepass-env",
+            "SEMAPHORE_LIMIT=not-a-number",
+            "--output",
+            str(tmp_path / "bench.md"),
+        ],
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr.decode("utf-8", "replace")[-2000:]
+    report = (tmp_path / "bench.md").read_text(encoding="utf-8")
+    assert "FAILED" in report
+    assert results_rows(report)["1-byte ping-pong, p50"]["nodepass tls=0"] == "FAILED"
+    assert processes_left_in(tmp_path) == []
