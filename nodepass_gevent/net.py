@@ -137,6 +137,18 @@ def is_idle(sock: socket.socket) -> bool:
         return False
 
 
+def not_idle(socks) -> list:
+    """The sockets among ``socks`` that are readable (closed, reset or talking):
+    one poll(2) call for all of them, however many."""
+    poller, by_fileno = _poll(), {}
+    for sock in socks:
+        fileno = sock.fileno()
+        if fileno >= 0:
+            poller.register(fileno, _POLLIN_OR_ERROR)
+            by_fileno[fileno] = sock
+    return [by_fileno[fileno] for fileno, _ in poller.poll(0)]
+
+
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
     """Exactly ``size`` bytes; ConnectionError if the peer closes first."""
     received = b""

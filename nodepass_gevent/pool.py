@@ -152,6 +152,7 @@ class ClientPool:
                 backoff = min(backoff * 2, DIAL_BACKOFF_MAX)
             self._wakeup.wait(timeout=max(0.0, next_adjust - time.monotonic()))
             if time.monotonic() >= next_adjust:
+                self._drop_dead()
                 self._adjust()
                 next_adjust = time.monotonic() + ADJUST_INTERVAL
 
@@ -172,6 +173,19 @@ class ClientPool:
         self._created += 1
         self._file(connection_id, sock)
         return True
+
+    def _drop_dead(self) -> None:
+        """Close idle connections the server (or a firewall timing out) closed,
+        so that the next fill replaces them."""
+        dead = set(net.not_idle(self._idle.values()))
+        if not dead:
+            return
+        for connection_id, sock in list(self._idle.items()):
+            if sock in dead:
+                del self._idle[connection_id]
+                net.close_quietly(sock)
+        log.debug("Pool: %d idle data connections were closed by the server; replacing them",
+                  len(dead))
 
     def _adjust(self) -> None:
         created, self._created = self._created, 0

@@ -10,6 +10,7 @@ import random
 import socket
 import ssl
 import time
+from collections import OrderedDict
 from functools import partial
 from typing import List, Optional
 
@@ -30,6 +31,7 @@ DATA_PORT_TRIES = 64
 HANDSHAKE_TIMEOUT = 5.0   # TLS handshake and id write on a new data connection
 POOL_WAIT = 5.0           # how long a user waits for a pooled data connection
 MAX_PENDING_HANDSHAKES = 256
+MAX_PENDING_CONTROLS = 16  # tunnel connections not yet a session (key handshakes)
 CONTROL_READ_SIZE = 4096
 
 
@@ -79,7 +81,9 @@ class Server:
         # The semaphore: one slot per user TCP connection or UDP exchange.
         self._users = gevent.pool.Pool(settings.semaphore_limit)
         self._handshakes = gevent.pool.Pool(MAX_PENDING_HANDSHAKES)
-        self._controls = gevent.pool.Pool(8)
+        # Tunnel connections: the session's, plus ones still being handled.
+        self._controls = gevent.pool.Pool(MAX_PENDING_CONTROLS + 1)
+        self._pending_controls = OrderedDict()  # type: OrderedDict[socket.socket, None]
         self._session = None  # type: Optional[Session]
         self._cooldown_until = 0.0
         self._listeners = []  # type: List[socket.socket]
@@ -107,7 +111,7 @@ class Server:
             self._close_listeners()
             raise
         self.data_port = net.local_port(data)
-        self._spawn_loop(net.serve_forever, tunnel, self._on_tunnel, self._controls.spawn,
+        self._spawn_loop(net.serve_forever, tunnel, self._on_tunnel, self._spawn_control,
                          "tunnel")
         self._spawn_loop(net.serve_forever, data, self._on_data, self._handshakes.spawn, "data")
         self._spawn_loop(net.serve_forever, target_tcp, self._on_user, self._users.spawn,
@@ -161,7 +165,28 @@ class Server:
 
     # -- the tunnel (control) connection -----------------------------------
 
+    def _spawn_control(self, handle, control: socket.socket, peer: tuple) -> None:
+        """Handle a tunnel connection; when all places are taken, cut the oldest
+        one still handshaking rather than queue the newcomer behind it.
+
+        Peers that connect and say nothing would otherwise hold every place
+        for a handshake timeout each, and lock the real client out for as
+        long as they keep coming. The real client answers at once, so it is
+        never the oldest for long.
+        """
+        if self._controls.full() and self._pending_controls:
+            oldest, _ = self._pending_controls.popitem(last=False)
+            net.abort(oldest)  # its handler fails its handshake and frees the place
+        self._pending_controls[control] = None
+        self._controls.spawn(handle, control, peer)
+
     def _on_tunnel(self, control: socket.socket, peer: tuple) -> None:
+        try:
+            self._serve_tunnel(control, peer)
+        finally:
+            self._pending_controls.pop(control, None)
+
+    def _serve_tunnel(self, control: socket.socket, peer: tuple) -> None:
         who = net.peer_name(control)
         tunnel_signal = protocol.encode_tunnel_signal(self.data_port, self.config.tls_mode,
                                                       self._offers_udp_flow)
@@ -174,9 +199,11 @@ class Server:
             net.close_quietly(control)
             return
         self._end_session()
+        self._pending_controls.pop(control, None)  # a session now: never cut for a newcomer
         net.set_user_timeout(control, self.settings.report_interval * HEARTBEAT_MISSES)
         session = self._session = Session(control, peer)
         if not session.send(tunnel_signal):
+            self._end_session()  # gone already (a probe that reset): no session left behind
             return
         log.info("Tunnel: client connected from %s%s", session.peer,
                  " (authenticated)" if self.config.auth_key else "")
