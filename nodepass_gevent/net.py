@@ -5,8 +5,11 @@ CLI before anything else) turns each blocking call into a greenlet switch.
 """
 
 import errno
+import fcntl
 import socket
 import ssl
+import struct
+import termios
 from typing import Callable, Optional, Tuple
 
 import gevent
@@ -19,6 +22,7 @@ from nodepass_gevent.log import log
 # select() cannot watch descriptors above 1023.
 _poll = get_original("select", "poll")
 _POLLIN_OR_ERROR = 0x001 | 0x008 | 0x010  # POLLIN | POLLERR | POLLHUP
+_POLL_ERROR_OR_HANGUP = 0x008 | 0x010
 
 ACCEPT_BACKOFF_FIRST = 0.05
 ACCEPT_BACKOFF_MAX = 1.0
@@ -137,16 +141,29 @@ def is_idle(sock: socket.socket) -> bool:
         return False
 
 
-def not_idle(socks) -> list:
-    """The sockets among ``socks`` that are readable (closed, reset or talking):
-    one poll(2) call for all of them, however many."""
+def closed_by_peer(socks) -> list:
+    """The sockets among ``socks`` whose peer closed or reset them: one poll(2)
+    for all of them, however many.
+
+    Readable alone is not enough: bytes may be waiting (a user's first bytes
+    can overtake the launch signal that hands the connection out), and those
+    connections are very much alive.
+    """
     poller, by_fileno = _poll(), {}
     for sock in socks:
         fileno = sock.fileno()
         if fileno >= 0:
             poller.register(fileno, _POLLIN_OR_ERROR)
             by_fileno[fileno] = sock
-    return [by_fileno[fileno] for fileno, _ in poller.poll(0)]
+    return [by_fileno[fileno] for fileno, events in poller.poll(0)
+            if events & _POLL_ERROR_OR_HANGUP or not _bytes_waiting(fileno)]
+
+
+def _bytes_waiting(fileno: int) -> int:
+    try:
+        return struct.unpack("i", fcntl.ioctl(fileno, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -207,9 +224,14 @@ def close_quietly(sock: Optional[socket.socket]) -> None:
 
 def peer_name(sock: socket.socket) -> str:
     try:
-        host, port = sock.getpeername()[:2]
+        return format_address(sock.getpeername())
     except (OSError, ValueError):
         return "?"
+
+
+def format_address(sockaddr: tuple) -> str:
+    """host:port, or [v6]:port, for logs (from accept() or getpeername())."""
+    host, port = sockaddr[:2]
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 

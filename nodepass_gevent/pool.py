@@ -86,6 +86,7 @@ class ClientPool:
         self._wakeup = Event()
         self._created = 0   # since the last capacity adjustment
         self._misses = 0
+        self._failures = 0  # dials failed in a row
         self._manager = None
         self.closed = False
 
@@ -168,8 +169,15 @@ class ClientPool:
         try:
             connection_id, sock = self._dial()
         except Exception as exc:  # any failure of one dial is retried by the manager
-            log.debug("Pool: data connection failed: %s", exc)
+            self._failures += 1
+            if self._failures == 1:  # the first of a streak is news; the rest are noise
+                log.warning("Pool: data connection failed: %s (retrying with backoff)", exc)
+            else:
+                log.debug("Pool: data connection failed: %s", exc)
             return False
+        if self._failures:
+            log.info("Pool: data connections work again after %d failures", self._failures)
+            self._failures = 0
         self._created += 1
         self._file(connection_id, sock)
         return True
@@ -177,7 +185,7 @@ class ClientPool:
     def _drop_dead(self) -> None:
         """Close idle connections the server (or a firewall timing out) closed,
         so that the next fill replaces them."""
-        dead = set(net.not_idle(self._idle.values()))
+        dead = set(net.closed_by_peer(self._idle.values()))
         if not dead:
             return
         for connection_id, sock in list(self._idle.items()):

@@ -31,7 +31,8 @@ DATA_PORT_TRIES = 64
 HANDSHAKE_TIMEOUT = 5.0   # TLS handshake and id write on a new data connection
 POOL_WAIT = 5.0           # how long a user waits for a pooled data connection
 MAX_PENDING_HANDSHAKES = 256
-MAX_PENDING_CONTROLS = 16  # tunnel connections not yet a session (key handshakes)
+MAX_PENDING_CONTROLS = 16
+FULL_WARNING_INTERVAL = 5.0  # at most one "semaphore full" warning this often  # tunnel connections not yet a session (key handshakes)
 CONTROL_READ_SIZE = 4096
 
 
@@ -41,7 +42,7 @@ class Session:
     def __init__(self, control: socket.socket, peer: tuple) -> None:
         self.control = control
         self.peer_host = peer[0]
-        self.peer = net.peer_name(control)
+        self.peer = net.format_address(peer)
         self.in_use = False   # set once the client opens a data connection
         self.udp_flow = False  # set once the client acknowledges UDP flows
         self.ended = Event()
@@ -86,6 +87,7 @@ class Server:
         self._pending_controls = OrderedDict()  # type: OrderedDict[socket.socket, None]
         self._session = None  # type: Optional[Session]
         self._cooldown_until = 0.0
+        self._next_full_warning = 0.0
         self._listeners = []  # type: List[socket.socket]
         self._loops = []  # type: List[gevent.Greenlet]
         self._offers_udp_flow = config.udp_mode == "flow"
@@ -114,7 +116,7 @@ class Server:
         self._spawn_loop(net.serve_forever, tunnel, self._on_tunnel, self._spawn_control,
                          "tunnel")
         self._spawn_loop(net.serve_forever, data, self._on_data, self._handshakes.spawn, "data")
-        self._spawn_loop(net.serve_forever, target_tcp, self._on_user, self._users.spawn,
+        self._spawn_loop(net.serve_forever, target_tcp, self._on_user, self._spawn_user,
                          "target")
         self._spawn_loop(self._serve_udp, target_udp)
         self._spawn_loop(self._report_forever)
@@ -187,7 +189,7 @@ class Server:
             self._pending_controls.pop(control, None)
 
     def _serve_tunnel(self, control: socket.socket, peer: tuple) -> None:
-        who = net.peer_name(control)
+        who = net.format_address(peer)
         tunnel_signal = protocol.encode_tunnel_signal(self.data_port, self.config.tls_mode,
                                                       self._offers_udp_flow)
         if self.config.auth_key is not None:
@@ -289,7 +291,8 @@ class Server:
     def _on_data(self, sock: socket.socket, peer: tuple) -> None:
         session = self._session
         if session is None or peer[0] != session.peer_host:
-            log.warning("Data: refused %s: not the connected tunnel client", net.peer_name(sock))
+            log.warning("Data: refused %s: not the connected tunnel client",
+                        net.format_address(peer))
             net.close_quietly(sock)
             return
         connection_id = protocol.new_connection_id()
@@ -304,7 +307,7 @@ class Server:
             sock.sendall(connection_id.encode("ascii"))
             sock.settimeout(None)
         except (OSError, ValueError) as exc:
-            log.debug("Data: handshake with %s failed: %s", net.peer_name(sock), exc)
+            log.debug("Data: handshake with %s failed: %s", net.format_address(peer), exc)
             net.close_quietly(sock)
             return
         session.in_use = True
@@ -341,8 +344,16 @@ class Server:
                   protocol.KIND_NAMES[kind], user, connection_id)
         return data
 
+    def _spawn_user(self, *args) -> None:
+        """Run a user's handler in the semaphore; say so when users must wait."""
+        if self._users.full() and time.monotonic() >= self._next_full_warning:
+            self._next_full_warning = time.monotonic() + FULL_WARNING_INTERVAL
+            log.warning("Target: SEMAPHORE_LIMIT (%d) reached: new users wait for a free place",
+                        self.settings.semaphore_limit)
+        self._users.spawn(*args)
+
     def _on_user(self, user: socket.socket, peer: tuple) -> None:
-        data = self._take_data_connection(protocol.KIND_TCP, net.peer_name(user))
+        data = self._take_data_connection(protocol.KIND_TCP, net.format_address(peer))
         if data is None:
             net.close_quietly(user)
             return
@@ -369,10 +380,10 @@ class Server:
                                           self.settings.udp_read_timeout)
                 flow.offer(datagram)
                 self._flows.add(flow)  # now, so the next datagram finds it
-                self._users.spawn(self._flows.run, flow, partial(
+                self._spawn_user(self._flows.run, flow, partial(
                     self._take_data_connection, protocol.KIND_UDP_FLOW, "%s:%d" % peer[:2]))
             else:
-                self._users.spawn(self._on_datagram, listener, datagram, peer)
+                self._spawn_user(self._on_datagram, listener, datagram, peer)
 
     def _on_datagram(self, listener: socket.socket, datagram: bytes, peer: tuple) -> None:
         data = self._take_data_connection(protocol.KIND_UDP, "%s:%d" % peer[:2])
