@@ -44,6 +44,7 @@ class Session:
         self.peer_host = peer[0]
         self.peer = net.format_address(peer)
         self.in_use = False   # set once the client opens a data connection
+        self.started = time.monotonic()
         self.udp_flow = False  # set once the client acknowledges UDP flows
         self.ended = Event()
         self._write_lock = Semaphore()
@@ -217,7 +218,12 @@ class Server:
         """Why a new client cannot have the tunnel now, or None if it can."""
         current = self._session
         if current is not None and current.alive():
-            return "a client is already connected from %s" % current.peer
+            if current.in_use or time.monotonic() - current.started < HANDSHAKE_TIMEOUT:
+                return "a client is already connected from %s" % current.peer
+            # A real client dials data connections at once; one that has not
+            # after a handshake timeout is a squatter, not a client.
+            log.warning("Tunnel: %s never opened a data connection; replacing it",
+                        current.peer)
         if time.monotonic() < self._cooldown_until:
             return "cooling down after the last client"
         return None
