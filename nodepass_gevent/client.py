@@ -9,7 +9,7 @@ SERVICE_COOLDOWN. Exchanges already running are not cut by that.
 
 import socket
 import ssl
-from typing import Optional
+from typing import Dict, Optional
 
 import gevent
 import gevent.pool
@@ -38,9 +38,7 @@ class Client:
         self.stats = Stats()
         # The semaphore: one slot per launched TCP connection or UDP exchange.
         self._launches = gevent.pool.Pool(settings.semaphore_limit)
-        # The target, resolved once and again only after a failure.
-        self._target_sockaddr = None
-        self._udp_target = None  # type: Optional[tuple]
+        self._resolved_target = {}  # type: Dict[int, tuple]  (socket kind -> sockaddr)
         self._flow_connections = set()  # data connections of open UDP flows
         self.pool = None  # type: Optional[ClientPool]
         self._control = None  # type: Optional[socket.socket]
@@ -237,14 +235,19 @@ class Client:
 
         return dial
 
-    def _dial_target(self) -> socket.socket:
+    def _connect_target(self, kind: int, timeout: Optional[float]) -> socket.socket:
+        """A TCP or UDP socket connected to the target; its address is resolved
+        once, and again after a failure (maybe the name moved)."""
         try:
-            if self._target_sockaddr is None:
-                _, self._target_sockaddr = net.resolve(self.config.target, socket.SOCK_STREAM,
-                                                       passive=False)
-            return net.dial_tcp(self.config.target, CONNECT_TIMEOUT, self._target_sockaddr)
+            sockaddr = self._resolved_target.get(kind)
+            if sockaddr is None:
+                sockaddr = net.resolve(self.config.target, kind, passive=False)[1]
+                self._resolved_target[kind] = sockaddr
+            if kind == socket.SOCK_STREAM:
+                return net.dial_tcp(self.config.target, CONNECT_TIMEOUT, sockaddr)
+            return net.connect(sockaddr, kind, timeout)
         except OSError:
-            self._target_sockaddr = None  # maybe the name moved: resolve again next time
+            self._resolved_target.pop(kind, None)
             raise
 
     def _launch_tcp(self, pool: ClientPool, connection_id: str) -> None:
@@ -252,34 +255,20 @@ class Client:
         if data is None:
             return
         try:
-            target = self._dial_target()
+            target = self._connect_target(socket.SOCK_STREAM, CONNECT_TIMEOUT)
         except OSError as exc:
             log.warning("Client: cannot reach target %s: %s", self.config.target, _describe(exc))
             net.close_quietly(data)
             return
-        self.stats.tcp_opened()
-        try:
+        with self.stats.tcp_connection():
             relay.exchange(data, target, self.stats)
-        finally:
-            self.stats.tcp_closed()
-
-    def _udp_target_socket(self, timeout: Optional[float]) -> socket.socket:
-        """A UDP socket connected to the target (resolved once, again after a failure)."""
-        try:
-            if self._udp_target is None:
-                self._udp_target = net.resolve(self.config.target, socket.SOCK_DGRAM,
-                                               passive=False)
-            return net.connect(self._udp_target[1], socket.SOCK_DGRAM, timeout)
-        except OSError:
-            self._udp_target = None
-            raise
 
     def _launch_udp_flow(self, pool: ClientPool, connection_id: str) -> None:
         data = pool.take(connection_id)
         if data is None:
             return
         try:
-            target = self._udp_target_socket(None)
+            target = self._connect_target(socket.SOCK_DGRAM, None)
         except OSError as exc:
             log.warning("Client: cannot reach UDP target %s: %s", self.config.target,
                         _describe(exc))
@@ -300,7 +289,7 @@ class Client:
         try:
             size, timeout = self.settings.udp_data_buf_size, self.settings.udp_read_timeout
             datagram = relay.read_burst(data, size, timeout)
-            target = self._udp_target_socket(timeout)
+            target = self._connect_target(socket.SOCK_DGRAM, timeout)
             target.send(datagram)
             reply = target.recv(size)
             data.sendall(reply)

@@ -363,11 +363,8 @@ class Server:
         if data is None:
             net.close_quietly(user)
             return
-        self.stats.tcp_opened()
-        try:
+        with self.stats.tcp_connection():
             relay.exchange(user, data, self.stats)
-        finally:
-            self.stats.tcp_closed()
 
     def _serve_udp(self, listener: socket.socket) -> None:
         size = self.settings.udp_data_buf_size

@@ -3,6 +3,9 @@
 All greenlets run in one thread, so an integer add needs no lock.
 """
 
+from contextlib import contextmanager
+from typing import Iterator
+
 
 class Stats:
     """Counters one role keeps for its periodic report line."""
@@ -21,12 +24,15 @@ class Stats:
         else:
             self.bytes_out += size
 
-    def tcp_opened(self) -> None:
+    @contextmanager
+    def tcp_connection(self) -> Iterator[None]:
+        """Count a TCP connection as active for the duration of the block."""
         self.tcp_active += 1
         self.tcp_total += 1
-
-    def tcp_closed(self) -> None:
-        self.tcp_active -= 1
+        try:
+            yield
+        finally:
+            self.tcp_active -= 1
 
     def udp_exchanged(self, size_in: int, size_out: int) -> None:
         self.udp_total += 1

@@ -57,23 +57,18 @@ def test_client_pool_fills_to_capacity_and_refills_at_once_when_used(dialer):
 
 def test_capacity_rule_grows_above_80_percent_and_shrinks_below_20(dialer):
     pool = ClientPool(dialer, min_capacity=10, max_capacity=12)
-    pool._created = 9  # 90% of capacity had to be created this round
-    pool._adjust()
-    assert pool.capacity == 11
-    for _ in range(5):
-        pool._created = 12
+    # (connections that had to be created in a round, capacity after the round)
+    rounds = [(9, 11),   # 90% of 10: grow by one
+              (12, 12),  # grow again
+              (12, 12),  # held at MAX_POOL_CAPACITY
+              (1, 11),   # under 20%: shrink by one
+              (0, 10),
+              (0, 10),   # held at MIN_POOL_CAPACITY
+              (5, 10)]   # between 20% and 80%: unchanged
+    for created, capacity in rounds:
+        pool._created = created
         pool._adjust()
-    assert pool.capacity == 12  # bounded by MAX_POOL_CAPACITY
-    pool._created = 1
-    pool._adjust()
-    assert pool.capacity == 11
-    for _ in range(5):
-        pool._created = 0
-        pool._adjust()
-    assert pool.capacity == 10  # bounded by MIN_POOL_CAPACITY
-    pool._created = 5  # between 20% and 80%: unchanged
-    pool._adjust()
-    assert pool.capacity == 10
+        assert pool.capacity == capacity, (created, capacity)
     pool.close()
 
 
