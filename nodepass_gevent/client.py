@@ -250,30 +250,32 @@ class Client:
             self._resolved_target.pop(kind, None)
             raise
 
-    def _launch_tcp(self, pool: ClientPool, connection_id: str) -> None:
+    def _take_and_connect(self, pool: ClientPool, connection_id: str, kind: int,
+                          timeout: Optional[float]):
+        """The launched data connection and a fresh socket to the target, or None."""
         data = pool.take(connection_id)
         if data is None:
-            return
+            return None
         try:
-            target = self._connect_target(socket.SOCK_STREAM, CONNECT_TIMEOUT)
+            return data, self._connect_target(kind, timeout)
         except OSError as exc:
-            log.warning("Client: cannot reach target %s: %s", self.config.target, _describe(exc))
-            net.close_quietly(data)
-            return
-        with self.stats.tcp_connection():
-            relay.exchange(data, target, self.stats)
-
-    def _launch_udp_flow(self, pool: ClientPool, connection_id: str) -> None:
-        data = pool.take(connection_id)
-        if data is None:
-            return
-        try:
-            target = self._connect_target(socket.SOCK_DGRAM, None)
-        except OSError as exc:
-            log.warning("Client: cannot reach UDP target %s: %s", self.config.target,
+            log.warning("Client: cannot reach %s target %s: %s",
+                        "TCP" if kind == socket.SOCK_STREAM else "UDP", self.config.target,
                         _describe(exc))
             net.close_quietly(data)
+            return None
+
+    def _launch_tcp(self, pool: ClientPool, connection_id: str) -> None:
+        pair = self._take_and_connect(pool, connection_id, socket.SOCK_STREAM, CONNECT_TIMEOUT)
+        if pair is not None:
+            with self.stats.tcp_connection():
+                relay.exchange(pair[0], pair[1], self.stats)
+
+    def _launch_udp_flow(self, pool: ClientPool, connection_id: str) -> None:
+        pair = self._take_and_connect(pool, connection_id, socket.SOCK_DGRAM, None)
+        if pair is None:
             return
+        data, target = pair
         self._flow_connections.add(data)
         try:
             udpflow.client_flow(data, target, self.stats, self.settings.udp_data_buf_size,
