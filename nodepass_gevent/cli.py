@@ -56,8 +56,8 @@ from typing import List, Optional
 from docopt import DocoptExit, docopt
 
 from nodepass_gevent import __version__
-from nodepass_gevent.config import (KEY_VARIABLE, ConfigError, key_in_url, load_settings,
-                                    parse_url, without_key)
+from nodepass_gevent.config import (KEY_VARIABLE, ConfigError, load_settings, parse_url,
+                                    without_key)
 
 PROGRAM = "nodepass"
 
@@ -89,8 +89,9 @@ def main(url: str, check_only: bool = False) -> int:
     try:
         config = parse_url(url)
         settings = load_settings()
-        if key_in_url(url) is not None and not check_only:
-            _restart_without_key(url, config.auth_key)
+        stripped = without_key(url)
+        if stripped != url and not check_only:
+            _restart_without_key(stripped, config.auth_key)
         ssl_context = tls.server_context(config) if config.role == "server" else None
     except ConfigError as exc:
         return _fail(str(exc), ExitStatus.USAGE)
@@ -109,7 +110,7 @@ def main(url: str, check_only: bool = False) -> int:
     return ExitStatus.OK
 
 
-def _restart_without_key(url: str, key: bytes) -> None:
+def _restart_without_key(stripped_url: str, key: bytes) -> None:
     """Re-run this program with the key moved from argv to the environment.
 
     The command line is world-readable (ps, /proc/PID/cmdline); a process's
@@ -122,7 +123,7 @@ def _restart_without_key(url: str, key: bytes) -> None:
     else:
         program = [sys.executable, sys.argv[0]]
     sys.stdout.flush()
-    os.execve(sys.executable, program + [without_key(url)], environ)
+    os.execve(sys.executable, program + [stripped_url], environ)
 
 
 def _fail(message: str, status: ExitStatus) -> int:

@@ -125,7 +125,9 @@ class Client:
         log.info("Client: tunnel to %s open: data port %d, tls=%d (%s)%s", self.config.tunnel,
                  data_port, tls_mode, tls.TLS_MODE_NAMES[tls_mode],
                  ", authenticated" if self.config.auth_key else "")
-        data_sockaddr = (control.getpeername()[0], data_port) + control.getpeername()[2:]
+        server_address = control.getpeername()
+        # Dial the address the tunnel reached (no second lookup), at the data port.
+        data_sockaddr = (server_address[0], data_port) + server_address[2:]
         self.pool = ClientPool(self._data_dialer(data_sockaddr, tls.client_context(tls_mode)),
                                self.settings.min_pool_capacity, self.settings.max_pool_capacity)
         self.pool.start()

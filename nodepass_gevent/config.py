@@ -154,15 +154,6 @@ def without_key(url: str) -> str:
     return scheme + sep + netloc.rpartition("@")[2] + rest[netloc_end:]
 
 
-def key_in_url(url: str) -> Optional[str]:
-    """The raw (still percent-encoded) key part of a URL, if it has one."""
-    rest = url.partition("://")[2]
-    for mark in "/?#":
-        rest = rest.split(mark, 1)[0]
-    user, at, _ = rest.rpartition("@")
-    return user if at else None
-
-
 def parse_address(text: str, what: str) -> Address:
     """Parse ``host:port``, ``:port``, ``[v6]:port`` or ``name:port``."""
     if not text:

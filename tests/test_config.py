@@ -149,6 +149,5 @@ def test_shared_key_from_url_or_environment(url, environ, key):
     ("server://a:1/b:2?crt=/x@y", "server://a:1/b:2?crt=/x@y"),
 ])
 def test_key_is_removed_from_the_url(url, stripped):
-    from nodepass_gevent.config import key_in_url, without_key
+    from nodepass_gevent.config import without_key
     assert without_key(url) == stripped
-    assert (key_in_url(url) is None) == (url == stripped)
