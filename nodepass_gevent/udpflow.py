@@ -102,7 +102,7 @@ class ServerFlow:
                 data.sendall(frame(datagram))
                 self.stats.udp_exchanged(len(datagram), 0)
         except OSError:
-            net.close_quietly(data)  # wakes the reader
+            net.abort(data)  # wakes the reader; run() owns the socket and closes it
 
     def _read_replies(self, data: socket.socket) -> None:
         reader = data.makefile("rb")
