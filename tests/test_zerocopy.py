@@ -26,6 +26,8 @@ from gevent import socket as gsocket
 from nodepass_gevent import relay, zerocopy
 from nodepass_gevent.stats import Stats
 
+pytestmark = pytest.mark.matrix  # the core suite: the ctypes engine exists for old Pythons
+
 SIZE = 3 * 1024 * 1024  # bytes each way: many pipe fills of 256 KB
 WAIT = 20.0             # seconds any one step may take
 
