@@ -34,6 +34,7 @@ from nodepass_gevent.log import log
 PIPE_SIZE = 256 * 1024   # bytes a pipe holds: fewer system calls per megabyte
 IDLE_PIPES_KEPT = 32     # pipes kept open for the next burst; more are closed
 FILLS_PER_WAKEUP = 16    # then yield to the loop, so one busy stream cannot starve others
+SHORT_FILL = 16 * 1024   # a fill this small emptied the socket: wait for the next wakeup
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _READ, _WRITE = 1, 2     # libev event masks
 
@@ -304,6 +305,13 @@ class _Direction:
                 if not self._drain():
                     self._readable.stop()  # the sink is full: wait for room first
                     self._writable.start(self._on_writable)
+                    return
+                if size < SHORT_FILL:
+                    # The socket had no more: one more splice would almost surely fail
+                    # with EAGAIN, a third system call per small message (and through
+                    # ctypes the dearest one). libev's watcher is level-triggered, so
+                    # bytes that arrive meanwhile wake this direction again.
+                    self._drop_pipe()
                     return
         except OSError:
             self._fail()

@@ -273,6 +273,31 @@ def test_an_idle_connection_holds_only_its_two_sockets(link, engine):
     assert link.moved() == (1000000, 1000000)
 
 
+@pytest.mark.timeout(60)
+def test_a_small_message_costs_two_splices_per_hop(monkeypatch, engine):
+    """In, out, and back to the loop: no third call that would only say EAGAIN."""
+    if engine.splice is None:
+        pytest.skip("the user-space path makes no splice")
+    calls = []
+
+    def counted(src, dst, count, offset_src=None, offset_dst=None, flags=0):
+        calls.append(count)
+        return engine.splice(src, dst, count, offset_src, offset_dst, flags)
+
+    monkeypatch.setattr(zerocopy, "_chosen", counted)
+    made = Link("tcp")
+    try:
+        for _ in range(3):
+            made.user.sendall(b"ping")
+            assert read_exactly(made.target, 4) == b"ping"
+            made.target.sendall(b"pong")
+            assert read_exactly(made.user, 4) == b"pong"
+        assert len(calls) == 3 * 2 * 2  # 3 round trips, 2 directions, in + out
+        assert engine.pool.outstanding == 0
+    finally:
+        made.close()
+
+
 # --------------------------------------------------------------------------
 # splice(2) through ctypes behaves as os.splice.
 
