@@ -26,9 +26,12 @@ def exchange(left: socket.socket, right: socket.socket, stats: Optional[Stats] =
     direction tears down both, so the other direction never waits forever.
     """
     try:
-        if zerocopy.AVAILABLE and not isinstance(left, ssl.SSLSocket) \
-                and not isinstance(right, ssl.SSLSocket):
-            return zerocopy.exchange(left, right, _counter(stats, True), _counter(stats, False))
+        plain = not isinstance(left, ssl.SSLSocket) and not isinstance(right, ssl.SSLSocket)
+        # None: the kernel refuses splice (zerocopy probes once), copy through user space.
+        splice = zerocopy.engine() if plain else None
+        if splice is not None:
+            return zerocopy.exchange(left, right, _counter(stats, True), _counter(stats, False),
+                                     splice)
         backward = gevent.spawn(_pump, right, left, stats, False)
         try:
             forward_bytes = _pump(left, right, stats, True)

@@ -10,21 +10,31 @@ each: a waiting greenlet costs about 8 KB, a watcher a few hundred bytes, and
 an idle tunnel may hold thousands of connections. Only the caller's greenlet
 waits, for the end of the whole exchange.
 
-Linux with Python 3.10+ only; elsewhere relay.py copies through user space.
+splice(2) is reached through os.splice (Python 3.10+) or, on older Pythons,
+through ctypes from libc with the same signature and the same exceptions, so
+the engine below is one code path on every Python. engine() probes once per
+process which of them the kernel accepts; where none does (a kernel or
+sandbox that refuses splice) it returns None and relay.py copies through user
+space instead.
 """
 
+import ctypes
+import errno
 import fcntl
 import os
+import select
 import socket
 from typing import Callable, List, Optional, Tuple
 
 from gevent import get_hub
 from gevent.event import Event
 
-AVAILABLE = hasattr(os, "splice")
+from nodepass_gevent.log import log
+
 PIPE_SIZE = 256 * 1024   # bytes a pipe holds: fewer system calls per megabyte
 IDLE_PIPES_KEPT = 32     # pipes kept open for the next burst; more are closed
 FILLS_PER_WAKEUP = 16    # then yield to the loop, so one busy stream cannot starve others
+SHORT_FILL = 16 * 1024   # a fill this small emptied the socket: wait for the next wakeup
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _READ, _WRITE = 1, 2     # libev event masks
 
@@ -67,18 +77,176 @@ class PipePool:
 
 pipes = PipePool()
 
+# --------------------------------------------------------------------------
+# splice(2) itself, and the choice of engine.
+
+Splice = Callable[..., int]  # os.splice's signature: (src, dst, count, ..., flags=0) -> int
+PROBE_BYTES = b"nodepass splice probe"
+PROBE_WAIT = 2.0  # seconds for the probe's bytes to cross loopback
+
+
+def libc_splice() -> Splice:
+    """splice(2) from libc through ctypes, called and failing as os.splice does.
+
+    Raises OSError (or AttributeError) when libc cannot be loaded or has no
+    splice. The C function and get_errno are bound here, once, so a call costs
+    one Python frame on top of the system call.
+    """
+    function = ctypes.CDLL(None, use_errno=True).splice
+    offset = ctypes.POINTER(ctypes.c_longlong)
+    # ssize_t splice(int fd_in, loff_t *off_in, int fd_out, loff_t *off_out,
+    #                size_t len, unsigned int flags);
+    function.argtypes = (ctypes.c_int, offset, ctypes.c_int, offset, ctypes.c_size_t,
+                         ctypes.c_uint)
+    function.restype = ctypes.c_ssize_t
+    get_errno = ctypes.get_errno
+
+    def splice(src: int, dst: int, count: int, offset_src: Optional[int] = None,
+               offset_dst: Optional[int] = None, flags: int = 0) -> int:
+        if offset_src is not None or offset_dst is not None:
+            return _splice_at(function, src, dst, count, offset_src, offset_dst, flags)
+        while True:
+            size = function(src, None, dst, None, count, flags)
+            if size >= 0:
+                return size
+            code = get_errno()
+            if code != errno.EINTR:  # retried, as os.splice does (PEP 475)
+                # OSError(errno, ...) is BlockingIOError for EAGAIN, and so on.
+                raise OSError(code, os.strerror(code))
+
+    return splice
+
+
+def _splice_at(function, src: int, dst: int, count: int, offset_src: Optional[int],
+               offset_dst: Optional[int], flags: int) -> int:
+    """The rare call with file offsets (the relay never makes one)."""
+    offsets = [None if value is None else ctypes.c_longlong(value)
+               for value in (offset_src, offset_dst)]
+    pointers = [None if value is None else ctypes.pointer(value) for value in offsets]
+    while True:
+        size = function(src, pointers[0], dst, pointers[1], count, flags)
+        if size >= 0:
+            return size
+        code = ctypes.get_errno()
+        if code != errno.EINTR:
+            raise OSError(code, os.strerror(code))
+
+
+def probe(splice: Splice) -> Optional[str]:
+    """Splice a few bytes socket -> pipe -> socket over loopback TCP, as the relay does.
+
+    Returns None when they arrive intact, else why not (the error, as text).
+    """
+    try:
+        pair = _loopback_pair()
+    except OSError as exc:
+        return "no loopback socket pair for the probe: %s" % exc
+    pipe = None
+    try:
+        pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        sender, receiver = pair
+        sender.sendall(PROBE_BYTES)
+        if not select.select([receiver], [], [], PROBE_WAIT)[0]:
+            return "probe bytes did not arrive within %.0f s" % PROBE_WAIT
+        size = splice(receiver.fileno(), pipe[1], len(PROBE_BYTES), flags=_FLAGS)
+        if size != len(PROBE_BYTES):
+            return "splice into a pipe moved %d of %d bytes" % (size, len(PROBE_BYTES))
+        size = splice(pipe[0], receiver.fileno(), len(PROBE_BYTES), flags=_FLAGS)
+        sender.settimeout(PROBE_WAIT)
+        echoed = b""
+        while len(echoed) < size:
+            chunk = sender.recv(len(PROBE_BYTES))
+            if not chunk:
+                break
+            echoed += chunk
+        if echoed != PROBE_BYTES:
+            return "splice out of a pipe delivered %r" % echoed
+        return None
+    except (OSError, ValueError) as exc:
+        return "%s: %s" % (type(exc).__name__, exc)
+    finally:
+        for sock in pair:
+            sock.close()
+        if pipe is not None:
+            PipePool.discard(pipe)
+
+
+def _loopback_pair() -> Tuple[socket.socket, socket.socket]:
+    """Two connected TCP sockets on 127.0.0.1 (the relay's kind, unlike socketpair's AF_UNIX,
+    which old kernels cannot splice from although they splice TCP)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        sender = socket.create_connection(listener.getsockname(), timeout=PROBE_WAIT)
+        try:
+            listener.settimeout(PROBE_WAIT)
+            receiver = listener.accept()[0]
+        except OSError:
+            sender.close()
+            raise
+        return sender, receiver
+    finally:
+        listener.close()
+
+
+def candidates() -> List[Tuple[str, Splice]]:
+    """The ways to call splice(2) this Python has, best first."""
+    found = []
+    if hasattr(os, "splice"):
+        found.append(("os.splice", os.splice))
+    try:
+        found.append(("splice(2) from libc through ctypes", libc_splice()))
+    except (OSError, AttributeError) as exc:
+        log.debug("Relay: no splice in libc through ctypes: %s", exc)
+    return found
+
+
+_UNDECIDED = object()
+_chosen = _UNDECIDED  # type: object
+
+
+def engine() -> Optional[Splice]:
+    """The splice function the relay uses, or None: copy through user space.
+
+    Decided by a probe at the first call and kept for the life of the process
+    (the first TCP exchange: by then the log is set up, so the choice shows at
+    debug level).
+    """
+    global _chosen
+    if _chosen is _UNDECIDED:
+        _chosen = choose()
+    return _chosen  # type: ignore
+
+
+def choose() -> Optional[Splice]:
+    """Probe each way to call splice(2); the first that works, or None."""
+    refusals = []
+    for name, splice in candidates():
+        why_not = probe(splice)
+        if why_not is None:
+            log.debug("Relay: zero-copy engine, %s", name)
+            return splice
+        refusals.append("%s: %s" % (name, why_not))
+    log.debug("Relay: copying through user space (splice refused: %s)",
+              "; ".join(refusals) or "no splice on this Python or libc")
+    return None
+
+
 
 def exchange(left: socket.socket, right: socket.socket,
-             count_forward: Callable[[int], None], count_backward: Callable[[int], None]
-             ) -> Tuple[int, int]:
+             count_forward: Callable[[int], None], count_backward: Callable[[int], None],
+             splice: Splice) -> Tuple[int, int]:
     """Splice left->right and right->left until both end; bytes moved each way.
+
+    ``splice`` is os.splice or libc_splice(): what engine() chose, or a test's pick.
 
     EOF is passed on as a half-close; an error in either direction shuts down
     both sockets and ends the exchange. The caller closes the sockets.
     """
     finished = Event()
-    directions = [_Direction(left, right, count_forward, finished),
-                  _Direction(right, left, count_backward, finished)]
+    directions = [_Direction(left, right, count_forward, finished, splice),
+                  _Direction(right, left, count_backward, finished, splice)]
     for direction in directions:
         direction.partner = directions[1 - directions.index(direction)]
     try:
@@ -95,12 +263,13 @@ class _Direction:
     """One way of an exchange: waits for bytes (or room) with a watcher, no greenlet."""
 
     def __init__(self, source: socket.socket, sink: socket.socket,
-                 count: Callable[[int], None], finished: Event) -> None:
+                 count: Callable[[int], None], finished: Event, splice: Splice) -> None:
         loop = get_hub().loop
         self.source, self.sink = source, sink
         self._readable = loop.io(source.fileno(), _READ)
         self._writable = loop.io(sink.fileno(), _WRITE)
         self._count, self._finished = count, finished
+        self._splice = splice
         self._pipe = None  # type: Optional[Pipe]
         self._pending = 0  # bytes in the pipe, not yet in the sink
         self.partner = None  # type: Optional[_Direction]
@@ -124,7 +293,8 @@ class _Direction:
                 if self._pipe is None:
                     self._pipe = pipes.acquire()
                 try:
-                    size = os.splice(self.source.fileno(), self._pipe[1], PIPE_SIZE, flags=_FLAGS)
+                    size = self._splice(self.source.fileno(), self._pipe[1], PIPE_SIZE,
+                                        flags=_FLAGS)
                 except BlockingIOError:
                     self._drop_pipe()  # empty: back to the pool until bytes arrive
                     return
@@ -135,6 +305,13 @@ class _Direction:
                 if not self._drain():
                     self._readable.stop()  # the sink is full: wait for room first
                     self._writable.start(self._on_writable)
+                    return
+                if size < SHORT_FILL:
+                    # The socket had no more: one more splice would almost surely fail
+                    # with EAGAIN, a third system call per small message (and through
+                    # ctypes the dearest one). libev's watcher is level-triggered, so
+                    # bytes that arrive meanwhile wake this direction again.
+                    self._drop_pipe()
                     return
         except OSError:
             self._fail()
@@ -151,7 +328,8 @@ class _Direction:
         """Move the pipe's bytes into the sink; False if the sink has no room."""
         while self._pending:
             try:
-                sent = os.splice(self._pipe[0], self.sink.fileno(), self._pending, flags=_FLAGS)
+                sent = self._splice(self._pipe[0], self.sink.fileno(), self._pending,
+                                    flags=_FLAGS)
             except BlockingIOError:
                 return False
             self._pending -= sent
