@@ -90,7 +90,8 @@ def glibc_version():
 def describe_host(glibc):
     machine = os.uname()[4] if hasattr(os, "uname") else platform.machine()
     bits = struct.calcsize("P") * 8
-    host = "%s %s%s" % (platform.system() or sys.platform, machine,
+    system = "Linux" if sys.platform.startswith("linux") else sys.platform
+    host = "%s %s%s" % (system, machine,
                         "" if bits == 64 else " (%d-bit Python)" % bits)
     if glibc:
         host += " with glibc %d.%d" % glibc
