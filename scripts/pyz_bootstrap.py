@@ -8,10 +8,12 @@
 #
 # The zip holds one copy of each distinct wheel, unpacked (minus test suites)
 # under wheels/<wheel file name>/, and nodepass-pyz.json, which names the
-# wheels each Python ABI needs. At start this picks the ABI's set, unpacks it
-# once into <cache>/<build>/<abi>/ (compiled extension modules cannot be
-# imported from a zip), puts that directory first on sys.path and runs the
-# nodepass command line.
+# wheel sets: one per Python ABI (cp36m, cp38, ...), and a second one for an
+# ABI where the project's markers single out a later patch release (cp39 from
+# 3.9.0, cp39-3.9.2 from 3.9.2). At start this picks this Python's set,
+# unpacks it once into <cache>/<build>/<set>/ (compiled extension modules
+# cannot be imported from a zip), puts that directory first on sys.path and
+# runs the nodepass command line.
 #
 # Cache: $NODEPASS_PYZ_CACHE, else $XDG_CACHE_HOME/nodepass-gevent, else
 # $HOME/.cache/nodepass-gevent. When none of these can be used (HOME unset,
@@ -101,12 +103,23 @@ def describe_host(glibc):
                                      platform.python_version(), python_abi(), host)
 
 
+def wheel_set(manifest):
+    """The name of the set for this Python: its ABI's, from the latest release <= this one."""
+    abi, running = python_abi(), tuple(sys.version_info[:3])
+    best = None
+    for name, entry in manifest["sets"].items():
+        since = tuple(int(part) for part in entry["since"].split("."))
+        if entry["abi"] == abi and since <= running and (best is None or since > best[0]):
+            best = (since, name)
+    return best[1] if best else None
+
+
 def unsupported(manifest):
     """Why this host cannot run the pyz, as one line; None when it can."""
     glibc = glibc_version()
     supported = (getattr(sys, "implementation", None) is not None
                  and sys.implementation.name == "cpython"
-                 and python_abi() in manifest["abis"]
+                 and wheel_set(manifest) is not None
                  and sys.platform.startswith("linux")
                  and os.uname()[4] == "x86_64" and struct.calcsize("P") == 8
                  and glibc is not None and glibc >= MIN_GLIBC)
@@ -185,11 +198,11 @@ def unpack_into(directory, archive, wheels, stamp):
         marker.write(stamp)
 
 
-def ready_directory(root, archive, manifest, abi):
-    """<root>/<build>/<abi>, unpacked and complete; OSError when that cannot be."""
-    stamp = "%s %s\n" % (manifest["build"], abi)
+def ready_directory(root, archive, manifest, name):
+    """<root>/<build>/<set name>, unpacked and complete; OSError when that cannot be."""
+    stamp = "%s %s\n" % (manifest["build"], name)
     parent = os.path.join(root, manifest["build"])
-    target = os.path.join(parent, abi)
+    target = os.path.join(parent, name)
     if is_complete(target, stamp):
         return target
     if not os.path.isdir(parent):
@@ -198,9 +211,9 @@ def ready_directory(root, archive, manifest, abi):
         except OSError as error:
             if error.errno != errno.EEXIST:  # another instance made it first
                 raise
-    staging = tempfile.mkdtemp(prefix="." + abi + ".unpacking-", dir=parent)
+    staging = tempfile.mkdtemp(prefix="." + name + ".unpacking-", dir=parent)
     try:
-        unpack_into(staging, archive, manifest["abis"][abi]["wheels"], stamp)
+        unpack_into(staging, archive, manifest["sets"][name]["wheels"], stamp)
         os.chmod(staging, 0o755)
         for _ in range(3):
             try:
@@ -226,17 +239,17 @@ def set_aside(directory):
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def unpacked(archive, manifest, abi):
+def unpacked(archive, manifest, name):
     """The directory to import from: in the cache if possible, else in a temporary one."""
     root, reason = configured_cache_root()
     if root is not None:
         try:
-            return ready_directory(root, archive, manifest, abi)
+            return ready_directory(root, archive, manifest, name)
         except OSError as error:
             reason = "cannot write %s (%s)" % (root, error.strerror or error)
     fallback = private_temp_root()
     say("%s; unpacking into %s instead" % (reason, fallback))
-    return ready_directory(fallback, archive, manifest, abi)
+    return ready_directory(fallback, archive, manifest, name)
 
 
 # -- entry -------------------------------------------------------------------------
@@ -252,11 +265,11 @@ def main():
     if reason:
         sys.stderr.write(reason + "\n")
         return EXIT_UNSUPPORTED
-    abi = python_abi()
+    name = wheel_set(manifest)
     try:
-        directory = unpacked(archive, manifest, abi)
+        directory = unpacked(archive, manifest, name)
     except (OSError, zipfile.BadZipfile) as error:
-        say("error: cannot unpack the %s files: %s" % (abi, error))
+        say("error: cannot unpack the %s files: %s" % (name, error))
         return EXIT_FAILED
     # Only what was unpacked is imported: the zip itself leaves the path.
     sys.path[:] = [directory] + [entry for entry in sys.path
