@@ -9,6 +9,8 @@ import pytest
 from nodepass_gevent import auth, protocol
 from support import HOST, echo_works, free_port, tcp_exchange, wait_until
 
+pytestmark = pytest.mark.matrix  # the core suite, run on every Python
+
 KEY = "correct horse battery staple"
 
 
