@@ -20,6 +20,10 @@
 # empty or unwritable, as for a service user) it falls back, with one line on
 # stderr, to a private directory under the system's temporary directory.
 #
+# Started without -S, it runs itself again with -S: what it imports comes from
+# the pyz only, never from the host's site-packages, whose .pth files could
+# otherwise load an older zope or gevent before the pyz's are on the path.
+#
 # Two instances starting at once each unpack into their own temporary
 # directory beside the target and rename it into place; rename is atomic, so
 # the target is either absent or complete. The loser of the race deletes its
@@ -32,6 +36,7 @@ import platform
 import shutil
 import stat
 import struct
+import subprocess
 import sys
 import tempfile
 import zipfile
@@ -254,6 +259,20 @@ def unpacked(archive, manifest, name):
 
 # -- entry -------------------------------------------------------------------------
 
+def without_site(archive):
+    """Run this pyz again under `python -S`, with the same interpreter options."""
+    if sys.flags.no_site or not sys.executable:
+        return
+    try:
+        options = subprocess._args_from_interpreter_flags()  # -u, -O, -X ...: kept
+    except AttributeError:
+        options = []
+    argv = [sys.executable] + options + ["-S", archive] + sys.argv[1:]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+
+
 def main():
     archive = archive_path()
     try:
@@ -265,6 +284,7 @@ def main():
     if reason:
         sys.stderr.write(reason + "\n")
         return EXIT_UNSUPPORTED
+    without_site(archive)
     name = wheel_set(manifest)
     try:
         directory = unpacked(archive, manifest, name)
