@@ -1,117 +1,467 @@
-"""scripts/build-pyz: the one-file zipapp builds, and a tunnel runs from it.
+"""scripts/build-pyz: one nodepass.pyz for CPython 3.6 to 3.13, and tunnels between them.
 
-Both ends of the tunnel run from the built nodepass.pyz, with an echo target
-in this process; the bytes must come back through the tunnel.
+The pyz is built once for the module. Then for each pair of the matrix a
+server runs from it under one Python and a client from the same file under
+another (every version once on each side, 3.6 with 3.13 both ways), always as
+`python -S` (no site-packages: what runs comes from the pyz) with HOME a fresh
+empty directory, so nothing installed on this machine can help. Through each
+pair: a 4 MB echo, 50 concurrent connections and UDP.
+
+Also: Python 2.7 and other platforms get one line and exit status 2; instances
+started at once with a fresh cache all work; with no usable HOME the pyz falls
+back to a private temporary directory and says so.
+
+A Python of the matrix that is missing fails the tests that need it: the
+matrix is the point of this module.
 """
 
+import concurrent.futures
+import functools
+import glob
+import importlib.machinery
+import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import zipfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 
-from support import (FAST_ENV, find_python, HOST, EchoServer, NodepassProcess, echo_works, free_port,
-                     stop_all, tcp_exchange, wait_until)
+from support import (FAST_ENV, HOST, EchoServer, NodepassProcess, echo_works, free_port, sha256,
+                     stop_all, tcp_exchange, udp_exchange, wait_until)
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_PYZ = REPO / "scripts" / "build-pyz"
-
-# -S: no site-packages, as on a host that has only Python; whatever runs must
-# come from inside the zipapp.
-RUN_PYZ = [sys.executable, "-S"]
+MATRIX = ("3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
+# versions[i] serves versions[-1 - i]: each version once on each side.
+PAIRS = [(MATRIX[i], MATRIX[-1 - i]) for i in range(len(MATRIX))]
+ABIS = {"3.6": "cp36m", "3.7": "cp37m"}  # the others: cp38, cp39, ...
+CONCURRENT = 50
 
 pytestmark = pytest.mark.timeout(300)
 
 
-class PyzProcess(NodepassProcess):
-    """NodepassProcess, started as `python -S nodepass.pyz URL`, not `-m nodepass_gevent`."""
-
-    def __init__(self, pyz: Path, url: str, env: Dict[str, str]) -> None:
-        self.url = url
-        self._log = tempfile.NamedTemporaryFile(prefix="nodepass-pyz-", suffix=".log",
-                                                delete=False)
-        self.proc = subprocess.Popen(RUN_PYZ + [str(pyz), url], stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+def abi_of(version: str) -> str:
+    return ABIS.get(version, "cp" + version.replace(".", ""))
 
 
-@pytest.fixture(scope="module")
-def pyz_env(tmp_path_factory) -> Dict[str, str]:
-    """The environment to run the zipapp in: it unpacks into SHIV_ROOT, not ~/.shiv.
+@functools.lru_cache(maxsize=None)
+def full_version(python: str) -> tuple:
+    result = subprocess.run([python, "-S", "-c", "import sys; print('%d %d %d' % sys.version_info[:3])"],
+                            stdout=subprocess.PIPE, universal_newlines=True, timeout=30)
+    return tuple(int(part) for part in result.stdout.split())
 
-    PYTHONPATH is dropped so that only what the zipapp carries can be imported.
-    """
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["SHIV_ROOT"] = str(tmp_path_factory.mktemp("shiv-root"))
+
+def set_for(manifest: Dict[str, object], version: str) -> str:
+    """The wheel set the pyz picks for the matrix's VERSION (what the bootstrap does)."""
+    running = full_version(interpreter(version))
+    candidates = [(tuple(int(p) for p in entry["since"].split(".")), name)
+                  for name, entry in manifest["sets"].items()
+                  if entry["abi"] == abi_of(version)]
+    return max(candidate for candidate in candidates if candidate[0] <= running)[1]
+
+
+def pyenv_root() -> Path:
+    if os.environ.get("PYENV_ROOT"):
+        return Path(os.environ["PYENV_ROOT"])
+    try:
+        result = subprocess.run(["pyenv", "root"], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, universal_newlines=True, timeout=30)
+        if result.returncode == 0 and result.stdout.strip():
+            return Path(result.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return Path("/root/.pyenv")
+
+
+def interpreter(version: str) -> str:
+    """The matrix's CPython VERSION; a missing one fails the test, it is not skipped."""
+    pattern = str(pyenv_root() / "versions" / (version + ".*") / "bin" / "python")
+    found = sorted(glob.glob(pattern))
+    if not found:
+        pytest.fail("Python {} of the test matrix is missing: nothing matches {}"
+                    .format(version, pattern), pytrace=False)
+    return found[-1]
+
+
+def clean_env(**changes: Optional[str]) -> Dict[str, str]:
+    """This environment minus whatever could point the pyz elsewhere, plus changes."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PYTHONPATH", "PYTHONHOME", "NODEPASS_PYZ_CACHE", "XDG_CACHE_HOME")}
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return env
 
 
+def run_pyz(python: str, pyz: Path, args: List[str], env: Dict[str, str],
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([python, "-S", str(pyz)] + args, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+class PyzProcess(NodepassProcess):
+    """NodepassProcess, started as `PYTHON -S nodepass.pyz URL`, not `-m nodepass_gevent`."""
+
+    def __init__(self, python: str, pyz: Path, url: str, env: Dict[str, str]) -> None:
+        self.url = url
+        self.python = python
+        self._log = tempfile.NamedTemporaryFile(prefix="nodepass-pyz-", suffix=".log",
+                                                delete=False)
+        self.proc = subprocess.Popen([python, "-S", str(pyz), url], stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+
+
+# -- the build -----------------------------------------------------------------------
+
 @pytest.fixture(scope="module")
-def pyz(tmp_path_factory, pyz_env) -> Path:
+def built(tmp_path_factory):
+    """(path of the pyz, what build-pyz printed), built once for the whole matrix."""
     output = tmp_path_factory.mktemp("pyz") / "nodepass.pyz"
     started = time.monotonic()
-    build = subprocess.run([str(BUILD_PYZ), "--output", str(output), "--python", sys.executable],
+    build = subprocess.run([sys.executable, str(BUILD_PYZ), "--output", str(output)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           universal_newlines=True, timeout=240)
-    seconds = time.monotonic() - started
+                           universal_newlines=True, timeout=280)
     assert build.returncode == 0, build.stdout[-3000:]
-    print("build-pyz took %.1fs, %d bytes" % (seconds, output.stat().st_size))
-    # Unpack once here, so the server and client below do not race to do it.
-    version = subprocess.run(RUN_PYZ + [str(output), "--version"], env=pyz_env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             universal_newlines=True, timeout=60)
-    assert version.returncode == 0 and "nodepass-gevent" in version.stdout, version.stdout
-    return output
+    print("build-pyz took %.1fs:\n%s" % (time.monotonic() - started, build.stdout))
+    return output, build.stdout
 
 
-@pytest.fixture
-def pyz_processes():
-    started: List[NodepassProcess] = []
-    yield started
-    stop_all(started)
+@pytest.fixture(scope="module")
+def pyz(built) -> Path:
+    return built[0]
 
 
-def test_pyz_is_one_executable_file_for_this_python(pyz):
-    assert os.access(str(pyz), os.X_OK)
+@pytest.fixture(scope="module")
+def manifest(pyz) -> Dict[str, object]:
+    with zipfile.ZipFile(str(pyz)) as archive:
+        return json.loads(archive.read("nodepass-pyz.json").decode())
+
+
+@pytest.fixture(scope="module")
+def empty_home(tmp_path_factory) -> Path:
+    """HOME for the pairs: empty at first; the pyz caches under its .cache."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def warm(pyz, empty_home):
+    """Every Python of the matrix runs the pyz once, all at the same time.
+
+    Eight ABIs unpack side by side into one build directory; afterwards the
+    pairs below start without unpacking. A missing Python fails here (and in
+    every pair that needs it).
+    """
+    env = clean_env(HOME=str(empty_home))
+    with concurrent.futures.ThreadPoolExecutor(len(MATRIX)) as pool:
+        results = dict(zip(MATRIX, pool.map(
+            lambda version: run_pyz(interpreter(version), pyz, ["--version"], env), MATRIX)))
+    for version, result in results.items():
+        assert result.returncode == 0 and "nodepass-gevent" in result.stdout, \
+            "Python {}: {}{}".format(version, result.stdout, result.stderr)
+        assert result.stderr == "", "Python {}: {}".format(version, result.stderr)
+    return env
+
+
+def test_pyz_is_one_file_for_every_python(built, manifest):
+    pyz, printed = built
     with open(str(pyz), "rb") as archive:
-        shebang = archive.readline().decode()
-    assert shebang == "#!/usr/bin/env python%d.%d\n" % sys.version_info[:2]
+        assert archive.readline() == b"#!/usr/bin/env python3\n"
+    assert os.access(str(pyz), os.X_OK)
+    assert {entry["abi"] for entry in manifest["sets"].values()} == {abi_of(v) for v in MATRIX}
+    for version in MATRIX:  # every ABI has a set from its first release on
+        assert {"abi": abi_of(version), "since": version + ".0"} in [
+            {"abi": entry["abi"], "since": entry["since"]} for entry in manifest["sets"].values()]
+    assert manifest["pythons"] == "3.6 to 3.13"
+    with zipfile.ZipFile(str(pyz)) as archive:
+        names = archive.namelist()
+    stored = {name.split("/")[1] for name in names if name.startswith("wheels/")}
+    listed = {wheel for entry in manifest["sets"].values() for wheel in entry["wheels"]}
+    assert stored == listed  # each wheel once, however many ABIs share it
+    # The project's own wheel is pure Python: stored once, in every set.
+    project = [w for w in listed if w.startswith("nodepass_gevent-")]
+    assert len(project) == 1 and project[0].endswith("-py3-none-any.whl")
+    assert all(project[0] in entry["wheels"] for entry in manifest["sets"].values())
+    # Each set has its binary parts for its own ABI only.
+    for entry in manifest["sets"].values():
+        gevent = [w for w in entry["wheels"] if w.startswith("gevent-")]
+        assert len(gevent) == 1 and "-{}-manylinux".format(entry["abi"]) in gevent[0]
+    assert not [n for n in names if "/gevent/tests/" in n or n.endswith(".exe")]
+    if shutil.which("strip"):  # the builder strips debug sections when binutils is there
+        with zipfile.ZipFile(str(pyz)) as archive:
+            greenlets = [n for n in names if "/greenlet/_greenlet." in n and n.endswith(".so")]
+            assert greenlets and all(b".debug_info" not in archive.read(n) for n in greenlets)
+    for name in manifest["sets"]:
+        assert "  {:6} from ".format(name) in printed  # the versions per set
+    assert "size by project" in printed
 
 
-def test_tunnel_runs_from_the_pyz(pyz, pyz_env, pyz_processes):
+@pytest.mark.parametrize("server_version, client_version", PAIRS,
+                         ids=["server%s-client%s" % pair for pair in PAIRS])
+def test_tunnel_between_two_pythons(pyz, manifest, warm, empty_home, server_version,
+                                    client_version):
+    server_python, client_python = interpreter(server_version), interpreter(client_version)
+    env = dict(warm, **FAST_ENV)
     echo = EchoServer()
+    processes = []
     try:
         tunnel_port, user_port = free_port(), free_port()
-        env = dict(pyz_env, **FAST_ENV)
-        server = PyzProcess(pyz, "server://%s:%d/%s:%d?log=debug" % (
+        server = PyzProcess(server_python, pyz, "server://%s:%d/%s:%d?log=debug&tls=1" % (
             HOST, tunnel_port, HOST, user_port), env)
-        pyz_processes.append(server)
-        client = PyzProcess(pyz, "client://%s:%d/%s:%d?log=debug" % (
+        processes.append(server)
+        client = PyzProcess(client_python, pyz, "client://%s:%d/%s:%d?log=debug" % (
             HOST, tunnel_port, HOST, echo.port), env)
-        pyz_processes.append(client)
+        processes.append(client)
         try:
-            wait_until(lambda: echo_works(user_port), 20, interval=0.2,
+            wait_until(lambda: echo_works(user_port), 30, interval=0.2,
                        what="traffic through the tunnel")
-        except AssertionError:
-            raise AssertionError("server log:\n%s\nclient log:\n%s" % (
-                server.output()[-3000:], client.output()[-3000:])) from None
-        payload = os.urandom(256 * 1024)
-        assert tcp_exchange(user_port, payload) == payload
+            check_traffic(user_port)
+        except AssertionError as error:
+            raise AssertionError("%s\nserver log:\n%s\nclient log:\n%s" % (
+                error, server.output()[-3000:], client.output()[-3000:])) from None
+        for process in (server, client):  # the Python it was meant to be, from the cache
+            assert os.path.realpath("/proc/%d/exe" % process.pid) == \
+                os.path.realpath(process.python)
+        for version in (server_version, client_version):
+            assert (empty_home / ".cache" / "nodepass-gevent" / manifest["build"]
+                    / set_for(manifest, version) / "nodepass_gevent" / "cli.py").exists()
         assert server.stop() == 0 and client.stop() == 0
     finally:
+        stop_all(processes)
         echo.close()
 
 
-def test_pyz_refuses_another_python_plainly(pyz, pyz_env):
-    other = next(filter(None, (find_python(minor) for minor in range(8, 14)
-                               if minor != sys.version_info[1])), None)
-    if other is None:
-        pytest.skip("no Python 3.x of another minor version on this machine")
-    result = subprocess.run([other, str(pyz), "--version"], env=pyz_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+def check_traffic(port: int) -> None:
+    payload = os.urandom(4 << 20)
+    assert sha256(tcp_exchange(port, payload, timeout=60)) == sha256(payload), "4 MB echo"
+
+    payloads = [os.urandom(16 * 1024) for _ in range(CONCURRENT)]
+    start_together = threading.Barrier(CONCURRENT)
+
+    def exchange(data: bytes) -> bytes:
+        start_together.wait(30)
+        return tcp_exchange(port, data, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENT) as pool:
+        echoed = list(pool.map(exchange, payloads))
+    assert sum(e == p for e, p in zip(echoed, payloads)) == CONCURRENT, "concurrent connections"
+
+    # The first datagram may arrive before the UDP flow is set up: retry it.
+    wait_until(lambda: udp_works(port, b"first"), 15, interval=0.2, what="UDP through the tunnel")
+    for size in (1, 1200, 8000):
+        datagram = os.urandom(size)
+        assert udp_exchange(port, datagram) == datagram, "UDP datagram of %d bytes" % size
+
+
+def udp_works(port: int, payload: bytes) -> bool:
+    try:
+        return udp_exchange(port, payload, timeout=1) == payload
+    except OSError:
+        return False
+
+
+# -- hosts the pyz refuses ----------------------------------------------------------
+
+def one_line_refusal(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr and "Error" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("nodepass.pyz needs CPython 3.6 to 3.13 on x86_64 Linux "
+                               "with glibc 2.17 or newer; this is ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("args", [["--version"], ["server://127.0.0.1:10101/127.0.0.1:8080"]])
+def test_python_2_7_gets_one_line_and_exit_2(pyz, tmp_path, args):
+    result = subprocess.run([interpreter("2.7"), str(pyz)] + args,
+                            env=clean_env(HOME=str(tmp_path)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    line = one_line_refusal(result)
+    assert "this is CPython 2.7.18 (ABI cp27) on Linux x86_64" in line
+    assert list(tmp_path.iterdir()) == []  # nothing unpacked
+
+
+# Run the pyz in an interpreter whose view of the host was changed first:
+# the bootstrap asks os and sys each time, so this is what it would see there.
+PRETEND = {
+    "aarch64": "os.uname = lambda: ('Linux', 'h', '5.10', '#1', 'aarch64')",
+    "old glibc": "os.confstr = lambda name: 'glibc 2.12'",
+    "musl": ("os.confstr = lambda name: None\n"
+             "import platform; platform.libc_ver = lambda *a, **k: ('', '')"),
+    "macOS": "sys.platform = 'darwin'",
+}
+
+
+@pytest.mark.parametrize("host, expected", [
+    ("aarch64", "on Linux aarch64 with glibc"),
+    ("old glibc", "on Linux x86_64 with glibc 2.12"),
+    ("musl", "on Linux x86_64 without glibc"),
+    ("macOS", "on darwin x86_64"),
+])
+def test_another_platform_gets_one_line_and_exit_2(pyz, tmp_path, host, expected):
+    script = ("import os, runpy, sys\n{}\nsys.argv = [{!r}, '--version']\n"
+              "runpy.run_path({!r}, run_name='__main__')\n").format(PRETEND[host], str(pyz),
+                                                                   str(pyz))
+    result = subprocess.run([sys.executable, "-S", "-c", script],
+                            env=clean_env(HOME=str(tmp_path)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert expected in one_line_refusal(result)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- the cache ----------------------------------------------------------------------
+
+CHECK_URL = "server://127.0.0.1:10101/127.0.0.1:8080?tls=1"  # tls=1: cryptography makes a cert
+
+
+def leftovers(build_dir: Path) -> List[str]:
+    return sorted(p.name for p in build_dir.iterdir() if p.name.startswith("."))
+
+
+def test_instances_started_at_once_share_a_fresh_cache(pyz, manifest, tmp_path):
+    python = interpreter(MATRIX[-1])
+    for round_number in range(2):  # two races, each with an empty cache
+        cache = tmp_path / ("cache%d" % round_number)
+        env = clean_env(HOME=str(tmp_path / "home"), NODEPASS_PYZ_CACHE=str(cache))
+        starts = [subprocess.Popen([python, "-S", str(pyz), "--check", CHECK_URL], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   universal_newlines=True) for _ in range(3)]
+        for process in starts:
+            out, err = process.communicate(timeout=120)
+            assert process.returncode == 0 and out.startswith("ok: server"), out + err
+            assert err == ""
+        build_dir = cache / manifest["build"]
+        assert sorted(p.name for p in build_dir.iterdir()) == [set_for(manifest, MATRIX[-1])]
+        assert (build_dir / set_for(manifest, MATRIX[-1]) / ".nodepass-pyz-complete").exists()
+
+
+def test_a_cache_directory_without_its_marker_is_replaced(pyz, manifest, tmp_path):
+    python = interpreter(MATRIX[-1])
+    broken = tmp_path / "cache" / manifest["build"] / set_for(manifest, MATRIX[-1])
+    (broken / "nodepass_gevent").mkdir(parents=True)
+    (broken / "nodepass_gevent" / "__init__.py").write_text("raise SystemExit('stale')\n")
+    env = clean_env(NODEPASS_PYZ_CACHE=str(tmp_path / "cache"))
+    result = run_pyz(python, pyz, ["--version"], env)
+    assert result.returncode == 0 and "nodepass-gevent" in result.stdout, result.stderr
+    assert (broken / ".nodepass-pyz-complete").exists()
+    assert leftovers(broken.parent) == []
+
+
+@pytest.mark.parametrize("home, reason", [
+    (None, "HOME is not set"),
+    ("", "HOME is empty"),
+    ("/proc", "cannot write /proc/.cache/nodepass-gevent"),  # unwritable, even for root
+])
+def test_without_a_usable_home_it_unpacks_into_a_private_temporary_dir(pyz, manifest, tmp_path,
+                                                                       home, reason):
+    version = MATRIX[0] if home is None else MATRIX[-1]
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    result = run_pyz(interpreter(version), pyz, ["--check", CHECK_URL],
+                     clean_env(HOME=home, TMPDIR=str(temp)))
+    assert result.returncode == 0 and result.stdout.startswith("ok: server"), result.stderr
+    private = temp / ("nodepass-gevent-%d" % os.getuid())
+    # One line from the pyz (the package may add its own, e.g. a deprecation warning).
+    lines = [line for line in result.stderr.splitlines() if "nodepass.pyz" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("nodepass.pyz: " + reason)
+    assert lines[0].endswith("; unpacking into {} instead".format(private))
+    assert oct(private.stat().st_mode & 0o777) == "0o700"
+    assert (private / manifest["build"] / set_for(manifest, version)
+            / ".nodepass-pyz-complete").exists()
+
+
+@pytest.mark.parametrize("version", [MATRIX[0], MATRIX[-1]])
+def test_the_hosts_site_packages_cannot_shadow_the_pyz(pyz, tmp_path, version):
+    """Started without -S, the pyz runs itself again with -S, before importing anything.
+
+    A sitecustomize here stands for a host's .pth files: it plants a bogus
+    docopt that the pyz's command line would import if site had run.
+    """
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import sys, types\nsys.modules['docopt'] = types.ModuleType('docopt')\n")
+    env = clean_env(HOME=str(tmp_path), PYTHONPATH=str(tmp_path / "site"))
+    result = subprocess.run([interpreter(version), "-u", str(pyz), "--version"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=120)
+    assert result.returncode == 0 and "nodepass-gevent" in result.stdout, result.stderr
+    planted = subprocess.run([interpreter(version), "-c", "import docopt; print(docopt)"],
+                             env=env, stdout=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert "<module 'docopt'>" in planted.stdout  # the plant works where site runs
+
+
+# -- the build's own checks ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def builder():
+    """scripts/build-pyz as a module, to feed its checks wheels it must refuse."""
+    loader = importlib.machinery.SourceFileLoader("build_pyz", str(BUILD_PYZ))
+    spec = importlib.util.spec_from_loader("build_pyz", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def fake_wheel(folder: Path, file_name: str, shared_object: bytes = b"") -> Path:
+    path = folder / file_name
+    with zipfile.ZipFile(str(path), "w") as archive:
+        archive.writestr("pkg/__init__.py", "")
+        if shared_object:
+            archive.writestr("pkg/_native.cpython-38-x86_64-linux-gnu.so", shared_object)
+    return path
+
+
+@pytest.mark.parametrize("file_name, abi, refused", [
+    ("pkg-1.0-cp38-cp38-manylinux_2_17_x86_64.manylinux2014_x86_64.whl", "cp38", None),
+    ("pkg-1.0-cp36-cp36m-manylinux1_x86_64.whl", "cp36m", None),
+    ("pkg-1.0-cp37-abi3-manylinux2010_x86_64.whl", "cp311", None),
+    ("pkg-1.0-py3-none-any.whl", "cp313", None),
+    ("pkg-1.0-cp311-cp311-manylinux_2_28_x86_64.whl", "cp311", "only manylinux2014"),
+    ("pkg-1.0-cp311-cp311-musllinux_1_1_x86_64.whl", "cp311", "only manylinux2014"),
+    ("pkg-1.0-cp311-cp311-linux_x86_64.whl", "cp311", "only manylinux2014"),
+    ("pkg-1.0-cp38-cp38-manylinux2014_x86_64.whl", "cp39", "not cp39"),
+])
+def test_build_refuses_wheels_newer_than_manylinux2014(builder, tmp_path, file_name, abi,
+                                                       refused):
+    wheel = builder.parse_wheel(fake_wheel(tmp_path, file_name))
+    if refused is None:
+        builder.check_tags(wheel, abi)
+    else:
+        with pytest.raises(builder.BuildError, match=refused):
+            builder.check_tags(wheel, abi)
+
+
+def test_build_refuses_a_shared_object_that_needs_a_newer_glibc(builder, tmp_path):
+    name = "pkg-1.0-cp38-cp38-manylinux2014_x86_64.whl"
+    fine = builder.parse_wheel(fake_wheel(tmp_path, name, b"\0GLIBC_2.2.5\0GLIBC_2.17\0"))
+    builder.check_glibc(fine)
+    (tmp_path / "lying").mkdir()
+    lying = builder.parse_wheel(fake_wheel(tmp_path / "lying", name, b"\0GLIBC_2.17\0GLIBC_2.28"))
+    with pytest.raises(builder.BuildError, match="needs glibc 2.28"):
+        builder.check_glibc(lying)
+
+
+def test_build_errors_are_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(BUILD_PYZ), "--pythons", "2.7"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             universal_newlines=True, timeout=60)
     assert result.returncode != 0
-    assert "nodepass.pyz: built for Python %d.%d" % sys.version_info[:2] in result.stdout
+    assert result.stderr.splitlines() == [
+        "build-pyz: error: --pythons: '2.7' is not one of 3.6, 3.7, 3.8, 3.9, 3.10, 3.11, "
+        "3.12, 3.13"]
+    unknown = subprocess.run([sys.executable, str(BUILD_PYZ), "--bogus"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert unknown.returncode == 2 and len(unknown.stderr.splitlines()) == 1

@@ -6,6 +6,7 @@ them (and our drop-ins) from the temporary root without a running systemd.
 """
 
 import glob
+import json
 import os
 import pty
 import re
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import List
 
@@ -286,17 +288,23 @@ def test_menu_creates_and_lists_a_tunnel(tmp_path):
     assert "SHUTDOWN_TIMEOUT='2s'" in (tmp_path / CONFIG / "web.env").read_text()
 
 
-# -- Python 3.8 -------------------------------------------------------------------
+# -- Python 3.6 and 3.8: the host's python3 runs this script -------------------------
 
 
-def test_script_runs_on_python_3_8(tmp_path):
-    python38 = find_python(8)
-    if python38 is None:
-        pytest.skip("no Python 3.8 interpreter on this machine")
-    result = service(tmp_path, "list", python=python38)
+@pytest.mark.parametrize("minor", [6, 8])
+def test_script_runs_on_an_old_python(tmp_path, minor):
+    python = find_python(minor)
+    if python is None:
+        pytest.skip("no Python 3.{} interpreter on this machine".format(minor))
+    result = service(tmp_path, "list", python=python)
     assert result.returncode == 0 and "no tunnels" in result.stdout, result.stderr
-    result = service(tmp_path, "create", "a/b", CLIENT_URL, python=python38)
+    result = service(tmp_path, "create", "a/b", CLIENT_URL, python=python)
     assert result.returncode == 2 and "bad tunnel name" in result.stderr
+    # The dry run prints the commands it would run (shlex.join is 3.8+).
+    ok(tmp_path, "create", "t", CLIENT_URL, "--no-start")
+    result = service(tmp_path, "start", "t", python=python)
+    assert result.returncode == 0, result.stderr
+    assert "not running: systemctl start nodepass@t.service" in result.stdout
 
 
 # -- a real install, then systemd-analyze verify on the units ---------------------
@@ -399,3 +407,167 @@ def test_shared_key_goes_into_the_environment_file_not_the_url(tmp_path):
     assert "NODEPASS_KEY='s3cret'" in text
     assert "s3cret" not in text.split("NODEPASS_URL=")[1].splitlines()[0]
     assert oct(env_file.stat().st_mode & 0o777) == "0o640"
+
+
+# -- a host without pip: install --pyz ----------------------------------------------
+
+PYZ_TEMPLATE_LINES = ("CacheDirectory=nodepass-gevent\n",
+                      "Environment=NODEPASS_PYZ_CACHE=/var/cache/nodepass-gevent\n",
+                      "ProtectSystem=strict\n", "ProtectHome=yes\n", "User=nodepass\n")
+
+
+@pytest.fixture(scope="module")
+def pyz_file(tmp_path_factory) -> Path:
+    """A nodepass.pyz for this Python only (the whole matrix is tests/test_pyz.py's)."""
+    output = tmp_path_factory.mktemp("pyz") / "nodepass.pyz"
+    build = subprocess.run([sys.executable, str(REPO / "scripts" / "build-pyz"), "--output",
+                            str(output), "--pythons", "%d.%d" % sys.version_info[:2]],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           universal_newlines=True, timeout=240)
+    assert build.returncode == 0, build.stdout[-3000:]
+    return output
+
+
+def pyz_service(root: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
+    """The script without PYTHONPATH: the URL check must come from the installed pyz."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["NODEPASS_PYZ_CACHE"] = str(cache)
+    return subprocess.run([sys.executable, str(SCRIPT), "--root", str(root)] + list(args),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                          universal_newlines=True, timeout=180, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def pyz_root(tmp_path, pyz_file):
+    """A root with the pyz installed, run by this interpreter."""
+    root = tmp_path / "root"
+    result = pyz_service(root, tmp_path / "operator-cache", "install", "--pyz", str(pyz_file),
+                         "--python", sys.executable)
+    assert result.returncode == 0, result.stderr + result.stdout
+    return root, result
+
+
+def test_install_pyz_copies_the_file_and_the_units_run_it(pyz_root, pyz_file):
+    root, result = pyz_root
+    installed = root / "opt/nodepass-gevent/nodepass.pyz"
+    assert installed.read_bytes() == pyz_file.read_bytes()
+    assert stat.S_IMODE(installed.stat().st_mode) == 0o644
+    assert re.search(r"installed nodepass-gevent \S+ .* as \S+nodepass\.pyz, run by ", result.stdout)
+    assert not (root / "opt/nodepass-gevent/venv").exists()  # no pip, no venv
+    template = (root / TEMPLATE).read_text()
+    assert "ExecStart={} /opt/nodepass-gevent/nodepass.pyz ${{NODEPASS_URL}}\n".format(
+        sys.executable) in template
+    for line in PYZ_TEMPLATE_LINES:
+        assert line in template
+    record = json.loads((root / CONFIG / "install.json").read_text())
+    assert record["kind"] == "pyz" and record["python"] == sys.executable
+    assert record["pyz"] == str(pyz_file)
+
+
+def test_install_pyz_warns_about_an_interpreter_the_unit_cannot_see(pyz_root):
+    _, result = pyz_root
+    home_python = re.match(r"/(home|root|run/user)(/|$)", sys.executable)
+    assert ("which the units cannot see (ProtectHome=yes)" in result.stderr) == bool(home_python)
+
+
+def test_create_checks_the_url_with_the_installed_pyz(pyz_root, tmp_path):
+    root, _ = pyz_root
+    cache = tmp_path / "fresh-cache"
+    refused = pyz_service(root, cache, "create", "t", "server://127.0.0.1/127.0.0.1:2")
+    assert refused.returncode == 2 and "URL refused" in refused.stderr, refused.stderr
+    assert list(cache.glob("*/*/.nodepass-pyz-complete")), "the pyz did not do the check"
+    created = pyz_service(root, cache, "create", "web", SERVER_URL)
+    assert created.returncode == 0, created.stderr
+    assert "not running: systemctl enable --now nodepass@web.service" in created.stdout
+
+
+def test_the_units_command_runs_as_the_service_would(pyz_root, tmp_path):
+    """ExecStart as written, in the unit's environment: no HOME, the cache directory."""
+    root, _ = pyz_root
+    template = (root / TEMPLATE).read_text()
+    exec_start = re.search(r"^ExecStart=(.*) \$\{NODEPASS_URL\}$", template, re.M).group(1)
+    command = exec_start.split()
+    command[-1] = str(root) + command[-1]  # the pyz, where --root put it
+    cache = root / "var/cache/nodepass-gevent"
+    cache.mkdir(parents=True)  # systemd makes it (CacheDirectory=)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1", "NODEPASS_PYZ_CACHE": str(cache)}
+    result = subprocess.run(command + ["--check", SERVER_URL], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("ok: server"), result.stderr
+    assert result.stderr == ""  # no fallback to a temporary directory: the cache was used
+    assert list(cache.glob("*/*/.nodepass-pyz-complete"))
+
+
+def test_pyz_units_pass_systemd_analyze_verify(pyz_root, tmp_path):
+    root, _ = pyz_root
+    assert pyz_service(root, tmp_path / "c", "create", "web", SERVER_URL).returncode == 0
+    assert pyz_service(root, tmp_path / "c", "create", "low", "server://:443/127.0.0.1:80"
+                       ).returncode == 0
+    # The interpreter the units name, as verify looks it up inside the root.
+    stub = root / sys.executable.lstrip("/")
+    stub.parent.mkdir(parents=True, exist_ok=True)
+    stub.write_text("#!/bin/sh\n")
+    stub.chmod(0o755)
+    result = analyze(root, "nodepass@web.service", "nodepass@low.service")
+    assert result.returncode == 0, result.stdout
+    assert "nodepass" not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pyz", "/nonexistent/nodepass.pyz"], "no such file"),
+    (["--pyz", __file__], "not a nodepass.pyz"),
+    (["--pyz", "PYZ", "--python", "/nonexistent/python3"], "no such interpreter"),
+    (["--pyz", "PYZ", "--source", "."], "do not apply"),
+])
+def test_install_pyz_refuses_bad_input_before_writing(tmp_path, pyz_file, args, message):
+    root = tmp_path / "root"
+    args = [str(pyz_file) if arg == "PYZ" else arg for arg in args]
+    result = pyz_service(root, tmp_path / "cache", "install", *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not root.exists() or files_under(root) == []
+
+
+def test_install_pyz_refuses_a_python_that_cannot_run_it(tmp_path, pyz_file):
+    python27 = sorted(glob.glob("/root/.pyenv/versions/2.7*/bin/python")) or \
+        list(filter(None, [shutil.which("python2.7")]))
+    if not python27:
+        pytest.skip("no Python 2.7 on this machine")
+    root = tmp_path / "root"
+    result = pyz_service(root, tmp_path / "cache", "install", "--pyz", str(pyz_file),
+                         "--python", python27[0])
+    assert result.returncode == 1
+    assert "cannot run" in result.stderr and "nodepass.pyz needs CPython" in result.stderr
+    assert not (root / "opt/nodepass-gevent/nodepass.pyz").exists()
+    assert not (root / CONFIG / "install.json").exists()
+
+
+def test_update_pyz_replaces_it_restarts_and_prunes_old_builds(pyz_root, pyz_file, tmp_path):
+    root, _ = pyz_root
+    assert pyz_service(root, tmp_path / "c", "create", "web", SERVER_URL).returncode == 0
+    cache = root / "var/cache/nodepass-gevent"
+    (cache / "0ld0ld0ld0ld0ld0" / "cp38").mkdir(parents=True)  # a previous build's files
+    with zipfile.ZipFile(str(pyz_file)) as archive:
+        build = json.loads(archive.read("nodepass-pyz.json").decode())["build"]
+    (cache / build).mkdir()
+    newer = tmp_path / "newer.pyz"
+    shutil.copyfile(str(pyz_file), str(newer))
+    result = pyz_service(root, tmp_path / "c", "update", "--pyz", str(newer))
+    assert result.returncode == 0, result.stderr
+    assert "not running: systemctl try-restart nodepass@web.service" in result.stdout
+    assert sorted(p.name for p in cache.iterdir()) == [build]
+    assert json.loads((root / CONFIG / "install.json").read_text())["pyz"] == str(newer)
+    assert "--pyz FILE" in pyz_service(root, tmp_path / "c", "update", "--source", "."
+                                       ).stderr
+
+
+def test_uninstall_removes_the_pyz_and_its_cache(pyz_root, tmp_path):
+    root, _ = pyz_root
+    assert pyz_service(root, tmp_path / "c", "create", "web", SERVER_URL).returncode == 0
+    (root / "var/cache/nodepass-gevent/somebuild").mkdir(parents=True)
+    result = pyz_service(root, tmp_path / "c", "uninstall", "--purge")
+    assert result.returncode == 0, result.stderr
+    assert files_under(root) == []
+    assert not (root / "opt/nodepass-gevent").exists()
+    assert not (root / "var/cache/nodepass-gevent").exists()
