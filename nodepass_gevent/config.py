@@ -16,7 +16,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote
+
+from nodepass_gevent.urls import query_pairs, split_url
 
 ROLES = ("server", "client")
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
@@ -106,9 +108,12 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
         raise ConfigError("not a URL: %r (expected server://... or client://...)" % text)
     if scheme not in ROLES:
         raise ConfigError("unknown scheme %r: use server:// or client://" % scheme)
+    if _CONTROL_CHARACTER.search(text):
+        # Newer Pythons' urlsplit would silently drop tabs and newlines.
+        raise ConfigError("bad URL %r: it contains a control character" % text)
     try:
-        parts = urlsplit(text)
-    except ValueError as exc:  # e.g. an unclosed or invalid [IPv6] bracket
+        parts = split_url(text)
+    except ValueError as exc:  # an unclosed [IPv6] bracket
         raise ConfigError("bad URL %r: %s" % (text, exc)) from None
     auth_key = _auth_key(parts.netloc, os.environ if environ is None else environ)
     tunnel = parse_address(parts.netloc.rpartition("@")[2], "tunnel address")
@@ -162,7 +167,11 @@ def parse_address(text: str, what: str) -> Address:
         host, bracket, rest = text[1:].partition("]")
         if not bracket or not rest.startswith(":"):
             raise ConfigError("bad %s %r (expected [ipv6]:port)" % (what, text))
-        _check_ip(host, what, text, version=6)
+        if _is_ipv4(host):
+            raise ConfigError("bad %s %r: only IPv6 addresses go in brackets, write %s"
+                              % (what, text, host + rest))
+        if not _is_ipv6(host):
+            raise ConfigError("bad %s %r: %r is not an IPv6 address" % (what, text, host))
         return Address(host, _port(rest[1:], what, text))
     host, colon, port = text.rpartition(":")
     if not colon:
@@ -171,21 +180,45 @@ def parse_address(text: str, what: str) -> Address:
         raise ConfigError("bad %s %r: write IPv6 hosts in brackets, [::1]:port" % (what, text))
     if host and not _HOSTNAME.match(host):
         raise ConfigError("bad %s %r: %r is not a host name or address" % (what, text, host))
-    if host and host[0].isdigit() and host.replace(".", "").isdigit():
-        _check_ip(host, what, text, version=4)
+    if _DIGITS_AND_DOTS.match(host) and not _is_ipv4(host):
+        raise ConfigError("bad %s %r: %r is not an IPv4 address" % (what, text, host))
     return Address(host, _port(port, what, text))
 
 
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}\Z")
+_DIGITS_AND_DOTS = re.compile(r"[0-9.]+\Z")
+_IPV4_OCTET = re.compile(r"(0|[1-9][0-9]{0,2})\Z")
+_IPV6_ZONE = re.compile(r"[A-Za-z0-9._~-]+\Z")
 
 
-def _check_ip(host: str, what: str, text: str, version: int) -> None:
+def _is_ipv4(host: str) -> bool:
+    """Dotted decimal, four octets, no leading zeros.
+
+    Written out because ipaddress accepts leading zeros ("010.0.0.1", octal
+    to some resolvers) before 3.9.5 and rejects them after.
+    """
+    octets = host.split(".")
+    return len(octets) == 4 and all(_IPV4_OCTET.match(octet) and int(octet) <= 255
+                                    for octet in octets)
+
+
+def _is_ipv6(host: str) -> bool:
+    """An IPv6 address, optionally with a %zone (fe80::1%eth0).
+
+    ipaddress takes a zone only from 3.9 on, and its rules for an embedded
+    IPv4 tail changed with the leading-zero fix: both are checked here.
+    """
+    address, percent, zone = host.partition("%")
+    if percent and not _IPV6_ZONE.match(zone):
+        return False
+    if "." in address and not _is_ipv4(address.rpartition(":")[2]):
+        return False
     try:
-        if ipaddress.ip_address(host).version == version:
-            return
+        ipaddress.IPv6Address(address)
     except ValueError:
-        pass
-    raise ConfigError("bad %s %r: %r is not an IPv%d address" % (what, text, host, version))
+        return False
+    return True
 
 
 def _port(text: str, what: str, whole: str) -> int:
@@ -196,7 +229,7 @@ def _port(text: str, what: str, whole: str) -> int:
 
 def _query_params(query: str, allowed: Tuple[str, ...]) -> Mapping[str, str]:
     params = {}
-    for name, value in parse_qsl(query, keep_blank_values=True):
+    for name, value in query_pairs(query, keep_blank_values=True):
         if name not in allowed:
             raise ConfigError(
                 "unknown URL parameter %r: this mode takes %s" % (name, ", ".join(allowed)))

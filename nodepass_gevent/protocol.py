@@ -28,7 +28,8 @@ import binascii
 import os
 from dataclasses import dataclass
 from typing import Dict
-from urllib.parse import parse_qsl, urlsplit
+
+from nodepass_gevent.urls import hostname, query_pairs, split_url
 
 ID_LENGTH = 8  # hex characters a server writes at the start of every data connection
 MAX_SIGNAL_LENGTH = 4096  # a longer line is not a NodePass signal
@@ -94,12 +95,13 @@ def parse_signal(line: bytes) -> Signal:
         raise ProtocolError("signal is not ASCII") from None
     if not text.startswith("//") or any(c.isspace() or ord(c) < 32 for c in text):
         raise ProtocolError("not a signal: %r" % text[:80])
+    # Split by hand (urls.py): urlsplit rejects some hosts on newer Pythons only.
     try:
-        parts = urlsplit(text)
-        host = parts.hostname or ""
-        query = dict(parse_qsl(parts.query))
+        parts = split_url(text)
     except ValueError:
         raise ProtocolError("not a signal: %r" % text[:80]) from None
+    host = hostname(parts.netloc)
+    query = dict(query_pairs(parts.query))
     if not host:
         raise ProtocolError("signal without host: %r" % text[:80])
     return Signal(host, parts.fragment, query)
