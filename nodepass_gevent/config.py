@@ -187,6 +187,7 @@ def parse_address(text: str, what: str) -> Address:
 
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 _HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}\Z")
+_ASCII_DIGITS = re.compile(r"[0-9]+\Z")  # str.isdigit() takes "１２" or "²" too
 _DIGITS_AND_DOTS = re.compile(r"[0-9.]+\Z")
 _IPV4_OCTET = re.compile(r"(0|[1-9][0-9]{0,2})\Z")
 _IPV6_ZONE = re.compile(r"[A-Za-z0-9._~-]+\Z")
@@ -222,7 +223,7 @@ def _is_ipv6(host: str) -> bool:
 
 
 def _port(text: str, what: str, whole: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not _ASCII_DIGITS.match(text) or not 1 <= int(text) <= 65535:
         raise ConfigError("bad %s %r: port must be a number from 1 to 65535" % (what, whole))
     return int(text)
 

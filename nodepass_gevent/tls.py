@@ -9,21 +9,36 @@ import datetime
 import os
 import ssl
 import tempfile
+import warnings
 from typing import Optional, Tuple
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+# cryptography's last release for an old Python (40 for 3.6, 45 for 3.7, 47
+# for 3.8) warns at import that the Python is deprecated: a second stderr
+# line for every CLI error. Only that warning is silenced. Its class,
+# CryptographyDeprecationWarning (a UserWarning), cannot be named before the
+# import that emits it, so the filter matches its message on UserWarning.
+warnings.filterwarnings("ignore", message=r"Python 3\.\d+ is no longer supported by the Python"
+                        r" core team", category=UserWarning)
+
+from cryptography import x509  # noqa: E402 (after the filter)
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
 
 from nodepass_gevent.config import Config, ConfigError
 
 TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED = 0, 1, 2
 TLS_MODE_NAMES = {TLS_NONE: "none", TLS_SELF_SIGNED: "self-signed", TLS_VERIFIED: "verified"}
 # A peer may pass a half-close on as a bare TCP FIN, without close_notify. With
-# OpenSSL 3 such an EOF would otherwise poison the session, and the answer
-# still flowing the other way could not be written. OpenSSL 1.1 needs nothing.
-_HALF_CLOSE_OPTIONS = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+# OpenSSL 3 such an EOF would otherwise poison the session: OpenSSL answers it
+# with a fatal decode_error alert, and the answer still flowing the other way
+# is cut off. OpenSSL 1.1 needs nothing.
+# Pythons before 3.10 lack the constant even when they link OpenSSL 3: its
+# value there is SSL_OP_IGNORE_UNEXPECTED_EOF from OpenSSL's own headers.
+_OPENSSL_IGNORE_UNEXPECTED_EOF = 0x80
+_HALF_CLOSE_OPTIONS = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF",
+                              _OPENSSL_IGNORE_UNEXPECTED_EOF
+                              if ssl.OPENSSL_VERSION_INFO >= (3,) else 0)
 
 
 def server_context(config: Config) -> Optional[ssl.SSLContext]:
@@ -31,7 +46,7 @@ def server_context(config: Config) -> Optional[ssl.SSLContext]:
     if config.tls_mode == TLS_NONE:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _require_tls_1_2(context)
     context.options |= _HALF_CLOSE_OPTIONS
     if config.tls_mode == TLS_SELF_SIGNED:
         _load_pem_pair(context, *self_signed_pem())
@@ -52,6 +67,13 @@ def client_context(tls_mode: int) -> Optional[ssl.SSLContext]:
         context.verify_mode = ssl.CERT_NONE
     context.options |= _HALF_CLOSE_OPTIONS
     return context
+
+
+def _require_tls_1_2(context: ssl.SSLContext) -> None:
+    if hasattr(context, "minimum_version"):  # 3.7 on; the options are deprecated there
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    else:  # 3.6: the same floor, said the old way
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
 
 
 def self_signed_pem(common_name: str = "nodepass") -> Tuple[bytes, bytes]:

@@ -19,6 +19,12 @@ from urllib.parse import urlsplit
 HOST = "127.0.0.1"
 TUNNEL_SIGNAL = re.compile(rb"^//(\d+)#([012])\n$")
 LAUNCH_SIGNAL = re.compile(rb"^//([0-9a-f]{8})#([12])\n$")
+# Go's TLS keeps writing after reading a bare TCP FIN; OpenSSL 3 does so only
+# with SSL_OP_IGNORE_UNEXPECTED_EOF. Without it OpenSSL 3 answers the FIN with
+# a fatal decode_error alert, which ends the other direction too. Pythons
+# before 3.10 lack the constant although they may link OpenSSL 3.
+IGNORE_UNEXPECTED_EOF = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF",
+                                0x80 if ssl.OPENSSL_VERSION_INFO >= (3,) else 0)
 
 
 def _relay(a: socket.socket, b: socket.socket) -> None:
@@ -69,7 +75,7 @@ class ReferenceServer:
         if tls_mode:
             self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self.context.load_cert_chain(cert["crt"], cert["key"])
-            self.context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+            self.context.options |= IGNORE_UNEXPECTED_EOF
         # Signal a launch as soon as the id is written, before the client has
         # surely read it (PROTOCOL.md section 6, "signal before id").
         self.launch_before_id = launch_before_id
@@ -186,9 +192,7 @@ class ReferenceClient:
             self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             self.context.check_hostname = False
             self.context.verify_mode = ssl.CERT_NONE
-            # Go's TLS keeps writing after reading a bare TCP FIN; OpenSSL 3
-            # does so only with this option.
-            self.context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+            self.context.options |= IGNORE_UNEXPECTED_EOF
         self.lines = []  # type: List[bytes]
         self.ids_seen = []  # type: List[bytes]
         self.pool = {}  # type: Dict[str, socket.socket]

@@ -6,6 +6,8 @@ import pytest
 
 from support import HOST, free_port, run_nodepass
 
+pytestmark = pytest.mark.matrix  # the core suite, run on every Python
+
 
 def assert_clean_failure(result, status, *words):
     assert result.returncode == status, result.stderr

@@ -6,6 +6,8 @@ from hypothesis import given, strategies as st
 from nodepass_gevent.config import (Address, ConfigError, Settings, load_settings,
                                     parse_duration, parse_url)
 
+pytestmark = pytest.mark.matrix  # the core suite, run on every Python
+
 GOOD_URLS = [
     ("server://10.1.0.1:10101/10.1.0.1:8080?log=debug&tls=0",
      ("server", Address("10.1.0.1", 10101), Address("10.1.0.1", 8080), "debug", 0)),

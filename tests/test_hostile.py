@@ -46,6 +46,10 @@ FD_SLACK = 5               # pool refills move a descriptor count by a few
 SETTLE_TIMEOUT = 15.0      # how long connections may take to wind down after an attack
 SLOWLORIS_COUNT = 200
 ENDLESS_LINE = b"A" * (1024 * 1024)  # 1 MB and never a newline
+# The few attacks of the per-interpreter core suite (CI's "-m matrix"): garbage
+# on every port, TLS garbage, floods past SEMAPHORE_LIMIT, a server sending the
+# client garbage. Each takes seconds; the rest, and the soak, run on one Python.
+MATRIX = pytest.mark.matrix
 # A TLS record header (handshake, TLS 1.0) in front of noise: gets past a quick
 # "is this TLS" sniff and fails inside the handshake.
 TLS_GARBAGE_HEAD = b"\x16\x03\x01\x02\x00"
@@ -271,6 +275,7 @@ def every_attack_logs(pattern: str, **exceptions: str) -> Dict[str, str]:
 
 # -- our server: the tunnel (control) port ---------------------------------------
 
+@MATRIX
 def test_tunnel_port_attacks_are_refused_while_a_client_is_connected(make_tunnel):
     tunnel = make_tunnel()
     run_attacks(tunnel, tunnel.tunnel_port, HOST, every_attack_logs(r"Tunnel: refused "))
@@ -360,6 +365,7 @@ NOISE_FROM_CLIENT_ADDRESS = {
     for attack in EVERY_ATTACK if attack != "slowloris"}
 
 
+@MATRIX
 def test_data_port_attacks_from_another_address_are_refused(make_tunnel):
     tunnel = make_tunnel()
     run_attacks(tunnel, data_port_of(tunnel.server), OTHER_HOST, REFUSED_FROM_OTHER_HOST)
@@ -394,7 +400,7 @@ def test_silent_data_connection_from_the_client_address_is_not_handed_users(make
             intruder.recv(16)
 
 
-@pytest.mark.parametrize("source", [HOST, OTHER_HOST])
+@pytest.mark.parametrize("source", [pytest.param(HOST, marks=MATRIX), OTHER_HOST])
 def test_tls_data_port_attacks(make_tunnel, source):
     tunnel = make_tunnel(tls=1)
     if source == OTHER_HOST:
@@ -406,6 +412,7 @@ def test_tls_data_port_attacks(make_tunnel, source):
 
 # -- our server: the target port (where users arrive) ------------------------------
 
+@MATRIX
 def test_target_port_relays_noise_byte_exact(make_tunnel):
     # To the server, noise on the target port is a user like any other: it must
     # reach the private service unchanged and come back unchanged.
@@ -439,6 +446,7 @@ def test_target_udp_noise_and_oversized_datagrams(make_tunnel):
 
 # -- our server: limits --------------------------------------------------------------
 
+@MATRIX
 def test_tcp_flood_past_semaphore_limit_waits_and_is_served_after(make_tunnel):
     tunnel = make_tunnel(env={"SEMAPHORE_LIMIT": "8"})
     baselines = Baselines(tunnel)
@@ -461,6 +469,7 @@ def test_tcp_flood_past_semaphore_limit_waits_and_is_served_after(make_tunnel):
     assert users >= 101, "only %d users reached the tunnel" % users
 
 
+@MATRIX
 def test_udp_flood_past_semaphore_limit(make_tunnel):
     tunnel = make_tunnel(env={"SEMAPHORE_LIMIT": "8"})
     baselines = Baselines(tunnel)
@@ -705,6 +714,7 @@ GARBAGE_LINES = [
 ]
 
 
+@MATRIX
 def test_client_skips_garbage_lines(hostile):
     setup = hostile()
     lines = GARBAGE_LINES + [os.urandom(random.randint(1, 200)).replace(b"\n", b"") + b"\n"
@@ -745,6 +755,7 @@ BAD_TUNNEL_SIGNALS = [b"//0#0\n", b"//70000#0\n", b"//abc#0\n", b"//1234#7\n", b
                       b"//1234\n", b"x" * 10000 + b"\n", b"\xff\xfe\n"]
 
 
+@MATRIX
 def test_client_refuses_bad_tunnel_signals_and_reconnects(hostile):
     setup = hostile()
     setup.fake.tunnel_signals.extend(BAD_TUNNEL_SIGNALS)

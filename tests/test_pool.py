@@ -9,6 +9,8 @@ from nodepass_gevent import pool as pool_module
 from nodepass_gevent.pool import ClientPool, ServerPool
 from nodepass_gevent.protocol import new_connection_id
 
+pytestmark = pytest.mark.matrix  # the core suite, run on every Python
+
 
 class Dialer:
     """Hands out real connected socket pairs, each under a fresh id."""

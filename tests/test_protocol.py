@@ -6,6 +6,8 @@ from hypothesis import given, strategies as st
 from nodepass_gevent import protocol
 from nodepass_gevent.protocol import ProtocolError
 
+pytestmark = pytest.mark.matrix  # the core suite, run on every Python
+
 
 def test_encodings_are_v1_bytes():
     assert protocol.encode_tunnel_signal(4321, 1) == b"//4321#1\n"

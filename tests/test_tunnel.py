@@ -10,6 +10,8 @@ import pytest
 
 from support import FAST_ENV, echo_works, sha256, tcp_exchange, udp_exchange, wait_until
 
+pytestmark = pytest.mark.matrix  # the core suite, run on every Python
+
 PAYLOAD_MB = 8
 
 

@@ -10,6 +10,8 @@ import pytest
 from reference_peer import ReferenceClient
 from support import HOST, echo_works, free_port, udp_exchange, wait_until
 
+pytestmark = pytest.mark.matrix  # the core suite, run on every Python
+
 
 def flow_tunnel(nodepass, echo, tls=0, env=None):
     tunnel_port, port = free_port(), free_port()

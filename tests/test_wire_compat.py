@@ -9,6 +9,8 @@ import pytest
 from reference_peer import LAUNCH_SIGNAL, TUNNEL_SIGNAL, ReferenceClient, ReferenceServer
 from support import HOST, echo_works, free_port, sha256, tcp_exchange, udp_exchange, wait_until
 
+pytestmark = pytest.mark.matrix  # the core suite, run on every Python
+
 
 @pytest.fixture
 def reference_server(request, test_ca):
