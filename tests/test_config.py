@@ -21,6 +21,9 @@ GOOD_URLS = [
      ("client", Address("::1", 10101), Address("::1", 8080), "error", 2)),
     ("client://nodepass-server:10101/web-service:80?log=FATAL",
      ("client", Address("nodepass-server", 10101), Address("web-service", 80), "fatal", 0)),
+    # An IPv6 zone: ipaddress reads one only from 3.9 on, parse_url on every Python.
+    ("client://[fe80::1%eth0]:10101/127.0.0.1:8080",
+     ("client", Address("fe80::1%eth0", 10101), Address("127.0.0.1", 8080), "info", 0)),
 ]
 
 BAD_URLS = [
@@ -36,6 +39,15 @@ BAD_URLS = [
     ("server://::1:10101/127.0.0.1:8080", "brackets"),
     ("server://[::1/127.0.0.1:8080", "ipv6"),
     ("server://[10.0.0.1]:1/127.0.0.1:8080", "brackets"),
+    # The same answer on every Python, whatever urllib and ipaddress of that
+    # release would say: leading zeros, control characters, ';' in a query.
+    ("server://010.0.0.1:1/127.0.0.1:8080", "not an IPv4"),
+    ("server://[::ffff:010.0.0.1]:1/127.0.0.1:8080", "not an IPv6"),
+    ("server://[fe80::1%]:1/127.0.0.1:8080", "not an IPv6"),
+    ("server://a\t:1/b:2", "control character"),
+    ("server://a:1/b:2\n", "control character"),
+    ("server://a:1/b:2?log=debug;tls=1", "bad log level"),
+    ("server://a:\uff11\uff12/b:2", "port must be"),
     ("server://300.1.1.1:1/127.0.0.1:8080", "not an IPv4"),
     ("server://bad_host!:1/127.0.0.1:8080", "not a host name"),
     ("server://a:1/b:2?tls=3", "bad tls value"),

@@ -31,6 +31,10 @@ def test_new_ids_are_eight_lowercase_hex():
     (b"//0a1b2c3d#2", "0a1b2c3d", "2", {}),
     (b"//4321?auth=hmac#2\n", "4321", "2", {"auth": "hmac"}),
     (b"//0a1b2c3d#9\n", "0a1b2c3d", "9", {}),
+    # Split the same on every Python: '&' only (3.6.12 and older took ';' too),
+    # and a bracketed IPv4 host is read, not refused (urlsplit refuses it from 3.11).
+    (b"//4321?udp=flow;x=1&a=b#0\n", "4321", "0", {"udp": "flow;x=1", "a": "b"}),
+    (b"//[1.2.3.4]#1\n", "1.2.3.4", "1", {}),
 ])
 def test_signals_parse(line, host, kind, query):
     signal = protocol.parse_signal(line)
