@@ -33,8 +33,8 @@ from typing import Dict, List, Optional, Sequence
 
 import pytest
 
-from legacy_python import (FOREIGN_ENV, NEWEST, OLDEST, Interpreter, LegacyPythonError,
-                           build_venvs, own_interpreter)
+from legacy_python import (NEWEST, OLDEST, Interpreter, LegacyPythonError, build_venvs,
+                           own_interpreter)
 from nodepass_gevent.protocol import HEARTBEAT_MISSES  # heartbeats a silent tunnel may miss
 
 ROOT = Path(__file__).resolve().parent.parent
