@@ -8,8 +8,16 @@ Every process runs inside a namespace this module created, as
 `ip netns exec NS python -m nodepass_gevent URL` (ip execs, so the Popen pid is
 the real process), so all traffic stays inside those namespaces.
 
+A legacy host across the NAT: the download/upload, UDP and link-cut scenarios
+also run with the client on the oldest supported Python and the server on the
+newest, and the reverse, each at tls=0 and tls=2. Those sides run from venvs
+with this checkout pip-installed (tests/legacy_python.py builds them once per
+session); the other scenarios run on the test run's own Python.
+
 Needs root. If the topology cannot be built the tests FAIL, never skip; set
 NODEPASS_SKIP_NETNS=1 to skip them on purpose (e.g. on a laptop without root).
+A pyenv interpreter the legacy runs need that is missing also FAILS them; set
+NODEPASS_SKIP_LEGACY=1 to skip just those on purpose.
 Run with -s to see the timings and recovery times each test prints.
 """
 import json
@@ -21,10 +29,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import pytest
 
+from legacy_python import (NEWEST, OLDEST, Interpreter, LegacyPythonError, build_venvs,
+                           own_interpreter)
 from nodepass_gevent.protocol import HEARTBEAT_MISSES  # heartbeats a silent tunnel may miss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +56,26 @@ START_DEADLINE = 20.0  # a fresh tunnel must carry traffic within this
 
 pytestmark = pytest.mark.timeout(120)
 
+# Which Python runs which side of the tunnel. SAME: the test run's own on both.
+# The legacy pairs put the oldest supported Python on one side and the newest
+# on the other: (server's, client's).
+SAME = "same"
+LEGACY_CLIENT = "client%s-server%s" % (OLDEST, NEWEST)  # a legacy host behind the NAT
+LEGACY_SERVER = "server%s-client%s" % (OLDEST, NEWEST)  # ...and the reverse
+LEGACY_PAIRS = {LEGACY_CLIENT: (NEWEST, OLDEST), LEGACY_SERVER: (OLDEST, NEWEST)}
+LEGACY_TLS = (0, 2)
+# The first legacy test also waits for the two venvs to be built (pip).
+LEGACY_TIMEOUT = pytest.mark.timeout(400)
+
+
+def with_legacy_pairs(tls_levels: Sequence[int]) -> list:
+    """(tls, pythons) cases: today's tls levels on the test run's Python (ids
+    unchanged), then tls=0 and tls=2 with each legacy pair."""
+    cases = [pytest.param(tls, SAME, id=str(tls)) for tls in tls_levels]
+    cases += [pytest.param(tls, pair, id="%d-%s" % (tls, pair), marks=LEGACY_TIMEOUT)
+              for pair in LEGACY_PAIRS for tls in LEGACY_TLS]
+    return cases
+
 
 # ------------------------------------------------------------------ processes
 
@@ -53,14 +83,21 @@ class NsProcess:
     """One process started in a namespace, with its output in a log file."""
 
     def __init__(self, name: str, namespace: str, argv: List[str], log_path: Path,
-                 env: Optional[Dict[str, str]] = None) -> None:
+                 env: Optional[Dict[str, str]] = None,
+                 python: Optional[Interpreter] = None) -> None:
+        """`python`, if given, is what argv runs: its environment rules apply
+        and it starts in its home (a venv's interpreter must import the venv's
+        package, not the checkout's through PYTHONPATH or the working directory)."""
         self.name, self.namespace, self.argv, self.log_path = name, namespace, argv, log_path
         full_env = dict(os.environ, PYTHONUNBUFFERED="1")
         full_env.update(env or {})
+        cwd = None
+        if python is not None:
+            full_env, cwd = python.environ(full_env), python.home
         self._log = open(str(log_path), "ab")
         self.popen = subprocess.Popen(["ip", "netns", "exec", namespace] + argv,
                                       stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, env=full_env)
+                                      stdin=subprocess.DEVNULL, env=full_env, cwd=cwd)
         self.pid = self.popen.pid
 
     def running(self) -> bool:
@@ -86,6 +123,10 @@ class NsProcess:
         self._log.close()
         return status
 
+    def executable(self) -> str:
+        """The binary this process runs (ip netns exec execs: the pid is Python's)."""
+        return os.path.realpath("/proc/%d/exe" % self.pid)
+
     def tail(self, lines: int = 15) -> str:
         text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
         return "--- %s (pid %d, %s) ---\n%s" % (self.name, self.pid, self.namespace,
@@ -100,9 +141,10 @@ class Processes:
         self.started: List[NsProcess] = []
 
     def start(self, name: str, namespace: str, argv: List[str],
-              env: Optional[Dict[str, str]] = None) -> NsProcess:
+              env: Optional[Dict[str, str]] = None,
+              python: Optional[Interpreter] = None) -> NsProcess:
         log_path = self.log_dir / ("%02d-%s.log" % (len(self.started), name))
-        process = NsProcess(name, namespace, argv, log_path, env)
+        process = NsProcess(name, namespace, argv, log_path, env, python)
         self.started.append(process)
         return process
 
@@ -141,7 +183,8 @@ def run(argv: List[str], timeout: float = 30.0) -> subprocess.CompletedProcess:
 
 def in_namespace(namespace: str, argv: List[str], timeout: float = 30.0) -> str:
     result = run(["ip", "netns", "exec", namespace] + argv, timeout)
-    assert result.returncode == 0, "%s failed: %s" % (shlex.join(argv), result.stderr)
+    command = " ".join(shlex.quote(arg) for arg in argv)
+    assert result.returncode == 0, "%s failed: %s" % (command, result.stderr)
     return result.stdout
 
 
@@ -259,10 +302,15 @@ def results_of(process: NsProcess) -> Dict[str, dict]:
 # --------------------------------------------------------------------- tunnel
 
 class Tunnel:
-    """A nodepass server in `public` and client in `private`, restartable."""
+    """A nodepass server in `public` and client in `private`, restartable,
+    each run by its own Python (the test run's own unless given)."""
 
-    def __init__(self, topology: Topology, service: str, tls: int, pki: Optional[Dict]) -> None:
+    def __init__(self, topology: Topology, service: str, tls: int, pki: Optional[Dict],
+                 server_python: Optional[Interpreter] = None,
+                 client_python: Optional[Interpreter] = None) -> None:
         self.topology, self.tls = topology, tls
+        self.server_python = server_python or own_interpreter()
+        self.client_python = client_python or own_interpreter()
         ports = in_namespace(topology.public, [sys.executable, str(SCENARIOS), "free-ports", "2"])
         self.tunnel_port, target_port = (int(p) for p in ports.split())
         self.target = "%s:%d" % (topology.server_ip, target_port)
@@ -283,16 +331,26 @@ class Tunnel:
         self.client = self.start_client()
 
     def start_server(self) -> NsProcess:
+        python = self.server_python
         self.server = self.topology.processes.start(
-            "server-tls%d" % self.tls, self.topology.public,
-            [sys.executable, "-m", "nodepass_gevent", self.server_url], NODEPASS_ENV)
+            "server-tls%d-py%s" % (self.tls, python.label), self.topology.public,
+            python.argv("-m", "nodepass_gevent", self.server_url), NODEPASS_ENV, python)
         return self.server
 
     def start_client(self) -> NsProcess:
+        python = self.client_python
         self.client = self.topology.processes.start(
-            "client-tls%d" % self.tls, self.topology.private,
-            [sys.executable, "-m", "nodepass_gevent", self.client_url], self.client_env)
+            "client-tls%d-py%s" % (self.tls, python.label), self.topology.private,
+            python.argv("-m", "nodepass_gevent", self.client_url), self.client_env, python)
         return self.client
+
+    def check_pythons(self) -> None:
+        """Each side really runs on the Python it was given."""
+        for process, python in ((self.server, self.server_python),
+                                (self.client, self.client_python)):
+            assert process.executable() == python.executable(), (
+                "%s runs %s, not Python %s (%s)" % (process.name, process.executable(),
+                                                    python.label, python.executable()))
 
     def wait_ready(self, deadline: float) -> float:
         """Seconds until a user's GET came through (fails past `deadline`)."""
@@ -342,15 +400,38 @@ def pki(tmp_path_factory, topology):
                                        topology.server_ip, topology.server_name)
 
 
+@pytest.fixture(scope="session")
+def legacy_pythons(tmp_path_factory) -> Dict[str, Interpreter]:
+    """Venvs on the oldest and the newest Python with the checkout installed,
+    built once per session, and only if a legacy test runs."""
+    if os.environ.get("NODEPASS_SKIP_LEGACY") == "1":
+        pytest.skip("NODEPASS_SKIP_LEGACY=1: legacy-Python runs skipped on request")
+    started = time.monotonic()
+    try:
+        venvs = build_venvs([OLDEST, NEWEST], tmp_path_factory.mktemp("legacy-python"))
+    except LegacyPythonError as error:
+        pytest.fail("legacy Python: %s" % error)
+    print("  venvs for Python %s and %s built in %.1fs"
+          % (OLDEST, NEWEST, time.monotonic() - started))
+    return venvs
+
+
 @pytest.fixture
-def make_tunnel(topology, services, pki):
+def make_tunnel(topology, services, pki, request):
     tunnels: List[Tunnel] = []
 
-    def make(tls: int = 0) -> Tunnel:
-        tunnel = Tunnel(topology, services, tls, pki)
+    def make(tls: int = 0, pythons: str = SAME) -> Tunnel:
+        """`pythons`: SAME, or a LEGACY_PAIRS key saying which side runs which Python."""
+        sides = [None, None]
+        if pythons != SAME:
+            venvs = request.getfixturevalue("legacy_pythons")
+            sides = [venvs[minor] for minor in LEGACY_PAIRS[pythons]]
+        tunnel = Tunnel(topology, services, tls, pki, *sides)
         tunnels.append(tunnel)
         seconds = tunnel.wait_ready(START_DEADLINE)
-        print("  tunnel tls=%d ready in %.2fs" % (tls, seconds))
+        tunnel.check_pythons()
+        print("  tunnel tls=%d (server on Python %s, client on %s) ready in %.2fs"
+              % (tls, tunnel.server_python.label, tunnel.client_python.label, seconds))
         return tunnel
 
     yield make
@@ -379,19 +460,20 @@ def test_firewall_blocks_direct_connections(topology, services):
     check(topology, topology.private, ["get"], services)
 
 
-@pytest.mark.parametrize("tls", [0, 1, 2])
-def test_http_get_upload_download_by_hash(make_tunnel, topology, tls):
-    tunnel = make_tunnel(tls)
+@pytest.mark.parametrize("tls, pythons", with_legacy_pairs([0, 1, 2]))
+def test_http_get_upload_download_by_hash(make_tunnel, topology, tls, pythons):
+    tunnel = make_tunnel(tls, pythons)
     results = check(topology, topology.public, ["get", "upload", "download"], tunnel.target,
                     "--size", str(TRANSFER_SIZE), "--seed", "tls%d" % tls)
     for name in ("upload", "download"):
-        print("  tls=%d %s of %d MB: %.1f MB/s" % (tls, name, TRANSFER_SIZE // 10**6,
-                                                  TRANSFER_SIZE / 1e6 / results[name]["seconds"]))
+        print("  tls=%d %s %s of %d MB: %.1f MB/s"
+              % (tls, pythons, name, TRANSFER_SIZE // 10**6,
+                 TRANSFER_SIZE / 1e6 / results[name]["seconds"]))
 
 
-@pytest.mark.parametrize("tls", [0, 1])
-def test_udp_request_reply(make_tunnel, topology, tls):
-    tunnel = make_tunnel(tls)
+@pytest.mark.parametrize("tls, pythons", with_legacy_pairs([0, 1]))
+def test_udp_request_reply(make_tunnel, topology, tls, pythons):
+    tunnel = make_tunnel(tls, pythons)
     check(topology, topology.public, ["udp"], tunnel.target, "--datagrams", "50",
           "--udp-max", "4096", "--seed", "udp%d" % tls)
 
@@ -415,10 +497,18 @@ CUT_SECONDS = HEARTBEAT_MISSES * REPORT_INTERVAL + 2
 RECOVERY_BOUND = 2 * SERVICE_COOLDOWN + SERVICE_COOLDOWN + REPORT_INTERVAL + 2
 
 
-@pytest.mark.parametrize("cut", ["link-down", "blackhole"])
-def test_link_cut_recovers_by_itself(make_tunnel, topology, cut):
+# Each legacy pair and each tls level meets both kinds of cut (a Latin square:
+# four runs, not eight, as each run is mostly CUT_SECONDS of waiting).
+LINK_CUT_CASES = [pytest.param(cut, 0, SAME, id=cut) for cut in ("link-down", "blackhole")] + [
+    pytest.param(cut, tls, pair, id="%s-tls%d-%s" % (cut, tls, pair), marks=LEGACY_TIMEOUT)
+    for cut, tls, pair in (("link-down", 0, LEGACY_CLIENT), ("blackhole", 2, LEGACY_CLIENT),
+                           ("blackhole", 0, LEGACY_SERVER), ("link-down", 2, LEGACY_SERVER))]
+
+
+@pytest.mark.parametrize("cut, tls, pythons", LINK_CUT_CASES)
+def test_link_cut_recovers_by_itself(make_tunnel, topology, cut, tls, pythons):
     """The router's public link dies silently for CUT_SECONDS, then comes back."""
-    tunnel = make_tunnel(0)
+    tunnel = make_tunnel(tls, pythons)
     tunnel_before = tunnel.control_connection()
     if cut == "link-down":
         sever = ["ip", "link", "set", "wan", "down"]
