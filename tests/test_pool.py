@@ -106,39 +106,38 @@ def test_launch_waits_for_an_id_still_being_read(dialer, supervisor):
         pool.close()
 
 
-def test_many_unknown_ids_flush_the_pool(dialer, supervisor, monkeypatch):
+@pytest.fixture
+def full_pool(dialer, supervisor, monkeypatch):
+    """A started pool of 9, full; a launch for an unknown id gives up at once."""
     monkeypatch.setattr(pool_module, "ID_ARRIVAL_WAIT", 0.05)
     pool = ClientPool(dialer, min_capacity=9, max_capacity=9, supervisor=supervisor)
     pool.start()
-    try:
-        wait_for(lambda: pool.idle == 9)
-        stale = set(pool._idle)
-        for _ in range(4):  # more than a third of capacity
-            assert pool.take("00000000") is None
-        wait_for(lambda: pool.idle == 9 and not (set(pool._idle) & stale))
-    finally:
-        pool.close()
+    wait_for(lambda: pool.idle == 9)
+    yield pool
+    pool.close()
 
 
-def test_unknown_ids_spread_over_time_do_not_flush_the_pool(dialer, supervisor, monkeypatch):
+def assert_a_burst_of_misses_flushes(pool):
+    stale = set(pool._idle)
+    for _ in range(4):  # more than a third of capacity
+        assert pool.take("00000000") is None
+    wait_for(lambda: pool.idle == 9 and not (set(pool._idle) & stale))
+
+
+def test_many_unknown_ids_flush_the_pool(full_pool):
+    assert_a_burst_of_misses_flushes(full_pool)
+
+
+def test_unknown_ids_spread_over_time_do_not_flush_the_pool(full_pool, dialer, monkeypatch):
     # A long-lived client meets a stray id now and then: that is no reason to
     # throw its pool away. Only a burst within MISS_WINDOW is.
-    monkeypatch.setattr(pool_module, "ID_ARRIVAL_WAIT", 0.05)
     monkeypatch.setattr(pool_module, "MISS_WINDOW", 0.2)
-    pool = ClientPool(dialer, min_capacity=9, max_capacity=9, supervisor=supervisor)
-    pool.start()
-    try:
-        wait_for(lambda: pool.idle == 9)
-        kept = set(pool._idle)
-        for _ in range(8):  # twice the burst that flushes, one every window and a bit
-            assert pool.take("00000000") is None
-            gevent.sleep(0.25)
-        assert set(pool._idle) == kept and dialer.dialed == 9
-        for _ in range(4):  # the same misses in a burst: more than a third of capacity
-            assert pool.take("00000000") is None
-        wait_for(lambda: pool.idle == 9 and not (set(pool._idle) & kept))
-    finally:
-        pool.close()
+    kept = set(full_pool._idle)
+    for _ in range(8):  # twice the burst that flushes, one every window and a bit
+        assert full_pool.take("00000000") is None
+        gevent.sleep(0.25)
+    assert set(full_pool._idle) == kept and dialer.dialed == 9
+    assert_a_burst_of_misses_flushes(full_pool)  # the same misses at once still do
 
 
 def test_server_pool_is_fifo_and_skips_dead_or_chatty_connections():
