@@ -13,13 +13,13 @@ from typing import Dict, Optional
 
 import gevent
 import gevent.pool
-from gevent.event import Event
 
 from nodepass_gevent import auth, net, protocol, relay, tls, udpflow
 from nodepass_gevent.config import Config, Settings
 from nodepass_gevent.log import log
 from nodepass_gevent.pool import ClientPool, DataConnection
 from nodepass_gevent.stats import Stats
+from nodepass_gevent.supervisor import Supervisor
 
 CONNECT_TIMEOUT = 5.0     # dialing the tunnel, a data connection or the target
 HANDSHAKE_TIMEOUT = 5.0   # the tunnel signal, TLS and the id on a data connection
@@ -42,26 +42,23 @@ class Client:
         self._flow_connections = set()  # data connections of open UDP flows
         self.pool = None  # type: Optional[ClientPool]
         self._control = None  # type: Optional[socket.socket]
-        self._loops = []
+        self._loops = Supervisor("Client")  # also runs each session's pool manager
         self._auth_failures = 0
-        self.failed = Event()
+        self.failed = self._loops.failed
         self.closed = False
 
     # -- lifecycle -------------------------------------------------------
 
     def start(self) -> None:
-        for function in (self._run_sessions, self._report_forever):
-            loop = gevent.spawn(function)
-            loop.link_exception(self._on_loop_crash)
-            self._loops.append(loop)
+        self._loops.spawn(self._run_sessions)
+        self._loops.spawn(self._report_forever)
 
     def stop(self, timeout: float) -> None:
         """Close the tunnel and pool; let running exchanges finish for ``timeout``."""
         if self.closed:
             return
         self.closed = True
-        for loop in self._loops:
-            loop.kill(block=False)
+        self._loops.kill()
         net.close_quietly(self._control)
         if self.pool is not None:
             self.pool.close()
@@ -72,10 +69,6 @@ class Client:
             log.warning("Client: cutting %d connections still open after %.1fs",
                         len(self._launches), timeout)
             self._launches.kill(timeout=1)
-
-    def _on_loop_crash(self, loop: gevent.Greenlet) -> None:
-        log.critical("Client: internal failure: %r", loop.exception)
-        self.failed.set()
 
     def _run_sessions(self) -> None:
         while not self.closed:
@@ -129,7 +122,8 @@ class Client:
         # Dial the address the tunnel reached (no second lookup), at the data port.
         data_sockaddr = (server_address[0], data_port) + server_address[2:]
         self.pool = ClientPool(self._data_dialer(data_sockaddr, tls.client_context(tls_mode)),
-                               self.settings.min_pool_capacity, self.settings.max_pool_capacity)
+                               self.settings.min_pool_capacity, self.settings.max_pool_capacity,
+                               self._loops)
         self.pool.start()
         if protocol.offers_udp_flow(signal):
             control.sendall(protocol.ACK_UDP_FLOW)

@@ -26,6 +26,8 @@ _POLL_ERROR_OR_HANGUP = 0x008 | 0x010
 
 ACCEPT_BACKOFF_FIRST = 0.05
 ACCEPT_BACKOFF_MAX = 1.0
+RECEIVE_BACKOFF_FIRST = 0.01
+RECEIVE_BACKOFF_MAX = 1.0
 # Out of descriptors or memory: wait for some to be released, keep the listener.
 _ACCEPT_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
                      errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
@@ -33,6 +35,27 @@ _ACCEPT_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
 
 class BindError(Exception):
     """A listening socket could not be opened (port in use, bad address...)."""
+
+
+class Backoff:
+    """Pauses between retries after failures in a row: doubling from ``first``,
+    capped at ``limit``; a success starts the next streak from ``first``."""
+
+    def __init__(self, first: float, limit: float) -> None:
+        self.first, self.limit = first, limit
+        self.failures = 0  # in the current streak
+        self._delay = first
+
+    def pause(self) -> float:
+        """Count one more failure; how long to wait before the next try."""
+        self.failures += 1
+        delay, self._delay = self._delay, min(self._delay * 2, self.limit)
+        return delay
+
+    def reset(self) -> int:
+        """A success ends the streak; how many failures it had."""
+        failures, self.failures, self._delay = self.failures, 0, self.first
+        return failures
 
 
 def resolve(address: Address, kind: int, passive: bool) -> Tuple[int, tuple]:
@@ -243,19 +266,53 @@ def serve_forever(listener: socket.socket, handle: Callable[[socket.socket, tupl
     loop stops accepting and the kernel backlog absorbs the burst. Running out
     of descriptors backs off (doubling, capped) instead of stopping the service.
     """
-    delay = ACCEPT_BACKOFF_FIRST
+    backoff = Backoff(ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_MAX)
     while True:
         try:
             conn, address = listener.accept()
         except OSError as exc:
-            if listener.fileno() < 0 or exc.errno in (errno.EBADF, errno.EINVAL):
-                return  # closed by our own shutdown
+            if _closed_by_us(listener, exc):
+                return
             if exc.errno not in _ACCEPT_TRANSIENT:
                 raise
+            delay = backoff.pause()
             log.warning("%s: accept failed (%s); retrying in %.2fs", name, exc.strerror, delay)
             gevent.sleep(delay)
-            delay = min(delay * 2, ACCEPT_BACKOFF_MAX)
             continue
-        delay = ACCEPT_BACKOFF_FIRST
+        backoff.reset()
         set_nodelay(conn)
         spawn(handle, conn, address)
+
+
+def receive_forever(listener: socket.socket, size: int,
+                    handle: Callable[[socket.socket, bytes, tuple], None], name: str) -> None:
+    """Receive datagrams until the listener is closed; ``handle`` takes each one
+    (in this loop: the next datagram waits until it returns).
+
+    An error on the socket (out of memory or buffers, an ICMP error queued on
+    it) is not fatal, but one that repeats would spin the loop: retries back
+    off, and only the first error of a streak is a warning.
+    """
+    backoff = Backoff(RECEIVE_BACKOFF_FIRST, RECEIVE_BACKOFF_MAX)
+    while True:
+        try:
+            datagram, peer = listener.recvfrom(size)
+        except OSError as exc:
+            if _closed_by_us(listener, exc):
+                return
+            delay = backoff.pause()
+            if backoff.failures == 1:
+                log.warning("%s: UDP receive failed (%s); retrying with back-off", name,
+                            exc.strerror or exc)
+            else:
+                log.debug("%s: UDP receive failed again (%s); next try in %.2fs", name,
+                          exc.strerror or exc, delay)
+            gevent.sleep(delay)
+            continue
+        if backoff.failures:
+            log.info("%s: UDP receives work again after %d errors", name, backoff.reset())
+        handle(listener, datagram, peer)
+
+
+def _closed_by_us(listener: socket.socket, exc: OSError) -> bool:
+    return listener.fileno() < 0 or exc.errno in (errno.EBADF, errno.EINVAL)

@@ -10,7 +10,7 @@ more than 80% -> grow by one, within MIN/MAX_POOL_CAPACITY).
 
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Callable, Dict, Optional, Tuple
 
 import gevent
@@ -20,6 +20,7 @@ from gevent.queue import Empty, Queue
 
 from nodepass_gevent import net
 from nodepass_gevent.log import log
+from nodepass_gevent.supervisor import Supervisor
 
 DataConnection = Tuple[str, socket.socket]
 
@@ -28,6 +29,13 @@ GROW_RATIO, SHRINK_RATIO = 0.8, 0.2
 MAX_PARALLEL_DIALS = 64   # dials in flight at once while refilling
 DIAL_BACKOFF_FIRST, DIAL_BACKOFF_MAX = 0.1, 5.0
 ID_ARRIVAL_WAIT = 2.0     # how long a launch may wait for its id to be read
+# More than capacity/3 launches naming unknown ids within this many seconds
+# mean the server's pool and ours disagree: ours is flushed. Rare misses
+# spread over a long life are noise, not disagreement.
+MISS_WINDOW = 10.0
+# What a failed dial raises (socket, TLS and protocol errors): retried with
+# back-off. Anything else is a bug and fails the client (supervisor.py).
+DIAL_FAILURES = (OSError, ValueError)
 
 
 class ServerPool:
@@ -73,11 +81,13 @@ class ServerPool:
 
 
 class ClientPool:
-    """Pre-dialed data connections on the client, looked up by id."""
+    """Pre-dialed data connections on the client, looked up by id; its manager
+    greenlet runs under the owner's ``supervisor``."""
 
     def __init__(self, dial: Callable[[], DataConnection], min_capacity: int,
-                 max_capacity: int) -> None:
+                 max_capacity: int, supervisor: Supervisor) -> None:
         self._dial = dial
+        self._supervisor = supervisor
         self.min_capacity, self.max_capacity = min_capacity, max_capacity
         self.capacity = min_capacity
         self._idle = OrderedDict()  # type: OrderedDict[str, socket.socket]
@@ -85,7 +95,7 @@ class ClientPool:
         self._dialers = gevent.pool.Pool(MAX_PARALLEL_DIALS)
         self._wakeup = Event()
         self._created = 0   # since the last capacity adjustment
-        self._misses = 0
+        self._misses = deque()  # when each recent miss happened (monotonic seconds)
         self._failures = 0  # dials failed in a row
         self._manager = None
         self.closed = False
@@ -95,7 +105,7 @@ class ClientPool:
         return len(self._idle)
 
     def start(self) -> None:
-        self._manager = gevent.spawn(self._manage)
+        self._manager = self._supervisor.spawn(self._manage)
 
     def take(self, connection_id: str) -> Optional[socket.socket]:
         """The connection filed under ``connection_id``, or None if it never comes."""
@@ -134,23 +144,26 @@ class ClientPool:
             self._idle[connection_id] = sock
 
     def _count_miss(self, connection_id: str) -> None:
-        self._misses += 1
+        now = time.monotonic()
+        misses = self._misses
+        misses.append(now)
+        while misses[0] < now - MISS_WINDOW:
+            misses.popleft()
         log.warning("Pool: no data connection with id %s", connection_id)
-        if self._misses > self.capacity / 3:
-            log.warning("Pool: %d launches named unknown ids; flushing the pool", self._misses)
-            self._misses = 0
+        if len(misses) > self.capacity / 3:
+            log.warning("Pool: %d launches named unknown ids; flushing the pool", len(misses))
+            misses.clear()
             self.flush()
 
     def _manage(self) -> None:
         next_adjust = time.monotonic() + ADJUST_INTERVAL
-        backoff = DIAL_BACKOFF_FIRST
+        backoff = net.Backoff(DIAL_BACKOFF_FIRST, DIAL_BACKOFF_MAX)
         while not self.closed:
             self._wakeup.clear()
             if self._fill():
-                backoff = DIAL_BACKOFF_FIRST
+                backoff.reset()
             else:
-                gevent.sleep(backoff)
-                backoff = min(backoff * 2, DIAL_BACKOFF_MAX)
+                gevent.sleep(backoff.pause())
             self._wakeup.wait(timeout=max(0.0, next_adjust - time.monotonic()))
             if time.monotonic() >= next_adjust:
                 self._drop_dead()
@@ -168,7 +181,7 @@ class ClientPool:
     def _dial_one(self, _index: int) -> bool:
         try:
             connection_id, sock = self._dial()
-        except Exception as exc:  # any failure of one dial is retried by the manager
+        except DIAL_FAILURES as exc:  # retried by the manager
             self._failures += 1
             if self._failures == 1:  # the first of a streak is news; the rest are noise
                 log.warning("Pool: data connection failed: %s (retrying with backoff)", exc)

@@ -25,6 +25,7 @@ from nodepass_gevent.log import log
 from nodepass_gevent.pool import ServerPool
 from nodepass_gevent.protocol import HEARTBEAT_MISSES
 from nodepass_gevent.stats import Stats
+from nodepass_gevent.supervisor import Supervisor
 
 DATA_PORT_RANGE = (1024, 8192)  # as v1.0 picks it
 DATA_PORT_TRIES = 64
@@ -90,11 +91,11 @@ class Server:
         self._cooldown_until = 0.0
         self._next_full_warning = 0.0
         self._listeners = []  # type: List[socket.socket]
-        self._loops = []  # type: List[gevent.Greenlet]
+        self._loops = Supervisor("Server")
         self._offers_udp_flow = config.udp_mode == "flow"
         self._flows = udpflow.ServerFlows()
         self.data_port = 0
-        self.failed = Event()  # set if an internal loop dies: the process should exit
+        self.failed = self._loops.failed  # set if an internal loop dies: the process should exit
         self.closed = False
 
     # -- lifecycle -------------------------------------------------------
@@ -114,13 +115,14 @@ class Server:
             self._close_listeners()
             raise
         self.data_port = net.local_port(data)
-        self._spawn_loop(net.serve_forever, tunnel, self._on_tunnel, self._spawn_control,
-                         "tunnel")
-        self._spawn_loop(net.serve_forever, data, self._on_data, self._handshakes.spawn, "data")
-        self._spawn_loop(net.serve_forever, target_tcp, self._on_user, self._spawn_user,
-                         "target")
-        self._spawn_loop(self._serve_udp, target_udp)
-        self._spawn_loop(self._report_forever)
+        self._loops.spawn(net.serve_forever, tunnel, self._on_tunnel, self._spawn_control,
+                          "tunnel")
+        self._loops.spawn(net.serve_forever, data, self._on_data, self._handshakes.spawn, "data")
+        self._loops.spawn(net.serve_forever, target_tcp, self._on_user, self._spawn_user,
+                          "target")
+        self._loops.spawn(net.receive_forever, target_udp, self.settings.udp_data_buf_size,
+                          self._on_user_datagram, "Target")
+        self._loops.spawn(self._report_forever)
         log.info("Server: tunnel %s, data port %d, target %s (tcp+udp), tls=%d, auth=%s",
                  self.config.tunnel, self.data_port, self.config.target, self.config.tls_mode,
                  "on" if self.config.auth_key else "off")
@@ -131,8 +133,7 @@ class Server:
             return
         self.closed = True
         self._close_listeners()
-        for loop in self._loops:
-            loop.kill(block=False)
+        self._loops.kill()
         self._end_session()
         self._flows.end_all()  # UDP has nothing in flight worth a grace period
         self._controls.kill(block=False)
@@ -143,15 +144,6 @@ class Server:
             log.warning("Server: cutting %d connections still open after %.1fs",
                         len(self._users), timeout)
             self._users.kill(timeout=1)
-
-    def _spawn_loop(self, function, *args) -> None:
-        loop = gevent.spawn(function, *args)
-        loop.link_exception(self._on_loop_crash)
-        self._loops.append(loop)
-
-    def _on_loop_crash(self, loop: gevent.Greenlet) -> None:
-        log.critical("Server: internal failure: %r", loop.exception)
-        self.failed.set()
 
     def _close_listeners(self) -> None:
         for listener in self._listeners:
@@ -366,27 +358,20 @@ class Server:
         with self.stats.tcp_connection():
             relay.exchange(user, data, self.stats)
 
-    def _serve_udp(self, listener: socket.socket) -> None:
-        size = self.settings.udp_data_buf_size
-        while True:
-            try:
-                datagram, peer = listener.recvfrom(size)
-            except OSError:
-                if listener.fileno() < 0:
-                    return
-                continue  # e.g. an ICMP error queued on the socket: not fatal
-            flow = self._flows.get(peer)
-            if flow is not None:
-                flow.offer(datagram)
-            elif self._session is not None and self._session.udp_flow:
-                flow = udpflow.ServerFlow(listener, peer, self.stats, size,
-                                          self.settings.udp_read_timeout)
-                flow.offer(datagram)
-                self._flows.add(flow)  # now, so the next datagram finds it
-                self._spawn_user(self._flows.run, flow, partial(
-                    self._take_data_connection, protocol.KIND_UDP_FLOW, "%s:%d" % peer[:2]))
-            else:
-                self._spawn_user(self._on_datagram, listener, datagram, peer)
+    def _on_user_datagram(self, listener: socket.socket, datagram: bytes, peer: tuple) -> None:
+        flow = self._flows.get(peer)
+        if flow is not None:
+            flow.offer(datagram)
+        elif self._session is not None and self._session.udp_flow:
+            size = self.settings.udp_data_buf_size
+            flow = udpflow.ServerFlow(listener, peer, self.stats, size,
+                                      self.settings.udp_read_timeout)
+            flow.offer(datagram)
+            self._flows.add(flow)  # now, so the next datagram finds it
+            self._spawn_user(self._flows.run, flow, partial(
+                self._take_data_connection, protocol.KIND_UDP_FLOW, "%s:%d" % peer[:2]))
+        else:
+            self._spawn_user(self._on_datagram, listener, datagram, peer)
 
     def _on_datagram(self, listener: socket.socket, datagram: bytes, peer: tuple) -> None:
         data = self._take_data_connection(protocol.KIND_UDP, "%s:%d" % peer[:2])

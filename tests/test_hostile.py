@@ -627,17 +627,15 @@ class HostileServer:
             except OSError:
                 conn.close()
 
-    def launch_tcp(self, payload: bytes, timeout: float = 5.0, data_lead: float = 0.0) -> bytes:
+    def launch_tcp(self, payload: bytes, timeout: float = 5.0, data_lead: float = 0.0,
+                   pooled: Optional[Tuple[bytes, socket.socket]] = None) -> bytes:
         """Launch a pooled connection and pass ``payload`` through it and back.
 
         ``data_lead``: write the payload that many seconds before the launch
         signal, as a loaded server's bytes may overtake its signal.
+        ``pooled``: launch this (id, socket), taken off ``pool`` earlier.
         """
-        while True:
-            connection_id, conn = self.pool.get(timeout=timeout)
-            if _is_silent(conn):
-                break
-            conn.close()  # the client dropped it (a flushed pool)
+        connection_id, conn = pooled or self.next_pooled(timeout)
         with conn:
             conn.settimeout(timeout)
             if data_lead:
@@ -648,6 +646,14 @@ class HostileServer:
                 conn.sendall(payload)
             conn.shutdown(socket.SHUT_WR)
             return _read_to_eof(conn)
+
+    def next_pooled(self, timeout: float) -> Tuple[bytes, socket.socket]:
+        """The oldest (id, socket) the client still holds."""
+        while True:
+            connection_id, conn = self.pool.get(timeout=timeout)
+            if _is_silent(conn):
+                return connection_id, conn
+            conn.close()  # the client dropped it (a flushed pool)
 
     def serves(self) -> bool:
         try:
@@ -733,11 +739,23 @@ def test_client_skips_overlong_lines(hostile):
     assert rss_kb(setup.client) - rss_before < 10 * 1024, "the long line was buffered"
 
 
+UNKNOWN_KINDS = [b"", b"0", b"4", b"9", b"11", b"tcp", b"1x", b"-1"]
+
+
 def test_client_ignores_unknown_kinds(hostile):
     setup = hostile()
-    for kind in (b"", b"0", b"3", b"9", b"11", b"tcp", b"1x"):
-        setup.fake.send(b"//%s#%s\n" % (os.urandom(4).hex().encode(), kind))
-    setup.assert_recovered("ignored signal of unknown kind")
+    # Each names a connection the client holds: acting on a kind would use it up.
+    named = [setup.fake.next_pooled(timeout=5) for _ in UNKNOWN_KINDS]
+    for (connection_id, _), kind in zip(named, UNKNOWN_KINDS):
+        setup.fake.send(b"//%s#%s\n" % (connection_id, kind))
+    setup.assert_recovered(*("ignored signal of unknown kind %r" % kind.decode()
+                             for kind in UNKNOWN_KINDS))
+    output = setup.client.output()
+    assert output.count("ignored signal of unknown kind") == len(UNKNOWN_KINDS)
+    assert "Pool: no data connection with id" not in output
+    assert output.count(" open: data port") == 1  # the tunnel held
+    for pooled in named:  # every one still pooled and unused: it serves a real launch
+        assert setup.fake.launch_tcp(b"still pooled", pooled=pooled) == b"still pooled"
 
 
 def test_client_flushes_its_pool_after_a_flood_of_unknown_ids(hostile):

@@ -8,6 +8,7 @@ import pytest
 from nodepass_gevent import pool as pool_module
 from nodepass_gevent.pool import ClientPool, ServerPool
 from nodepass_gevent.protocol import new_connection_id
+from nodepass_gevent.supervisor import Supervisor
 
 pytestmark = pytest.mark.matrix  # the core suite, run on every Python
 
@@ -38,14 +39,23 @@ def dialer():
     dialer.close()
 
 
+@pytest.fixture
+def supervisor():
+    """The pools' owner: a test fails if a pool's manager crashed under it."""
+    owner = Supervisor("Test")
+    yield owner
+    owner.kill()
+    assert not owner.failed.is_set(), "a pool manager crashed"
+
+
 def wait_for(predicate, timeout=5.0):
     with gevent.Timeout(timeout):
         while not predicate():
             gevent.sleep(0.01)
 
 
-def test_client_pool_fills_to_capacity_and_refills_at_once_when_used(dialer):
-    pool = ClientPool(dialer, min_capacity=8, max_capacity=64)
+def test_client_pool_fills_to_capacity_and_refills_at_once_when_used(dialer, supervisor):
+    pool = ClientPool(dialer, min_capacity=8, max_capacity=64, supervisor=supervisor)
     pool.start()
     try:
         wait_for(lambda: pool.idle == 8)
@@ -57,8 +67,8 @@ def test_client_pool_fills_to_capacity_and_refills_at_once_when_used(dialer):
         pool.close()
 
 
-def test_capacity_rule_grows_above_80_percent_and_shrinks_below_20(dialer):
-    pool = ClientPool(dialer, min_capacity=10, max_capacity=12)
+def test_capacity_rule_grows_above_80_percent_and_shrinks_below_20(dialer, supervisor):
+    pool = ClientPool(dialer, min_capacity=10, max_capacity=12, supervisor=supervisor)
     # (connections that had to be created in a round, capacity after the round)
     rounds = [(9, 11),   # 90% of 10: grow by one
               (12, 12),  # grow again
@@ -74,7 +84,7 @@ def test_capacity_rule_grows_above_80_percent_and_shrinks_below_20(dialer):
     pool.close()
 
 
-def test_launch_waits_for_an_id_still_being_read(dialer):
+def test_launch_waits_for_an_id_still_being_read(dialer, supervisor):
     # The server may signal an id before the client has read it off the wire
     # (PROTOCOL.md section 6): the launch must wait for it, not give up.
     release = gevent.event.Event()
@@ -83,7 +93,7 @@ def test_launch_waits_for_an_id_still_being_read(dialer):
         release.wait()
         return "0a0b0c0d", dialer()[1]
 
-    pool = ClientPool(slow_dial, min_capacity=1, max_capacity=1)
+    pool = ClientPool(slow_dial, min_capacity=1, max_capacity=1, supervisor=supervisor)
     pool.start()
     try:
         gevent.sleep(0.05)  # the dial is under way, its id not read yet
@@ -96,18 +106,38 @@ def test_launch_waits_for_an_id_still_being_read(dialer):
         pool.close()
 
 
-def test_many_unknown_ids_flush_the_pool(dialer, monkeypatch):
+@pytest.fixture
+def full_pool(dialer, supervisor, monkeypatch):
+    """A started pool of 9, full; a launch for an unknown id gives up at once."""
     monkeypatch.setattr(pool_module, "ID_ARRIVAL_WAIT", 0.05)
-    pool = ClientPool(dialer, min_capacity=9, max_capacity=9)
+    pool = ClientPool(dialer, min_capacity=9, max_capacity=9, supervisor=supervisor)
     pool.start()
-    try:
-        wait_for(lambda: pool.idle == 9)
-        stale = set(pool._idle)
-        for _ in range(4):  # more than a third of capacity
-            assert pool.take("00000000") is None
-        wait_for(lambda: pool.idle == 9 and not (set(pool._idle) & stale))
-    finally:
-        pool.close()
+    wait_for(lambda: pool.idle == 9)
+    yield pool
+    pool.close()
+
+
+def assert_a_burst_of_misses_flushes(pool):
+    stale = set(pool._idle)
+    for _ in range(4):  # more than a third of capacity
+        assert pool.take("00000000") is None
+    wait_for(lambda: pool.idle == 9 and not (set(pool._idle) & stale))
+
+
+def test_many_unknown_ids_flush_the_pool(full_pool):
+    assert_a_burst_of_misses_flushes(full_pool)
+
+
+def test_unknown_ids_spread_over_time_do_not_flush_the_pool(full_pool, dialer, monkeypatch):
+    # A long-lived client meets a stray id now and then: that is no reason to
+    # throw its pool away. Only a burst within MISS_WINDOW is.
+    monkeypatch.setattr(pool_module, "MISS_WINDOW", 0.2)
+    kept = set(full_pool._idle)
+    for _ in range(8):  # twice the burst that flushes, one every window and a bit
+        assert full_pool.take("00000000") is None
+        gevent.sleep(0.25)
+    assert set(full_pool._idle) == kept and dialer.dialed == 9
+    assert_a_burst_of_misses_flushes(full_pool)  # the same misses at once still do
 
 
 def test_server_pool_is_fifo_and_skips_dead_or_chatty_connections():

@@ -165,16 +165,20 @@ def test_address_forms(nodepass, echo, tunnel_host, user_host, listen_host):
 
 
 @pytest.mark.parametrize("level, present, absent", [
-    ("debug", ["DEBUG", "INFO "], []),
-    ("info", ["INFO "], ["DEBUG"]),
-    ("warn", [], ["DEBUG", "INFO "]),
+    ("debug", ["DEBUG", "INFO ", "WARN "], []),
+    ("info", ["INFO ", "WARN "], ["DEBUG"]),
+    ("warn", ["WARN "], ["DEBUG", "INFO "]),
 ])
 def test_log_levels(nodepass, echo, level, present, absent):
     from support import free_port
     tunnel_port, port = free_port(), free_port()
     server = nodepass("server://127.0.0.1:%d/127.0.0.1:%d?log=%s" % (tunnel_port, port, level))
-    nodepass("client://127.0.0.1:%d/127.0.0.1:%d?log=%s" % (tunnel_port, echo.port, level))
+    client = nodepass("client://127.0.0.1:%d/127.0.0.1:%d?log=%s" % (tunnel_port, echo.port,
+                                                                    level))
     wait_until(lambda: echo_works(port), 15, what="traffic")
+    # A warn-level event on every level: the client that served a user leaves.
+    assert client.stop() == 0
+    server.wait_for_output("disconnected; accepting a new one in", timeout=10)
     assert server.stop() == 0
     output = server.output()
     for word in present:
@@ -183,8 +187,10 @@ def test_log_levels(nodepass, echo, level, present, absent):
         assert word not in output
     if level == "debug":
         assert "-> data connection" in output  # every connection is traced
-    stamp = output.splitlines()[0][:23] if output else ""
-    assert not output or (stamp[4] == "-" and stamp[19] == ".")
+    warning = next(line for line in output.splitlines() if "disconnected;" in line)
+    assert warning[24:29] == "WARN "  # the event carries its level
+    stamp = output.splitlines()[0][:23]
+    assert stamp[4] == "-" and stamp[19] == "."
 
 
 def test_a_silent_squatter_on_the_tunnel_port_is_replaced_by_the_real_client(nodepass, echo):
