@@ -19,6 +19,33 @@ def test_encodings_are_v1_bytes():
     assert not protocol.offers_udp_flow(protocol.parse_signal(b"//4321#0\n"))
 
 
+def test_extension_lines_are_the_bytes_docs_protocol_md_shows():
+    """Every line of the key handshake and the flow offer, byte for byte (auth.py
+    only adds the MACs to these)."""
+    nonce, mac = "0" * protocol.AUTH_NONCE_LENGTH, "f" * protocol.AUTH_MAC_LENGTH
+    assert protocol.encode_auth_challenge(nonce) == \
+        b"//0?auth=hmac-sha256&nonce=" + nonce.encode() + b"#0\n"
+    assert protocol.AUTH_REJECTION == b"//0?error=auth#0\n"
+    assert protocol.encode_auth_response(nonce, mac) == \
+        b"//" + nonce.encode() + b"?mac=" + mac.encode() + b"#auth\n"
+    assert protocol.encode_tunnel_signal(4321, 2, mac=mac) == \
+        b"//4321?auth=hmac-sha256&mac=" + mac.encode() + b"#2\n"
+    assert protocol.encode_tunnel_signal(4321, 1, udp_flow=True, mac=mac) == \
+        b"//4321?auth=hmac-sha256&mac=" + mac.encode() + b"&udp=flow#1\n"
+    assert protocol.ACK_UDP_FLOW == b"//flow#udp\n"
+    assert protocol.encode_launch_signal("0a1b2c3d", protocol.KIND_UDP_FLOW) == b"//0a1b2c3d#3\n"
+    assert protocol.FLOW_FRAME_HEADER.pack(258) == b"\x01\x02"
+    challenge = protocol.parse_signal(protocol.encode_auth_challenge(nonce))
+    assert protocol.is_auth_challenge(challenge) and not protocol.is_auth_rejection(challenge)
+    assert protocol.is_auth_rejection(protocol.parse_signal(protocol.AUTH_REJECTION))
+
+
+def test_tls_modes_are_the_tunnel_signal_fragments():
+    assert [protocol.is_tls_mode(text) for text in ("0", "1", "2", "3", "", "01", " 1")] == \
+        [True, True, True, False, False, False, False]
+    assert sorted(protocol.TLS_MODE_NAMES) == list(protocol.TLS_MODES) == [0, 1, 2]
+
+
 def test_new_ids_are_eight_lowercase_hex():
     ids = {protocol.new_connection_id() for _ in range(1000)}
     assert len(ids) > 990
