@@ -22,7 +22,8 @@ v1.0 (docs/protocol.md, "Control channel" and "Data connections"):
       | <--- datagram on data <id> -----------  |
       | ---- one reply, then close ---------->  |
 
-Extensions, off unless switched on at both ends (docs/protocol.md, "Extension: ..."):
+Extensions, off unless switched on at both ends (docs/protocol.md, "Extension:
+shared-key authentication" and "Extension: UDP flows"):
 
     shared key   "//0?auth=hmac-sha256&nonce=<Ns>#0\\n" challenge, "//<Nc>?mac=<M1>#auth\\n"
                  response, "//<port>?auth=hmac-sha256&mac=<M2>#<tls>\\n" or

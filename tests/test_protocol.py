@@ -1,5 +1,9 @@
 """Signal and id encoding: pure functions, table-driven, plus any-bytes fuzzing."""
 
+import glob
+import os
+import re
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -98,3 +102,23 @@ def test_any_bytes_parse_or_are_rejected_cleanly(data):
 def test_tunnel_signal_round_trips(port, tls):
     signal = protocol.parse_tunnel_signal(protocol.encode_tunnel_signal(port, tls))
     assert (int(signal.host), int(signal.kind)) == (port, tls)
+
+
+def test_every_citation_of_the_wire_contract_names_a_section_of_docs_protocol_md():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "docs", "protocol.md")) as contract:
+        headings = {line.lstrip("#").strip().lower() for line in contract
+                    if line.startswith("#")}
+    cited = {}
+    sources = [path for folder in ("nodepass_gevent", "tests", "scripts")
+               for path in glob.glob(os.path.join(repo, folder, "*"))
+               if os.path.isfile(path) and not path.endswith(".pyc")]
+    for path in sources:
+        with open(path, encoding="utf-8") as source:
+            text = source.read()
+        assert "PROTOCOL" ".md" not in text, path  # the shared folder's copy: not in the repo
+        text = re.sub(r"\s*\n\s*(#\s*)?", " ", text)  # a title may wrap onto a comment line
+        for title in re.findall(r"docs/protocol\.md, [\"']([^\"']+)[\"']", text):
+            cited.setdefault(title.lower(), path)
+    assert len(cited) >= 3
+    assert {title: path for title, path in cited.items() if title not in headings} == {}
