@@ -19,7 +19,7 @@ from nodepass_gevent import auth, net, protocol, relay, tls, udpflow
 from nodepass_gevent.config import Config, Settings
 from nodepass_gevent.log import log
 from nodepass_gevent.pool import ClientPool, DataConnection
-from nodepass_gevent.protocol import HANDSHAKE_TIMEOUT
+from nodepass_gevent.protocol import AUTH_NONCE_LENGTH, HANDSHAKE_TIMEOUT
 from nodepass_gevent.stats import Stats
 
 CONNECT_TIMEOUT = 5.0     # dialing the tunnel, a data connection or the target
@@ -226,7 +226,7 @@ class Client:
                 if context is not None:
                     sock = context.wrap_socket(sock, server_hostname=server_name)
                 if self.config.auth_key is not None:
-                    nonce = net.recv_exactly(sock, protocol.AUTH_NONCE_LENGTH).decode("ascii", "replace")
+                    nonce = net.recv_exactly(sock, AUTH_NONCE_LENGTH).decode("ascii", "replace")
                     sock.sendall(auth.data_response(self.config.auth_key, nonce))
                 connection_id = _read_id(sock)
                 sock.settimeout(None)
