@@ -130,7 +130,7 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
     log_level = params.get("log", "info").lower()
     if log_level not in LOG_LEVELS:
         raise ConfigError("bad log level %r: use one of %s" % (log_level, ", ".join(LOG_LEVELS)))
-    tls_mode = _tls_mode(params.get("tls", "0"))
+    tls_mode = _tls_mode(params.get("tls", str(protocol.TLS_NONE)))
     crt, key = params.get("crt") or None, params.get("key") or None
     if scheme == "server" and tls_mode == protocol.TLS_VERIFIED and not (crt and key):
         raise ConfigError("tls=2 needs both crt=<certificate file> and key=<private key file>")
@@ -253,7 +253,7 @@ def _tls_mode(text: str) -> int:
 
 
 def load_settings(environ: Optional[Mapping[str, str]] = None) -> "Settings":
-    """Read the eight environment variables, keeping the seed's defaults."""
+    """Read the SETTINGS variables; one not set (or blank) keeps its default."""
     environ = os.environ if environ is None else environ
     settings = Settings(**{setting.attribute: setting.parse(environ[setting.name])
                            for setting in SETTINGS if environ.get(setting.name, "").strip()})
