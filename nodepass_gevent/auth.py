@@ -16,6 +16,7 @@ With a key, nothing is revealed before the peer has proved it knows the key:
     | --> "<M3>" (64 hex) -------------------->  |  M3 = HMAC(key, data|Nd)
     | <-- "<id>" (8 hex), as in v1.0 ---------  |
 
+The lines and lengths are defined in protocol.py; this module adds the MACs.
 Nonces are 16 random bytes as 32 hex characters, fresh on every connection,
 so a recorded handshake is worthless. M2 also covers the port and the TLS
 mode, so the plain-text tunnel signal cannot be rewritten. MACs are compared
@@ -29,11 +30,7 @@ import os
 from typing import Optional
 
 from nodepass_gevent import protocol
-
-SCHEME = "hmac-sha256"
-NONCE_LENGTH = 32  # hex characters
-MAC_LENGTH = 64    # hex characters
-KIND_AUTH = "auth"
+from nodepass_gevent.protocol import AUTH_NONCE_LENGTH, FIELD_MAC
 
 _LABEL_CLIENT, _LABEL_SERVER, _LABEL_DATA = b"nodepass client", b"nodepass server", b"nodepass data"
 
@@ -43,7 +40,7 @@ class AuthError(Exception):
 
 
 def new_nonce() -> str:
-    return binascii.hexlify(os.urandom(NONCE_LENGTH // 2)).decode("ascii")
+    return binascii.hexlify(os.urandom(AUTH_NONCE_LENGTH // 2)).decode("ascii")
 
 
 def _mac(key: bytes, label: bytes, *parts: object) -> str:
@@ -57,22 +54,14 @@ def _same(expected: str, received: Optional[str]) -> bool:
 
 
 def is_nonce(text: str) -> bool:
-    return len(text) == NONCE_LENGTH and all(c in "0123456789abcdef" for c in text)
+    return protocol.is_lower_hex(text, AUTH_NONCE_LENGTH)
 
 
-# -- the tunnel handshake --------------------------------------------------------
-
-def encode_challenge(server_nonce: str) -> bytes:
-    return ("//0?auth=%s&nonce=%s#0\n" % (SCHEME, server_nonce)).encode("ascii")
-
-
-def encode_rejection() -> bytes:
-    return b"//0?error=auth#0\n"
-
+# -- the tunnel handshake (its lines are protocol.py's) -----------------------------
 
 def client_response(key: bytes, server_nonce: str, client_nonce: str) -> bytes:
     mac = _mac(key, _LABEL_CLIENT, server_nonce, client_nonce)
-    return ("//%s?mac=%s#%s\n" % (client_nonce, mac, KIND_AUTH)).encode("ascii")
+    return protocol.encode_auth_response(client_nonce, mac)
 
 
 def check_client_response(key: bytes, server_nonce: str, line: bytes) -> Optional[str]:
@@ -81,32 +70,23 @@ def check_client_response(key: bytes, server_nonce: str, line: bytes) -> Optiona
         signal = protocol.parse_signal(line)
     except protocol.ProtocolError:
         return None
-    if signal.kind != KIND_AUTH or not is_nonce(signal.host):
+    if signal.kind != protocol.KIND_AUTH or not is_nonce(signal.host):
         return None
     expected = _mac(key, _LABEL_CLIENT, server_nonce, signal.host)
-    return signal.host if _same(expected, signal.query.get("mac")) else None
+    return signal.host if _same(expected, signal.query.get(FIELD_MAC)) else None
 
 
 def encode_tunnel_signal(key: bytes, client_nonce: str, server_nonce: str, data_port: int,
-                         tls_mode: int, extensions: str = "") -> bytes:
-    """The tunnel signal with the server's proof; ``extensions``: "&name=value..." """
+                         tls_mode: int, udp_flow: bool = False) -> bytes:
+    """The tunnel signal with the server's proof, offering UDP flows if ``udp_flow``."""
     mac = _mac(key, _LABEL_SERVER, client_nonce, server_nonce, data_port, tls_mode)
-    return ("//%d?auth=%s&mac=%s%s#%d\n" % (data_port, SCHEME, mac, extensions, tls_mode)
-            ).encode("ascii")
+    return protocol.encode_tunnel_signal(data_port, tls_mode, udp_flow, mac)
 
 
 def check_tunnel_signal(key: bytes, client_nonce: str, server_nonce: str,
                         signal: protocol.Signal) -> bool:
     expected = _mac(key, _LABEL_SERVER, client_nonce, server_nonce, signal.host, signal.kind)
-    return _same(expected, signal.query.get("mac"))
-
-
-def is_challenge(signal: protocol.Signal) -> bool:
-    return "auth" in signal.query
-
-
-def is_rejection(signal: protocol.Signal) -> bool:
-    return signal.query.get("error") == "auth"
+    return _same(expected, signal.query.get(FIELD_MAC))
 
 
 # -- data connections ----------------------------------------------------------------

@@ -32,15 +32,7 @@ Options:
   --version     Show the version.
 
 Environment:
-  SEMAPHORE_LIMIT    Most concurrent connections and datagrams   [default: 1024]
-  MIN_POOL_CAPACITY  Fewest pooled data connections (client)     [default: 16]
-  MAX_POOL_CAPACITY  Most pooled data connections                [default: 1024]
-  UDP_DATA_BUF_SIZE  Largest UDP datagram or reply, bytes        [default: 8192]
-  UDP_READ_TIMEOUT   How long a UDP exchange waits for a reply   [default: 5s]
-  REPORT_INTERVAL    Heartbeat and traffic report interval       [default: 5s]
-  SERVICE_COOLDOWN   Pause before reconnecting / re-arming       [default: 5s]
-  SHUTDOWN_TIMEOUT   Grace for open connections on SIGTERM       [default: 5s]
-  NODEPASS_KEY       The shared key, if not given in the URL
+{environment}
   Durations use Go syntax: 500ms, 5s, 1m30s.
 
 Examples:
@@ -56,10 +48,24 @@ from typing import List, Optional
 from docopt import DocoptExit, docopt
 
 from nodepass_gevent import __version__
-from nodepass_gevent.config import (KEY_VARIABLE, ConfigError, load_settings, parse_url,
-                                    without_key)
+from nodepass_gevent.config import (KEY_VARIABLE, SETTINGS, ConfigError, load_settings,
+                                    parse_url, without_key)
 
 PROGRAM = "nodepass"
+KEY_HELP = "The shared key, if not given in the URL"
+
+
+def environment_help() -> str:
+    """The help's Environment rows: config.SETTINGS, then the shared key."""
+    rows = [(s.name, s.help, "[default: %s]" % s.default) for s in SETTINGS]
+    rows.append((KEY_VARIABLE, KEY_HELP, ""))
+    name_width = max(len(row[0]) for row in rows) + 2
+    help_width = max(len(row[1]) for row in rows if row[2]) + 3
+    return "\n".join(("  " + name.ljust(name_width) + text.ljust(help_width) + default).rstrip()
+                     for name, text, default in rows)
+
+
+__doc__ = __doc__.replace("{environment}", environment_help())
 
 
 class ExitStatus(enum.IntEnum):

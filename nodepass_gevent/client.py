@@ -18,11 +18,11 @@ from nodepass_gevent import auth, net, protocol, relay, tls, udpflow
 from nodepass_gevent.config import Config, Settings
 from nodepass_gevent.log import log
 from nodepass_gevent.pool import ClientPool, DataConnection
+from nodepass_gevent.protocol import AUTH_NONCE_LENGTH, HANDSHAKE_TIMEOUT
 from nodepass_gevent.stats import Stats
 from nodepass_gevent.supervisor import Supervisor
 
 CONNECT_TIMEOUT = 5.0     # dialing the tunnel, a data connection or the target
-HANDSHAKE_TIMEOUT = 5.0   # the tunnel signal, TLS and the id on a data connection
 AUTH_BACKOFF_MAX = 60.0   # longest pause between tries after the key was rejected
 
 
@@ -116,7 +116,7 @@ class Client:
                                " refusing the tunnel" % (self.config.tunnel, tls_mode,
                                                          self.config.tls_mode))
         log.info("Client: tunnel to %s open: data port %d, tls=%d (%s)%s", self.config.tunnel,
-                 data_port, tls_mode, tls.TLS_MODE_NAMES[tls_mode],
+                 data_port, tls_mode, protocol.TLS_MODE_NAMES[tls_mode],
                  ", authenticated" if self.config.auth_key else "")
         server_address = control.getpeername()
         # Dial the address the tunnel reached (no second lookup), at the data port.
@@ -136,7 +136,7 @@ class Client:
         """Read the tunnel signal, proving the shared key first if there is one."""
         signal = protocol.parse_signal(self._read_line(lines))
         key = self.config.auth_key
-        if not auth.is_challenge(signal):
+        if not protocol.is_auth_challenge(signal):
             if key is not None:
                 raise SessionError("server %s does not ask for the shared key; refusing it"
                                    " (is it a NodePass v1.0 server, or an impostor?)"
@@ -145,12 +145,12 @@ class Client:
         if key is None:
             raise SessionError("server %s requires a shared key: use client://KEY@host:port/..."
                                " or NODEPASS_KEY" % (self.config.tunnel,))
-        server_nonce, client_nonce = signal.query.get("nonce", ""), auth.new_nonce()
+        server_nonce, client_nonce = signal.query.get(protocol.FIELD_NONCE, ""), auth.new_nonce()
         if not auth.is_nonce(server_nonce):
             raise protocol.ProtocolError("bad authentication challenge")
         control.sendall(auth.client_response(key, server_nonce, client_nonce))
         answer = protocol.parse_signal(self._read_line(lines))
-        if auth.is_rejection(answer):
+        if protocol.is_auth_rejection(answer):
             raise auth.AuthError("server %s rejected our shared key" % (self.config.tunnel,))
         if not auth.check_tunnel_signal(key, client_nonce, server_nonce, answer):
             raise auth.AuthError("server %s did not prove the shared key (wrong key, or a"
@@ -220,7 +220,7 @@ class Client:
                 if context is not None:
                     sock = context.wrap_socket(sock, server_hostname=server_name)
                 if self.config.auth_key is not None:
-                    nonce = net.recv_exactly(sock, auth.NONCE_LENGTH).decode("ascii", "replace")
+                    nonce = net.recv_exactly(sock, AUTH_NONCE_LENGTH).decode("ascii", "replace")
                     sock.sendall(auth.data_response(self.config.auth_key, nonce))
                 connection_id = _read_id(sock)
                 sock.settimeout(None)

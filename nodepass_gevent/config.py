@@ -14,18 +14,17 @@ authentication (auth.py); without it the wire bytes are v1.0's.
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Mapping, Optional, Tuple
+from dataclasses import dataclass, field, make_dataclass
+from typing import Mapping, Optional, Tuple, Union
 from urllib.parse import unquote
 
+from nodepass_gevent import protocol
 from nodepass_gevent.urls import query_pairs, split_url
 
 ROLES = ("server", "client")
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
-TLS_MODES = (0, 1, 2)
 KEY_VARIABLE = "NODEPASS_KEY"
 SERVER_PARAMS = ("log", "tls", "crt", "key", "udp")
-UDP_MODES = ("v1", "flow")
 CLIENT_PARAMS = ("log", "tls")
 
 
@@ -63,37 +62,46 @@ class Config:
     crt: Optional[str] = None
     key: Optional[str] = None
     # Server: "flow" offers the UDP flow extension (udpflow.py); "v1" does not.
-    udp_mode: str = "v1"
+    udp_mode: str = protocol.UDP_MODE_V1
     # The shared key for authentication; None keeps the v1.0 protocol.
     auth_key: Optional[bytes] = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
-class Settings:
-    """The seed's environment variables; durations are in seconds."""
+class Setting:
+    """One of the seed's environment variables, as the operator sees it."""
 
-    semaphore_limit: int = 1024
-    min_pool_capacity: int = 16
-    max_pool_capacity: int = 1024
-    udp_data_buf_size: int = 8192
-    udp_read_timeout: float = 5.0
-    report_interval: float = 5.0
-    service_cooldown: float = 5.0
-    shutdown_timeout: float = 5.0
+    name: str      # the variable, e.g. SEMAPHORE_LIMIT; the Settings field is its lower case
+    kind: str      # "int" (a whole number of at least 1) or "duration" (Go syntax, above 0)
+    default: str   # as an operator would write it: "1024", "5s"
+    help: str      # one line for `nodepass --help`
+
+    @property
+    def attribute(self) -> str:
+        return self.name.lower()
+
+    def parse(self, text: str) -> Union[int, float]:
+        """The value of ``text`` for this variable (seconds for a duration); ConfigError."""
+        if self.kind == "int":
+            return _positive_int(self.name, text)
+        return _positive_duration(self.name, text)
 
 
-INT_SETTINGS = {
-    "SEMAPHORE_LIMIT": "semaphore_limit",
-    "MIN_POOL_CAPACITY": "min_pool_capacity",
-    "MAX_POOL_CAPACITY": "max_pool_capacity",
-    "UDP_DATA_BUF_SIZE": "udp_data_buf_size",
-}
-DURATION_SETTINGS = {
-    "UDP_READ_TIMEOUT": "udp_read_timeout",
-    "REPORT_INTERVAL": "report_interval",
-    "SERVICE_COOLDOWN": "service_cooldown",
-    "SHUTDOWN_TIMEOUT": "shutdown_timeout",
-}
+# The one list of tuning variables: Settings (at the end of this module, once
+# the parsers exist), the CLI help's Environment section and nodepass-service's
+# environment template are all made from it.
+SETTINGS = (
+    Setting("SEMAPHORE_LIMIT", "int", "1024", "Most concurrent connections and datagrams"),
+    Setting("MIN_POOL_CAPACITY", "int", "16", "Fewest pooled data connections (client)"),
+    Setting("MAX_POOL_CAPACITY", "int", "1024", "Most pooled data connections"),
+    Setting("UDP_DATA_BUF_SIZE", "int", "8192", "Largest UDP datagram or reply, bytes"),
+    Setting("UDP_READ_TIMEOUT", "duration", "5s", "How long a UDP exchange waits for a reply"),
+    Setting("REPORT_INTERVAL", "duration", "5s", "Heartbeat and traffic report interval"),
+    Setting("SERVICE_COOLDOWN", "duration", "5s", "Pause before reconnecting / re-arming"),
+    Setting("SHUTDOWN_TIMEOUT", "duration", "5s", "Grace for open connections on SIGTERM"),
+)
+
+
 MAX_UDP_DATA_BUF_SIZE = 65535
 
 
@@ -122,14 +130,14 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
     log_level = params.get("log", "info").lower()
     if log_level not in LOG_LEVELS:
         raise ConfigError("bad log level %r: use one of %s" % (log_level, ", ".join(LOG_LEVELS)))
-    tls_mode = _tls_mode(params.get("tls", "0"))
+    tls_mode = _tls_mode(params.get("tls", str(protocol.TLS_NONE)))
     crt, key = params.get("crt") or None, params.get("key") or None
-    if scheme == "server" and tls_mode == 2 and not (crt and key):
+    if scheme == "server" and tls_mode == protocol.TLS_VERIFIED and not (crt and key):
         raise ConfigError("tls=2 needs both crt=<certificate file> and key=<private key file>")
-    if scheme == "server" and tls_mode != 2 and (crt or key):
+    if scheme == "server" and tls_mode != protocol.TLS_VERIFIED and (crt or key):
         raise ConfigError("crt and key are used only with tls=2")
-    udp_mode = params.get("udp", "v1")
-    if udp_mode not in UDP_MODES:
+    udp_mode = params.get("udp", protocol.UDP_MODE_V1)
+    if udp_mode not in protocol.UDP_MODES:
         raise ConfigError("bad udp value %r: use v1 (one connection per datagram, as NodePass"
                           " v1.0) or flow (one connection per user address)" % udp_mode)
     return Config(scheme, tunnel, target, log_level, tls_mode, crt, key, udp_mode, auth_key)
@@ -239,22 +247,16 @@ def _query_params(query: str, allowed: Tuple[str, ...]) -> Mapping[str, str]:
 
 
 def _tls_mode(text: str) -> int:
-    if text not in ("0", "1", "2"):
+    if not protocol.is_tls_mode(text):
         raise ConfigError("bad tls value %r: use 0 (none), 1 (self-signed) or 2 (crt/key)" % text)
     return int(text)
 
 
-def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
-    """Read the eight environment variables, keeping the seed's defaults."""
+def load_settings(environ: Optional[Mapping[str, str]] = None) -> "Settings":
+    """Read the SETTINGS variables; one not set (or blank) keeps its default."""
     environ = os.environ if environ is None else environ
-    values = {}
-    for name, attribute in INT_SETTINGS.items():
-        if environ.get(name, "").strip():
-            values[attribute] = _positive_int(name, environ[name])
-    for name, attribute in DURATION_SETTINGS.items():
-        if environ.get(name, "").strip():
-            values[attribute] = _positive_duration(name, environ[name])
-    settings = Settings(**values)
+    settings = Settings(**{setting.attribute: setting.parse(environ[setting.name])
+                           for setting in SETTINGS if environ.get(setting.name, "").strip()})
     if settings.min_pool_capacity > settings.max_pool_capacity:
         raise ConfigError("MIN_POOL_CAPACITY (%d) is larger than MAX_POOL_CAPACITY (%d)"
                           % (settings.min_pool_capacity, settings.max_pool_capacity))
@@ -301,3 +303,12 @@ def parse_duration(text: str) -> float:
     if not body:
         raise ConfigError("expected a duration like 500ms, 5s or 1m30s")
     return -seconds if text.startswith("-") else seconds
+
+
+# The parsed values of the environment variables; durations are in seconds.
+Settings = make_dataclass(
+    "Settings",
+    [(setting.attribute, int if setting.kind == "int" else float,
+      field(default=setting.parse(setting.default))) for setting in SETTINGS],
+    frozen=True, namespace={"__module__": __name__,
+                            "__doc__": "The seed's environment variables (SETTINGS), parsed."})

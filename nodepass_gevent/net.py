@@ -245,13 +245,6 @@ def close_quietly(sock: Optional[socket.socket]) -> None:
         pass
 
 
-def peer_name(sock: socket.socket) -> str:
-    try:
-        return format_address(sock.getpeername())
-    except (OSError, ValueError):
-        return "?"
-
-
 def format_address(sockaddr: tuple) -> str:
     """host:port, or [v6]:port, for logs (from accept() or getpeername())."""
     host, port = sockaddr[:2]

@@ -112,7 +112,7 @@ class ClientPool:
         sock = self._idle.pop(connection_id, None)
         if sock is None and len(self._dialers) > 0 and not self.closed:
             # The server may signal an id before we finished reading it off
-            # its connection (PROTOCOL.md section 6): wait for it briefly.
+            # its connection (docs/protocol.md, "Signal before id"): wait briefly.
             waiter = self._waiters.setdefault(connection_id, AsyncResult())
             sock = waiter.wait(timeout=ID_ARRIVAL_WAIT)
             self._waiters.pop(connection_id, None)

@@ -1,10 +1,12 @@
-"""The NodePass v1.0 wire protocol: signals on the tunnel, ids on data connections.
+"""The NodePass wire protocol: every byte, kind, mode and timeout, defined here once.
 
 Glossary:
     tunnel   the plain TCP control channel; the client dials the server's tunnel_addr
     data     a connection from the client to the server's data port, used once
     pool     pre-dialed data connections, waiting to be used
     target   where users arrive (server) / the private service (client)
+
+v1.0 (docs/protocol.md, "Control channel" and "Data connections"):
 
     client                                   server
       | ---- TCP connect tunnel_addr ------->  |
@@ -20,16 +22,28 @@ Glossary:
       | <--- datagram on data <id> -----------  |
       | ---- one reply, then close ---------->  |
 
+Extensions, off unless switched on at both ends (docs/protocol.md, "Extension:
+shared-key authentication" and "Extension: UDP flows"):
+
+    shared key   "//0?auth=hmac-sha256&nonce=<Ns>#0\\n" challenge, "//<Nc>?mac=<M1>#auth\\n"
+                 response, "//<port>?auth=hmac-sha256&mac=<M2>#<tls>\\n" or
+                 "//0?error=auth#0\\n"; on data: <Nd> (32 hex), <M3> (64 hex), then the id
+    UDP flows    "?udp=flow" in the tunnel signal, "//flow#udp\\n" from the client,
+                 launch kind 3, then frames of a 2-byte big-endian length and a datagram
+
 Signals are parsed like URLs: host = port or id, fragment = kind. A query
 string is ignored by v1.0 clients, which is where extensions are advertised.
 """
 
 import binascii
 import os
+import struct
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Iterable, Optional, Tuple
 
 from nodepass_gevent.urls import hostname, query_pairs, split_url
+
+# -- v1.0 ----------------------------------------------------------------------
 
 ID_LENGTH = 8  # hex characters a server writes at the start of every data connection
 MAX_SIGNAL_LENGTH = 4096  # a longer line is not a NodePass signal
@@ -37,17 +51,42 @@ HEARTBEAT = b"\n"
 # A tunnel silent for this many REPORT_INTERVALs (no heartbeat read, or one
 # not acknowledged) is taken for dead.
 HEARTBEAT_MISSES = 3
+# Seconds a peer gets for each handshake, on either side: the tunnel signal
+# (and the key exchange), TLS, the key proof and the id on a data connection.
+HANDSHAKE_TIMEOUT = 5.0
 
 KIND_TCP = "1"
 KIND_UDP = "2"
 KIND_UDP_FLOW = "3"  # extension (udpflow.py): only after the client acknowledged it
+KIND_AUTH = "auth"   # extension (auth.py): the client's key response, client -> server
 KIND_NAMES = {KIND_TCP: "tcp", KIND_UDP: "udp", KIND_UDP_FLOW: "udp flow"}
 
-# Extensions are advertised in the tunnel signal's query string (ignored by
-# v1.0 clients) and acknowledged by a line from the client on the tunnel
-# (never read by v1.0 servers).
+# The tunnel signal's fragment: how data connections are secured.
+TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED = 0, 1, 2
+TLS_MODES = (TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED)
+TLS_MODE_NAMES = {TLS_NONE: "none", TLS_SELF_SIGNED: "self-signed", TLS_VERIFIED: "verified"}
+
+# -- extensions ----------------------------------------------------------------
+# Advertised in the tunnel signal's query string (ignored by v1.0 clients) and
+# acknowledged by a line from the client on the tunnel (never read by v1.0
+# servers).
+
+# UDP flows (udpflow.py): the server's udp= URL value, the offer, the answer,
+# the frame header, and how many UDP_READ_TIMEOUTs an idle flow lives.
+UDP_MODE_V1, UDP_MODE_FLOW = "v1", "flow"
+UDP_MODES = (UDP_MODE_V1, UDP_MODE_FLOW)
 EXTENSION_UDP_FLOW = ("udp", "flow")
 ACK_UDP_FLOW = b"//flow#udp\n"
+FLOW_FRAME_HEADER = struct.Struct("!H")  # the datagram's length, big-endian
+FLOW_IDLE_READ_TIMEOUTS = 12
+
+# Shared-key authentication (auth.py): the scheme, the query fields, and the
+# lengths of what is written raw on a data connection (lowercase hex).
+AUTH_SCHEME = "hmac-sha256"
+FIELD_AUTH, FIELD_NONCE, FIELD_MAC, FIELD_ERROR = "auth", "nonce", "mac", "error"
+AUTH_NONCE_LENGTH = 32
+AUTH_MAC_LENGTH = 64
+_NO_PORT = "0"  # the host of a signal that carries no data port yet (challenge, rejection)
 
 
 class ProtocolError(ValueError):
@@ -69,12 +108,32 @@ def new_connection_id() -> str:
 
 
 def is_connection_id(text: str) -> bool:
-    return len(text) == ID_LENGTH and all(c in "0123456789abcdef" for c in text)
+    return is_lower_hex(text, ID_LENGTH)
 
 
-def encode_tunnel_signal(data_port: int, tls_mode: int, udp_flow: bool = False) -> bytes:
-    query = b"?%s=%s" % tuple(part.encode() for part in EXTENSION_UDP_FLOW) if udp_flow else b""
-    return b"//%d%s#%d\n" % (data_port, query, tls_mode)
+def is_lower_hex(text: str, length: int) -> bool:
+    """Ids, nonces and MACs: exactly ``length`` lowercase hex characters."""
+    return len(text) == length and all(c in "0123456789abcdef" for c in text)
+
+
+def is_tls_mode(text: str) -> bool:
+    return text in [str(mode) for mode in TLS_MODES]
+
+
+def _encode_signal(host: str, kind: object,
+                   fields: Iterable[Tuple[str, str]] = ()) -> bytes:
+    """``//<host>?<name>=<value>&...#<kind>\\n``; no "?" without fields."""
+    query = "&".join("%s=%s" % field for field in fields)
+    return ("//%s%s#%s\n" % (host, "?" + query if query else "", kind)).encode("ascii")
+
+
+def encode_tunnel_signal(data_port: int, tls_mode: int, udp_flow: bool = False,
+                         mac: Optional[str] = None) -> bytes:
+    """The tunnel signal; ``mac``: the server's key proof (auth.py), if a key is set."""
+    fields = [(FIELD_AUTH, AUTH_SCHEME), (FIELD_MAC, mac)] if mac is not None else []
+    if udp_flow:
+        fields.append(EXTENSION_UDP_FLOW)
+    return _encode_signal("%d" % data_port, "%d" % tls_mode, fields)
 
 
 def offers_udp_flow(signal: "Signal") -> bool:
@@ -82,7 +141,28 @@ def offers_udp_flow(signal: "Signal") -> bool:
 
 
 def encode_launch_signal(connection_id: str, kind: str) -> bytes:
-    return ("//%s#%s\n" % (connection_id, kind)).encode("ascii")
+    return _encode_signal(connection_id, kind)
+
+
+def encode_auth_challenge(server_nonce: str) -> bytes:
+    """The server's first line when it has a key (a v1.0 client reads port 0)."""
+    return _encode_signal(_NO_PORT, TLS_NONE, [(FIELD_AUTH, AUTH_SCHEME),
+                                               (FIELD_NONCE, server_nonce)])
+
+
+AUTH_REJECTION = _encode_signal(_NO_PORT, TLS_NONE, [(FIELD_ERROR, FIELD_AUTH)])
+
+
+def encode_auth_response(client_nonce: str, mac: str) -> bytes:
+    return _encode_signal(client_nonce, KIND_AUTH, [(FIELD_MAC, mac)])
+
+
+def is_auth_challenge(signal: "Signal") -> bool:
+    return FIELD_AUTH in signal.query
+
+
+def is_auth_rejection(signal: "Signal") -> bool:
+    return signal.query.get(FIELD_ERROR) == FIELD_AUTH
 
 
 def parse_signal(line: bytes) -> Signal:
@@ -116,6 +196,6 @@ def check_tunnel_signal(signal: Signal) -> Signal:
     """``signal`` if it is a valid tunnel signal; ProtocolError if not."""
     if not signal.host.isdigit() or not 1 <= int(signal.host) <= 65535:
         raise ProtocolError("tunnel signal without a data port: %r" % signal.host[:80])
-    if signal.kind not in ("0", "1", "2"):
+    if not is_tls_mode(signal.kind):
         raise ProtocolError("tunnel signal with unknown TLS mode %r" % signal.kind)
     return signal

@@ -134,7 +134,8 @@ def read_burst(sock: socket.socket, limit: int, timeout: float) -> bytes:
     whatever has already arrived behind them.
 
     The peer may write a datagram as several TLS records or TCP segments
-    (PROTOCOL.md section 6), so one recv() is not enough, yet no length is sent.
+    (docs/protocol.md, "UDP over TLS cuts datagrams"), so one recv() is not
+    enough, yet no length is sent.
     """
     sock.settimeout(timeout)
     first = sock.recv(limit)

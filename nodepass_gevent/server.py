@@ -23,18 +23,16 @@ from nodepass_gevent import auth, net, protocol, relay, udpflow
 from nodepass_gevent.config import Address, Config, Settings
 from nodepass_gevent.log import log
 from nodepass_gevent.pool import ServerPool
-from nodepass_gevent.protocol import HEARTBEAT_MISSES
+from nodepass_gevent.protocol import HANDSHAKE_TIMEOUT, HEARTBEAT_MISSES
 from nodepass_gevent.stats import Stats
 from nodepass_gevent.supervisor import Supervisor
 
 DATA_PORT_RANGE = (1024, 8192)  # as v1.0 picks it
 DATA_PORT_TRIES = 64
-HANDSHAKE_TIMEOUT = 5.0   # TLS handshake and id write on a new data connection
 POOL_WAIT = 5.0           # how long a user waits for a pooled data connection
 MAX_PENDING_HANDSHAKES = 256
-MAX_PENDING_CONTROLS = 16
-FULL_WARNING_INTERVAL = 5.0  # at most one "semaphore full" warning this often  # tunnel connections not yet a session (key handshakes)
-CONTROL_READ_SIZE = 4096
+MAX_PENDING_CONTROLS = 16  # tunnel connections not yet a session (key handshakes)
+FULL_WARNING_INTERVAL = 5.0  # at most one "semaphore full" warning this often
 
 
 class Session:
@@ -92,7 +90,7 @@ class Server:
         self._next_full_warning = 0.0
         self._listeners = []  # type: List[socket.socket]
         self._loops = Supervisor("Server")
-        self._offers_udp_flow = config.udp_mode == "flow"
+        self._offers_udp_flow = config.udp_mode == protocol.UDP_MODE_FLOW
         self._flows = udpflow.ServerFlows()
         self.data_port = 0
         self.failed = self._loops.failed  # set if an internal loop dies: the process should exit
@@ -225,12 +223,12 @@ class Server:
         server_nonce = auth.new_nonce()
         try:
             control.settimeout(HANDSHAKE_TIMEOUT)
-            control.sendall(auth.encode_challenge(server_nonce))
+            control.sendall(protocol.encode_auth_challenge(server_nonce))
             response = net.recv_line(control, protocol.MAX_SIGNAL_LENGTH)
             client_nonce = auth.check_client_response(self.config.auth_key, server_nonce,
                                                       response)
             if client_nonce is None:
-                control.sendall(auth.encode_rejection())
+                control.sendall(protocol.AUTH_REJECTION)
             control.settimeout(None)
         except OSError as exc:
             log.warning("Tunnel: %s did not authenticate: %s", who, exc or "timed out")
@@ -238,9 +236,9 @@ class Server:
         if client_nonce is None:
             log.warning("Tunnel: %s failed authentication (wrong or missing key)", who)
             return None
-        extensions = "&%s=%s" % protocol.EXTENSION_UDP_FLOW if self._offers_udp_flow else ""
         return auth.encode_tunnel_signal(self.config.auth_key, client_nonce, server_nonce,
-                                         self.data_port, self.config.tls_mode, extensions)
+                                         self.data_port, self.config.tls_mode,
+                                         self._offers_udp_flow)
 
     def _read_until_closed(self, session: Session) -> None:
         # A v1.0 client never writes on the tunnel: reading tells us when it
@@ -317,7 +315,7 @@ class Server:
     def _authenticate_data(self, sock: socket.socket) -> bool:
         nonce = auth.new_nonce()
         sock.sendall(nonce.encode("ascii"))
-        response = net.recv_exactly(sock, auth.MAC_LENGTH)
+        response = net.recv_exactly(sock, protocol.AUTH_MAC_LENGTH)
         return auth.check_data_response(self.config.auth_key, nonce, response)
 
     # -- users ---------------------------------------------------------------

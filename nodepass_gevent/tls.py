@@ -26,9 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
 from nodepass_gevent.config import Config, ConfigError
+from nodepass_gevent.protocol import TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED
 
-TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED = 0, 1, 2
-TLS_MODE_NAMES = {TLS_NONE: "none", TLS_SELF_SIGNED: "self-signed", TLS_VERIFIED: "verified"}
 # A peer may pass a half-close on as a bare TCP FIN, without close_notify. With
 # OpenSSL 3 such an EOF would otherwise poison the session: OpenSSL answers it
 # with a fatal decode_error alert, and the answer still flowing the other way

@@ -9,9 +9,11 @@ kind 3) that then carries every datagram of that address both ways, framed:
     | length (2, BE) | datagram bytes   |   repeated, in each direction
     +----------------+------------------+
 
-A flow ends when nothing has passed for IDLE_READ_TIMEOUTS x UDP_READ_TIMEOUT
-(60 s by default; the server closes the data connection, the client follows). Any number of replies per datagram
-pass, and none of them has to come within UDP_READ_TIMEOUT.
+A flow ends when nothing has passed for FLOW_IDLE_READ_TIMEOUTS x
+UDP_READ_TIMEOUT (60 s by default; the server closes the data connection, the
+client follows). Any number of replies per datagram pass, and none of them
+has to come within UDP_READ_TIMEOUT. The header, the timeout and the launch
+kind are protocol.py's.
 
 Switched on by the server (``udp=flow`` in its URL), advertised in the tunnel
 signal's query string, and used only after the client acknowledges it on the
@@ -20,7 +22,6 @@ getting v1.0 datagrams.
 """
 
 import socket
-import struct
 import time
 from typing import Callable, Dict, Optional
 
@@ -29,25 +30,24 @@ from gevent.queue import Full, Queue
 
 from nodepass_gevent import net
 from nodepass_gevent.log import log
+from nodepass_gevent.protocol import FLOW_FRAME_HEADER, FLOW_IDLE_READ_TIMEOUTS
 from nodepass_gevent.stats import Stats
 
-IDLE_READ_TIMEOUTS = 12   # a flow idle this many UDP_READ_TIMEOUTs is closed
 FLOW_QUEUE_SIZE = 256     # datagrams waiting for the data connection; more are dropped
-_LENGTH = struct.Struct("!H")
 
 
 def frame(datagram: bytes) -> bytes:
-    return _LENGTH.pack(len(datagram)) + datagram
+    return FLOW_FRAME_HEADER.pack(len(datagram)) + datagram
 
 
 def read_frame(reader, limit: int) -> Optional[bytes]:
     """The next datagram from a buffered reader; None at a clean end."""
-    header = reader.read(_LENGTH.size)
+    header = reader.read(FLOW_FRAME_HEADER.size)
     if not header:
         return None
-    if len(header) < _LENGTH.size:
+    if len(header) < FLOW_FRAME_HEADER.size:
         raise ConnectionError("flow cut inside a frame header")
-    (size,) = _LENGTH.unpack(header)
+    (size,) = FLOW_FRAME_HEADER.unpack(header)
     if size > limit:
         raise ConnectionError("frame of %d bytes exceeds UDP_DATA_BUF_SIZE" % size)
     datagram = reader.read(size)
@@ -63,7 +63,7 @@ class ServerFlow:
                  size_limit: int, read_timeout: float) -> None:
         self.listener, self.peer, self.stats = listener, peer, stats
         self.size_limit = size_limit
-        self.idle_timeout = read_timeout * IDLE_READ_TIMEOUTS
+        self.idle_timeout = read_timeout * FLOW_IDLE_READ_TIMEOUTS
         self.queue = Queue(FLOW_QUEUE_SIZE)
         self.last_active = time.monotonic()
         self._data = None  # type: Optional[socket.socket]
@@ -130,9 +130,6 @@ class ServerFlows:
     def __init__(self) -> None:
         self._flows = {}  # type: Dict[tuple, ServerFlow]
 
-    def __len__(self) -> int:
-        return len(self._flows)
-
     def get(self, peer: tuple) -> Optional[ServerFlow]:
         return self._flows.get(peer)
 
@@ -163,7 +160,7 @@ def client_flow(data: socket.socket, target: socket.socket, stats: Stats,
     reader = data.makefile("rb")
     try:
         # The server closes an idle flow; this is only a backstop.
-        data.settimeout(read_timeout * IDLE_READ_TIMEOUTS * 2)
+        data.settimeout(read_timeout * FLOW_IDLE_READ_TIMEOUTS * 2)
         while True:
             datagram = read_frame(reader, size_limit)
             if datagram is None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """NAT scenarios shared by tests/test_netns.py and the Vagrant VMs.
 
-Glossary (as in PROTOCOL.md): the *server* side is where users arrive (the
+Glossary (as in docs/protocol.md): the *server* side is where users arrive (the
 public namespace, or the server VM); the *private* side sits behind the NAT and
 firewall and runs the nodepass client and the services it exposes.
 

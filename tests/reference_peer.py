@@ -1,4 +1,4 @@
-"""A NodePass v1.0 peer written from PROTOCOL.md alone, with raw sockets and threads.
+"""A NodePass v1.0 peer written from docs/protocol.md alone, with raw sockets and threads.
 
 ``ReferenceServer`` plays a v1.0 server for our client; ``ReferenceClient`` a
 v1.0 client for our server. They do what v1.0 does and no more (single reads
@@ -77,7 +77,7 @@ class ReferenceServer:
             self.context.load_cert_chain(cert["crt"], cert["key"])
             self.context.options |= IGNORE_UNEXPECTED_EOF
         # Signal a launch as soon as the id is written, before the client has
-        # surely read it (PROTOCOL.md section 6, "signal before id").
+        # surely read it (docs/protocol.md, "Signal before id").
         self.launch_before_id = launch_before_id
         self.tunnel = _listener()
         self.data = _listener()

@@ -82,7 +82,7 @@ def test_unauthenticated_peer_learns_nothing(nodepass, echo):
     with socket.create_connection((HOST, tunnel_port), timeout=10) as peer:
         first = peer.makefile("rb").readline()
         challenge = protocol.parse_signal(first)
-        assert challenge.host == "0" and auth.is_challenge(challenge)
+        assert challenge.host == "0" and protocol.is_auth_challenge(challenge)
         data_port = server.output().split("data port ")[1].split(",")[0]
         # The nonce is random hex and may hold the port's digits by chance
         # (it did, once in a few thousand runs): look everywhere else.
@@ -106,7 +106,7 @@ def test_replayed_handshake_is_refused(nodepass, echo):
         reader.readline()
         replay.sendall(recorded)
         answer = protocol.parse_signal(reader.readline())
-        assert auth.is_rejection(answer)
+        assert protocol.is_auth_rejection(answer)
     server.wait_for_output("failed authentication")
 
 
@@ -115,9 +115,9 @@ def test_data_port_refuses_a_connection_without_the_key(nodepass, echo):
     wait_until(lambda: echo_works(port), 15, what="authenticated traffic")
     data_port = int(server.output().split("data port ")[1].split(",")[0])
     with socket.create_connection((HOST, data_port), timeout=10) as intruder:
-        nonce = intruder.recv(auth.NONCE_LENGTH)
+        nonce = intruder.recv(protocol.AUTH_NONCE_LENGTH)
         assert auth.is_nonce(nonce.decode())
-        intruder.sendall(b"0" * auth.MAC_LENGTH)
+        intruder.sendall(b"0" * protocol.AUTH_MAC_LENGTH)
         assert intruder.recv(100) == b""  # no id: dropped
     server.wait_for_output("Data: 127.0.0.1")
     assert echo_works(port)

@@ -4,6 +4,7 @@ import socket
 
 import pytest
 
+from nodepass_gevent.config import SETTINGS
 from support import HOST, free_port, run_nodepass
 
 pytestmark = pytest.mark.matrix  # the core suite, run on every Python
@@ -28,6 +29,26 @@ def test_help_shows_url_forms_and_environment():
                  "UDP_DATA_BUF_SIZE", "UDP_READ_TIMEOUT", "REPORT_INTERVAL",
                  "SERVICE_COOLDOWN", "SHUTDOWN_TIMEOUT", "tls", "log"):
         assert text in result.stdout
+
+
+def test_help_environment_section_is_made_from_the_settings_table():
+    """cli.py writes its Environment rows from config.SETTINGS; the text stays this."""
+    from nodepass_gevent import cli
+    assert """
+Environment:
+  SEMAPHORE_LIMIT    Most concurrent connections and datagrams   [default: 1024]
+  MIN_POOL_CAPACITY  Fewest pooled data connections (client)     [default: 16]
+  MAX_POOL_CAPACITY  Most pooled data connections                [default: 1024]
+  UDP_DATA_BUF_SIZE  Largest UDP datagram or reply, bytes        [default: 8192]
+  UDP_READ_TIMEOUT   How long a UDP exchange waits for a reply   [default: 5s]
+  REPORT_INTERVAL    Heartbeat and traffic report interval       [default: 5s]
+  SERVICE_COOLDOWN   Pause before reconnecting / re-arming       [default: 5s]
+  SHUTDOWN_TIMEOUT   Grace for open connections on SIGTERM       [default: 5s]
+  NODEPASS_KEY       The shared key, if not given in the URL
+  Durations use Go syntax: 500ms, 5s, 1m30s.
+""" in cli.__doc__
+    assert [line.split()[0] for line in cli.environment_help().splitlines()] == \
+        [setting.name for setting in SETTINGS] + ["NODEPASS_KEY"]
 
 
 def test_version():

@@ -1,9 +1,11 @@
 """URL and environment parsing: pure functions, good and bad cases in tables."""
 
+import dataclasses
+
 import pytest
 from hypothesis import given, strategies as st
 
-from nodepass_gevent.config import (Address, ConfigError, Settings, load_settings,
+from nodepass_gevent.config import (SETTINGS, Address, ConfigError, Settings, load_settings,
                                     parse_duration, parse_url)
 
 pytestmark = pytest.mark.matrix  # the core suite, run on every Python
@@ -125,6 +127,16 @@ def test_settings_from_environment():
                               "UDP_READ_TIMEOUT": "10s", "REPORT_INTERVAL": "1s",
                               "SERVICE_COOLDOWN": "3s", "SHUTDOWN_TIMEOUT": "1m"})
     assert settings == Settings(2048, 32, 4096, 16384, 10.0, 1.0, 3.0, 60.0)
+
+
+def test_settings_fields_and_defaults_come_from_the_table():
+    assert [f.name for f in dataclasses.fields(Settings)] == \
+        [setting.name.lower() for setting in SETTINGS]
+    for setting, value in zip(SETTINGS, dataclasses.astuple(Settings())):
+        assert value == setting.parse(setting.default)
+        assert type(value) is (int if setting.kind == "int" else float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Settings().semaphore_limit = 1
 
 
 @pytest.mark.parametrize("environ, message", [

@@ -386,7 +386,7 @@ def test_data_port_noise_from_the_client_address_is_never_handed_to_users(make_t
     run_attacks(tunnel, data_port_of(tunnel.server), HOST, NOISE_FROM_CLIENT_ADDRESS)
 
 
-@pytest.mark.xfail(strict=True, reason="PROTOCOL.md section 6 'silent data connections', a "
+@pytest.mark.xfail(strict=True, reason="docs/protocol.md, 'Silent data connections', a "
                    "v1.0 limit without a key: a silent connection to the data port from the "
                    "client's own address gets an id, is pooled and handed a real user "
                    "(with a key it is refused: test_auth.py)")
@@ -533,7 +533,7 @@ def _read_to_eof(sock: socket.socket) -> bytes:
 
 
 class HostileServer:
-    """A fake NodePass server: plays by PROTOCOL.md until told otherwise.
+    """A fake NodePass server: plays by docs/protocol.md until told otherwise.
 
     ``tunnel_signals`` lists first lines for the next control connections (a
     good signal once it runs out); ``data_mode`` says what a data connection

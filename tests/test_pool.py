@@ -86,7 +86,7 @@ def test_capacity_rule_grows_above_80_percent_and_shrinks_below_20(dialer, super
 
 def test_launch_waits_for_an_id_still_being_read(dialer, supervisor):
     # The server may signal an id before the client has read it off the wire
-    # (PROTOCOL.md section 6): the launch must wait for it, not give up.
+    # (docs/protocol.md, "Signal before id"): the launch must wait for it.
     release = gevent.event.Event()
 
     def slow_dial():

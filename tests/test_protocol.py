@@ -1,5 +1,9 @@
 """Signal and id encoding: pure functions, table-driven, plus any-bytes fuzzing."""
 
+import glob
+import os
+import re
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -17,6 +21,33 @@ def test_encodings_are_v1_bytes():
     assert protocol.encode_tunnel_signal(4321, 0, udp_flow=True) == b"//4321?udp=flow#0\n"
     assert protocol.offers_udp_flow(protocol.parse_signal(b"//4321?udp=flow#0\n"))
     assert not protocol.offers_udp_flow(protocol.parse_signal(b"//4321#0\n"))
+
+
+def test_extension_lines_are_the_bytes_docs_protocol_md_shows():
+    """Every line of the key handshake and the flow offer, byte for byte (auth.py
+    only adds the MACs to these)."""
+    nonce, mac = "0" * protocol.AUTH_NONCE_LENGTH, "f" * protocol.AUTH_MAC_LENGTH
+    assert protocol.encode_auth_challenge(nonce) == \
+        b"//0?auth=hmac-sha256&nonce=" + nonce.encode() + b"#0\n"
+    assert protocol.AUTH_REJECTION == b"//0?error=auth#0\n"
+    assert protocol.encode_auth_response(nonce, mac) == \
+        b"//" + nonce.encode() + b"?mac=" + mac.encode() + b"#auth\n"
+    assert protocol.encode_tunnel_signal(4321, 2, mac=mac) == \
+        b"//4321?auth=hmac-sha256&mac=" + mac.encode() + b"#2\n"
+    assert protocol.encode_tunnel_signal(4321, 1, udp_flow=True, mac=mac) == \
+        b"//4321?auth=hmac-sha256&mac=" + mac.encode() + b"&udp=flow#1\n"
+    assert protocol.ACK_UDP_FLOW == b"//flow#udp\n"
+    assert protocol.encode_launch_signal("0a1b2c3d", protocol.KIND_UDP_FLOW) == b"//0a1b2c3d#3\n"
+    assert protocol.FLOW_FRAME_HEADER.pack(258) == b"\x01\x02"
+    challenge = protocol.parse_signal(protocol.encode_auth_challenge(nonce))
+    assert protocol.is_auth_challenge(challenge) and not protocol.is_auth_rejection(challenge)
+    assert protocol.is_auth_rejection(protocol.parse_signal(protocol.AUTH_REJECTION))
+
+
+def test_tls_modes_are_the_tunnel_signal_fragments():
+    assert [protocol.is_tls_mode(text) for text in ("0", "1", "2", "3", "", "01", " 1")] == \
+        [True, True, True, False, False, False, False]
+    assert sorted(protocol.TLS_MODE_NAMES) == list(protocol.TLS_MODES) == [0, 1, 2]
 
 
 def test_new_ids_are_eight_lowercase_hex():
@@ -71,3 +102,23 @@ def test_any_bytes_parse_or_are_rejected_cleanly(data):
 def test_tunnel_signal_round_trips(port, tls):
     signal = protocol.parse_tunnel_signal(protocol.encode_tunnel_signal(port, tls))
     assert (int(signal.host), int(signal.kind)) == (port, tls)
+
+
+def test_every_citation_of_the_wire_contract_names_a_section_of_docs_protocol_md():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "docs", "protocol.md")) as contract:
+        headings = {line.lstrip("#").strip().lower() for line in contract
+                    if line.startswith("#")}
+    cited = {}
+    sources = [path for folder in ("nodepass_gevent", "tests", "scripts")
+               for path in glob.glob(os.path.join(repo, folder, "*"))
+               if os.path.isfile(path) and not path.endswith(".pyc")]
+    for path in sources:
+        with open(path, encoding="utf-8") as source:
+            text = source.read()
+        assert "PROTOCOL" ".md" not in text, path  # the shared folder's copy: not in the repo
+        text = re.sub(r"\s*\n\s*(#\s*)?", " ", text)  # a title may wrap onto a comment line
+        for title in re.findall(r"docs/protocol\.md, [\"']([^\"']+)[\"']", text):
+            cited.setdefault(title.lower(), path)
+    assert len(cited) >= 3
+    assert {title: path for title, path in cited.items() if title not in headings} == {}

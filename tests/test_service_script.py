@@ -23,6 +23,7 @@ from typing import List
 
 import pytest
 
+from nodepass_gevent.config import SETTINGS, ConfigError, load_settings
 from support import find_python, make_test_ca
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,6 +110,37 @@ def test_stop_timeout_is_shutdown_timeout_plus_margin(tmp_path, shutdown, stop_t
     ok(tmp_path, "create", "t", CLIENT_URL, *extra)
     assert "TimeoutStopSec={}\n".format(stop_timeout) in \
         dropin(tmp_path, "t", "stop.conf").read_text()
+
+
+@pytest.mark.parametrize("text", ["1.5h", "1m30s", "500ms", ".5s", "+2s", "1h0m0.5s",
+                                  "-1s", "0", "0s", "1d", "5", "1m 30s", "1.5.2s"])
+def test_shutdown_timeout_is_read_as_the_tunnel_reads_it(tmp_path, text):
+    """One Go-duration parser: the script takes what config.parse_duration takes
+    (above zero, as load_settings wants) and derives the stop timeout from it."""
+    try:
+        seconds = load_settings({"SHUTDOWN_TIMEOUT": text}).shutdown_timeout
+    except ConfigError:
+        seconds = None
+    result = service(tmp_path, "create", "t", CLIENT_URL, "--env", "SHUTDOWN_TIMEOUT=" + text)
+    if seconds is None:
+        assert result.returncode == 2 and "SHUTDOWN_TIMEOUT must be a duration" in result.stderr
+        assert not (tmp_path / CONFIG / "t.env").exists()
+        return
+    assert result.returncode == 0, result.stderr
+    milliseconds = int(round(seconds * 1000)) + 5000
+    expected = "{}s".format(milliseconds // 1000) if milliseconds % 1000 == 0 \
+        else "{}ms".format(milliseconds)
+    assert dropin(tmp_path, "t", "stop.conf").read_text() == \
+        "[Service]\nTimeoutStopSec={}\n".format(expected)
+
+
+def test_env_file_lists_every_setting_of_the_package_with_its_default(tmp_path):
+    ok(tmp_path, "create", "t", CLIENT_URL, "--env", "REPORT_INTERVAL=2s")
+    text = (tmp_path / CONFIG / "t.env").read_text()
+    for setting in SETTINGS:
+        line = "REPORT_INTERVAL='2s'" if setting.name == "REPORT_INTERVAL" else \
+            "# {}={}".format(setting.name, setting.default)
+        assert line + "\n" in text
 
 
 @pytest.mark.parametrize("url, privileged", [

@@ -1,4 +1,4 @@
-"""Wire compatibility, tested against a v1.0 peer built from PROTOCOL.md alone."""
+"""Wire compatibility, tested against a v1.0 peer built from docs/protocol.md alone."""
 
 import os
 import threading
