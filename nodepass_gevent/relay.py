@@ -1,6 +1,22 @@
 """Moving bytes: the TCP exchange (both ways, half-close passed on) and UDP transfers.
 
-A relay owns the two sockets it is given: it closes both before it returns.
+The copy contract. Three engines copy both ways between two sockets:
+exchange() below (user space, or zerocopy.exchange() when splice works) for
+TCP, and udpflow.ServerFlow.run() / udpflow.client_flow() for UDP flows.
+Each of them:
+
+1. owns both sockets it is given and has closed them when it returns (the
+   one exception: a server flow's user side is the role's shared UDP
+   listener, which the flow only borrows and never closes);
+2. passes EOF on: a TCP end of stream becomes a half-close (SHUT_WR) of the
+   other socket, so the answer still flows back; a flow's data connection
+   ending ends the flow (UDP has no half-close);
+3. aborts both sides on an error in either direction (reset, broken pipe,
+   a failed write), so the other direction never waits forever;
+4. always ends: after both EOFs, after an error, or (flows) when idle;
+5. counts bytes through Stats as they are written: towards the target as
+   ``bytes in``, back towards the user as ``bytes out``; a UDP datagram from
+   a user counts as one ``udp exchange``, in v1.0 UDP and in flows alike.
 """
 
 import socket
@@ -21,17 +37,16 @@ def exchange(left: socket.socket, right: socket.socket, stats: Optional[Stats] =
              ) -> Tuple[int, int]:
     """Copy left->right and right->left until both directions end; close both.
 
-    Returns the bytes moved each way. A clean EOF is passed on as a half-close,
-    so a peer that stops sending still gets its answer; an error in either
-    direction tears down both, so the other direction never waits forever.
+    Returns the bytes moved each way. Obeys the copy contract (module
+    docstring); left is the user's side, so left->right counts as bytes in.
     """
+    plain = not isinstance(left, ssl.SSLSocket) and not isinstance(right, ssl.SSLSocket)
+    # None: the kernel refuses splice (zerocopy probes once), copy through user space.
+    splice = zerocopy.engine() if plain else None
+    if splice is not None:  # the same contract: it closes both sockets itself
+        return zerocopy.exchange(left, right, _counter(stats, True), _counter(stats, False),
+                                 splice)
     try:
-        plain = not isinstance(left, ssl.SSLSocket) and not isinstance(right, ssl.SSLSocket)
-        # None: the kernel refuses splice (zerocopy probes once), copy through user space.
-        splice = zerocopy.engine() if plain else None
-        if splice is not None:
-            return zerocopy.exchange(left, right, _counter(stats, True), _counter(stats, False),
-                                     splice)
         backward = gevent.spawn(_pump, right, left, stats, False)
         try:
             forward_bytes = _pump(left, right, stats, True)
@@ -46,7 +61,7 @@ def exchange(left: socket.socket, right: socket.socket, stats: Optional[Stats] =
 def _counter(stats: Optional[Stats], inbound: bool):
     if stats is None:
         return lambda size: None
-    return lambda size: stats.count_bytes(size, inbound)
+    return stats.counter(inbound)
 
 
 def _pump(source: socket.socket, sink: socket.socket, stats: Optional[Stats], inbound: bool

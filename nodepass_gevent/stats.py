@@ -24,6 +24,10 @@ class Stats:
         else:
             self.bytes_out += size
 
+    def counter(self, inbound: bool):
+        """A callable counting bytes one way (what the copy engines call per write)."""
+        return lambda size: self.count_bytes(size, inbound)
+
     @contextmanager
     def tcp_connection(self) -> Iterator[None]:
         """Count a TCP connection as active for the duration of the block."""

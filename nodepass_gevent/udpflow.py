@@ -77,7 +77,11 @@ class ServerFlow:
             log.debug("UDP flow %s: queue full, datagram dropped", self.peer)
 
     def run(self, take_data: Callable[[], Optional[socket.socket]]) -> None:
-        """Open the flow and carry it until idle or broken; owns the data connection."""
+        """Open the flow and carry it until idle or broken.
+
+        Obeys the copy contract (relay.py's module docstring): owns and closes
+        the data connection; the user side is the shared UDP listener, borrowed.
+        """
         data = self._data = take_data()
         if data is None:
             return
@@ -153,8 +157,10 @@ def client_flow(data: socket.socket, target: socket.socket, stats: Stats,
                 size_limit: int, read_timeout: float) -> None:
     """Carry one flow on the client: frames from data -> target, replies back.
 
-    Owns both sockets. Ends when the server closes the data connection (or
-    someone aborts it, as the client does when it stops).
+    Obeys the copy contract (relay.py's module docstring): owns and closes both
+    sockets. Ends when the server closes the data connection, when either
+    direction fails (a failed write aborts the data connection, which wakes
+    the other), or when someone aborts it, as the client does when it stops.
     """
     replies = gevent.spawn(_send_replies, target, data, stats, size_limit)
     reader = data.makefile("rb")
@@ -184,9 +190,11 @@ def _send_replies(target: socket.socket, data: socket.socket, stats: Stats,
         except ConnectionRefusedError:
             continue  # ICMP port unreachable from the target: UDP goes on
         except OSError:
-            return  # the flow is closing
+            net.abort(data)  # the target is gone (or the flow is closing): end both ways
+            return
         try:
             data.sendall(frame(reply))
         except OSError:
+            net.abort(data)  # wakes the reader; client_flow owns the socket and closes it
             return
         stats.count_bytes(len(reply), inbound=False)

@@ -255,22 +255,28 @@ def exchange(left: socket.socket, right: socket.socket,
 
     ``splice`` is os.splice or libc_splice(): what engine() chose, or a test's pick.
 
-    EOF is passed on as a half-close; an error in either direction shuts down
-    both sockets and ends the exchange. The caller closes the sockets.
+    Obeys the copy contract (relay.py's module docstring): EOF is passed on as
+    a half-close, an error in either direction shuts down both sockets and ends
+    the exchange, and both sockets are closed when it returns.
     """
     finished = Event()
-    directions = [_Direction(left, right, count_forward, finished, splice),
-                  _Direction(right, left, count_backward, finished, splice)]
-    for direction in directions:
-        direction.partner = directions[1 - directions.index(direction)]
+    directions = []  # type: List[_Direction]
     try:
+        directions.append(_Direction(left, right, count_forward, finished, splice))
+        directions.append(_Direction(right, left, count_backward, finished, splice))
+        directions[0].partner, directions[1].partner = directions[1], directions[0]
         for direction in directions:
             direction.start()
         finished.wait()
         return directions[0].moved, directions[1].moved
     finally:
         for direction in directions:
-            direction.stop()
+            direction.stop()  # the watchers go before the descriptors they watch
+        for sock in (left, right):
+            try:
+                sock.close()
+            except OSError:
+                pass
 
 
 class _Direction:

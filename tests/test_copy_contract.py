@@ -1,0 +1,276 @@
+"""The copy contract (relay.py's module docstring), asserted on every engine.
+
+In-process, with real sockets (127.0.0.1 TCP, AF_UNIX socketpairs, UDP on
+127.0.0.1). One table of TCP engines:
+
+    user end <-TCP-> left [engine] right <-TCP-> target end
+
+where the engine is relay.exchange (user space, os.splice, ctypes splice)
+or zerocopy.exchange called directly; and the two UDP flow engines, whose data
+connection is a socketpair and whose UDP side is a real UDP socket:
+
+    client_flow:  server end <-unix-> data [client_flow] target <-UDP-> echo
+    ServerFlow:   user <-UDP-> listener [ServerFlow.run] data <-unix-> client end
+"""
+
+import os
+import socket
+
+import gevent
+import pytest
+from gevent import socket as gsocket
+
+from nodepass_gevent import relay, udpflow, zerocopy
+from nodepass_gevent.stats import Stats
+
+pytestmark = pytest.mark.matrix
+
+WAIT = 10.0   # seconds any one step may take
+SIZE = 512 * 1024
+
+
+def tcp_pair():
+    listener = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        near = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        near.connect(listener.getsockname())
+        far = listener.accept()[0]
+    finally:
+        listener.close()
+    return near, far
+
+
+def read_to_eof(sock) -> bytes:
+    parts = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+
+
+def closed(sock) -> bool:
+    return sock.fileno() == -1
+
+
+# --------------------------------------------------------------------------
+# The TCP engines, one table.
+
+def _relay(splice):
+    def run(left, right, stats):
+        zerocopy._chosen = splice
+        return relay.exchange(left, right, stats)
+    return run
+
+
+def _zerocopy_direct(left, right, stats):
+    return zerocopy.exchange(left, right, stats.counter(True), stats.counter(False),
+                             zerocopy.libc_splice())
+
+
+TCP_ENGINES = {
+    "relay, user space": lambda: _relay(None),
+    "relay, os.splice": lambda: _relay(os.splice) if hasattr(os, "splice") else None,
+    "relay, ctypes splice": lambda: _relay(zerocopy.libc_splice()),
+    "zerocopy.exchange": lambda: _zerocopy_direct,
+}
+
+
+@pytest.fixture(params=sorted(TCP_ENGINES))
+def tcp_engine(request, monkeypatch):
+    monkeypatch.setattr(zerocopy, "_chosen", zerocopy._chosen)  # restored after the test
+    run = TCP_ENGINES[request.param]()
+    if run is None:
+        pytest.skip("os.splice is Python 3.10+")
+    return run
+
+
+class TcpLink:
+    def __init__(self, run) -> None:
+        self.user, self.left = tcp_pair()
+        self.right, self.target = tcp_pair()
+        self.stats = Stats()
+        self.engine = gevent.spawn(run, self.left, self.right, self.stats)
+
+    def close(self) -> None:
+        self.engine.kill(block=True, timeout=WAIT)
+        self.user.close()
+        self.target.close()
+
+
+@pytest.fixture
+def tcp_link(tcp_engine):
+    link = TcpLink(tcp_engine)
+    yield link
+    link.close()
+
+
+@pytest.mark.timeout(30)
+def test_tcp_engine_passes_eof_on_closes_both_and_counts_both_sides(tcp_link):
+    request, answer = os.urandom(SIZE), os.urandom(SIZE + 7)
+    tcp_link.user.sendall(request)
+    tcp_link.user.shutdown(socket.SHUT_WR)
+    # The half-close reaches the target, which still answers after it.
+    assert read_to_eof(tcp_link.target) == request
+    tcp_link.target.sendall(answer)
+    tcp_link.target.shutdown(socket.SHUT_WR)
+    assert read_to_eof(tcp_link.user) == answer
+    moved = tcp_link.engine.get(timeout=WAIT)
+    assert moved == (len(request), len(answer))
+    assert (tcp_link.stats.bytes_in, tcp_link.stats.bytes_out) == moved
+    assert closed(tcp_link.left) and closed(tcp_link.right)
+
+
+@pytest.mark.timeout(30)
+def test_tcp_engine_aborts_both_sides_on_a_write_error_and_ends(tcp_link):
+    # The target stops reading and resets: writes towards it fail.
+    tcp_link.target.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                               b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    tcp_link.target.close()
+    sender = gevent.spawn(_send_until_refused, tcp_link.user)
+    tcp_link.engine.join(timeout=WAIT)
+    assert tcp_link.engine.ready(), "the engine did not end after a reset"
+    assert closed(tcp_link.left) and closed(tcp_link.right)
+    # The user's side was torn down too: its writes fail, its reads end.
+    sender.join(timeout=WAIT)
+    assert sender.ready() and sender.value is True
+
+
+def _send_until_refused(sock) -> bool:
+    try:
+        while True:
+            sock.sendall(b"x" * 65536)
+    except OSError:
+        return True
+
+
+# --------------------------------------------------------------------------
+# The UDP flow engines.
+
+def udp_socket():
+    sock = gsocket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def udp_echo(sock) -> None:
+    while True:
+        datagram, peer = sock.recvfrom(65536)
+        sock.sendto(b"re:" + datagram, peer)
+
+
+def read_frames(sock, count: int):
+    reader = sock.makefile("rb")
+    try:
+        return [udpflow.read_frame(reader, 65535) for _ in range(count)]
+    finally:
+        reader.close()
+
+
+class ClientFlowLink:
+    def __init__(self) -> None:
+        self.server_end, self.data = gsocket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.echo_socket = udp_socket()
+        self.echo = gevent.spawn(udp_echo, self.echo_socket)
+        self.target = udp_socket()
+        self.target.connect(self.echo_socket.getsockname())
+        self.stats = Stats()
+        self.engine = gevent.spawn(udpflow.client_flow, self.data, self.target, self.stats,
+                                   65535, 30.0)
+
+    def close(self) -> None:
+        self.engine.kill(block=True, timeout=WAIT)
+        self.echo.kill(block=True, timeout=WAIT)
+        for sock in (self.server_end, self.echo_socket, self.data, self.target):
+            sock.close()
+
+
+class ServerFlowLink:
+    def __init__(self) -> None:
+        self.data, self.client_end = gsocket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener = udp_socket()
+        self.user = udp_socket()
+        self.stats = Stats()
+        self.flow = udpflow.ServerFlow(self.listener, self.user.getsockname(), self.stats,
+                                       65535, 30.0)
+        self.engine = gevent.spawn(self.flow.run, lambda: self.data)
+
+    def close(self) -> None:
+        self.engine.kill(block=True, timeout=WAIT)
+        for sock in (self.client_end, self.listener, self.user, self.data):
+            sock.close()
+
+
+@pytest.fixture
+def client_flow():
+    link = ClientFlowLink()
+    yield link
+    link.close()
+
+
+@pytest.fixture
+def server_flow():
+    link = ServerFlowLink()
+    yield link
+    link.close()
+
+
+@pytest.mark.timeout(30)
+def test_client_flow_ends_on_eof_closes_both_and_counts_both_sides(client_flow):
+    datagrams = [os.urandom(size) for size in (1, 100, 1400, 9000)]
+    for datagram in datagrams:
+        client_flow.server_end.sendall(udpflow.frame(datagram))
+    replies = read_frames(client_flow.server_end, len(datagrams))
+    assert sorted(replies) == sorted(b"re:" + d for d in datagrams)
+    client_flow.server_end.shutdown(socket.SHUT_WR)  # the server ends the flow
+    client_flow.engine.join(timeout=WAIT)
+    assert client_flow.engine.ready(), "the flow did not end on EOF"
+    assert closed(client_flow.data) and closed(client_flow.target)
+    assert client_flow.stats.udp_total == len(datagrams)
+    assert client_flow.stats.bytes_in == sum(len(d) for d in datagrams)
+    assert client_flow.stats.bytes_out == sum(len(r) for r in replies)
+
+
+@pytest.mark.timeout(30)
+def test_client_flow_aborts_both_sides_when_a_reply_cannot_be_written(client_flow):
+    # The server's end stops reading: the reply's write fails (EPIPE), while
+    # nothing ends the data connection's other direction.
+    client_flow.server_end.shutdown(socket.SHUT_RD)
+    client_flow.server_end.sendall(udpflow.frame(b"ping"))
+    client_flow.engine.join(timeout=WAIT)
+    assert client_flow.engine.ready(), "a failed write did not end the flow"
+    assert closed(client_flow.data) and closed(client_flow.target)
+
+
+@pytest.mark.timeout(30)
+def test_server_flow_ends_on_eof_closes_its_data_and_counts_both_sides(server_flow):
+    datagrams = [os.urandom(size) for size in (1, 100, 1400, 9000)]
+    for datagram in datagrams:
+        server_flow.flow.offer(datagram)
+    assert read_frames(server_flow.client_end, len(datagrams)) == datagrams
+    replies = [b"re:" + d for d in datagrams]
+    for reply in replies:
+        server_flow.client_end.sendall(udpflow.frame(reply))
+    server_flow.user.settimeout(WAIT)
+    received = [server_flow.user.recv(65536) for _ in replies]
+    assert received == replies
+    server_flow.client_end.shutdown(socket.SHUT_WR)  # the client ends the flow
+    server_flow.engine.join(timeout=WAIT)
+    assert server_flow.engine.ready(), "the flow did not end on EOF"
+    assert closed(server_flow.data)
+    assert not closed(server_flow.listener)  # borrowed: the role's shared UDP listener
+    assert server_flow.stats.udp_total == len(datagrams)
+    assert server_flow.stats.bytes_in == sum(len(d) for d in datagrams)
+    assert server_flow.stats.bytes_out == sum(len(r) for r in replies)
+
+
+@pytest.mark.timeout(30)
+def test_server_flow_aborts_both_sides_when_a_datagram_cannot_be_written(server_flow):
+    server_flow.client_end.shutdown(socket.SHUT_RD)
+    gevent.sleep(0.05)  # the flow has taken its data connection
+    server_flow.flow.offer(b"ping")
+    server_flow.engine.join(timeout=WAIT)
+    assert server_flow.engine.ready(), "a failed write did not end the flow"
+    assert closed(server_flow.data)
