@@ -14,7 +14,7 @@ from typing import Dict, Optional
 import gevent
 import gevent.pool
 
-from nodepass_gevent import auth, net, protocol, relay, tls, udpflow
+from nodepass_gevent import auth, net, protocol, readers, relay, tls, udpflow
 from nodepass_gevent.config import Config, Settings
 from nodepass_gevent.log import log
 from nodepass_gevent.pool import ClientPool, DataConnection
@@ -220,9 +220,9 @@ class Client:
                 if context is not None:
                     sock = context.wrap_socket(sock, server_hostname=server_name)
                 if self.config.auth_key is not None:
-                    nonce = net.recv_exactly(sock, AUTH_NONCE_LENGTH).decode("ascii", "replace")
+                    nonce = readers.recv_exactly(sock, AUTH_NONCE_LENGTH).decode("ascii", "replace")
                     sock.sendall(auth.data_response(self.config.auth_key, nonce))
-                connection_id = _read_id(sock)
+                connection_id = readers.read_id(sock)
                 sock.settimeout(None)
                 return connection_id, sock
             except BaseException:
@@ -286,7 +286,7 @@ class Client:
         target = None
         try:
             size, timeout = self.settings.udp_data_buf_size, self.settings.udp_read_timeout
-            datagram = relay.read_burst(data, size, timeout)
+            datagram = readers.read_burst(data, size, timeout)
             target = self._connect_target(socket.SOCK_DGRAM, timeout)
             target.send(datagram)
             reply = target.recv(size)
@@ -299,15 +299,6 @@ class Client:
         finally:
             net.close_quietly(target)
             net.close_quietly(data)
-
-
-def _read_id(sock: socket.socket) -> str:
-    """Exactly ID_LENGTH bytes: the id the server filed this connection under."""
-    received = net.recv_exactly(sock, protocol.ID_LENGTH)
-    connection_id = received.decode("ascii", "replace")
-    if not protocol.is_connection_id(connection_id):
-        raise protocol.ProtocolError("bad data connection id %r" % received)
-    return connection_id
 
 
 def _describe(exc: BaseException) -> str:

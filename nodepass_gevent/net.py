@@ -189,32 +189,6 @@ def _bytes_waiting(fileno: int) -> int:
         return 0
 
 
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    """Exactly ``size`` bytes; ConnectionError if the peer closes first."""
-    received = b""
-    while len(received) < size:
-        chunk = sock.recv(size - len(received))
-        if not chunk:
-            raise ConnectionError("closed after %d of %d bytes" % (len(received), size))
-        received += chunk
-    return received
-
-
-def recv_line(sock: socket.socket, limit: int) -> bytes:
-    """One line, newline included, read a byte at a time so nothing behind it
-    is consumed; ConnectionError on EOF or a line longer than ``limit``.
-    Only for the few short lines of a handshake."""
-    line = b""
-    while not line.endswith(b"\n"):
-        if len(line) >= limit:
-            raise ConnectionError("line longer than %d bytes" % limit)
-        byte = sock.recv(1)
-        if not byte:
-            raise ConnectionError("closed in the middle of a line")
-        line += byte
-    return line
-
-
 def abort(sock: socket.socket) -> None:
     """Stop both directions at once (wakes any greenlet blocked on it)."""
     shutdown(sock, socket.SHUT_RDWR)

@@ -1,4 +1,7 @@
-"""Moving bytes: the TCP exchange (both ways, half-close passed on) and UDP transfers.
+"""Moving bytes: the TCP exchange (both ways, half-close passed on), and the copy contract.
+
+The readers that take one message off a stream before or instead of a copy
+are readers.py's.
 
 The copy contract. Three engines copy both ways between two sockets:
 exchange() below (user space, or zerocopy.exchange() when splice works) for
@@ -126,47 +129,3 @@ def half_close(sock: socket.socket) -> None:
     Go's TLS reports it as an unexpected EOF on reads only).
     """
     net.shutdown(sock, socket.SHUT_WR)
-
-
-def read_until_eof(sock: socket.socket, limit: int, timeout: float) -> bytes:
-    """Read up to ``limit`` bytes until the peer closes (or the timeout)."""
-    sock.settimeout(timeout)
-    parts, size = [], 0
-    try:
-        while size < limit:
-            chunk = sock.recv(limit - size)
-            if not chunk:
-                break
-            parts.append(chunk)
-            size += len(chunk)
-    except socket.timeout:
-        pass
-    return b"".join(parts)
-
-
-def read_burst(sock: socket.socket, limit: int, timeout: float) -> bytes:
-    """Read one message written in one go: wait for the first bytes, then take
-    whatever has already arrived behind them.
-
-    The peer may write a datagram as several TLS records or TCP segments
-    (docs/protocol.md, "UDP over TLS cuts datagrams"), so one recv() is not
-    enough, yet no length is sent.
-    """
-    sock.settimeout(timeout)
-    first = sock.recv(limit)
-    parts, size = [first], len(first)
-    sock.settimeout(0)
-    try:
-        while first and size < limit and (_tls_pending(sock) or not net.is_idle(sock)):
-            chunk = sock.recv(limit - size)
-            if not chunk:
-                break
-            parts.append(chunk)
-            size += len(chunk)
-    except (socket.timeout, BlockingIOError, ssl.SSLWantReadError):
-        pass
-    return b"".join(parts)
-
-
-def _tls_pending(sock: socket.socket) -> int:
-    return sock.pending() if isinstance(sock, ssl.SSLSocket) else 0

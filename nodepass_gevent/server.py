@@ -19,7 +19,7 @@ import gevent.pool
 from gevent.event import Event
 from gevent.lock import Semaphore
 
-from nodepass_gevent import auth, net, protocol, relay, udpflow
+from nodepass_gevent import auth, net, protocol, readers, relay, udpflow
 from nodepass_gevent.config import Address, Config, Settings
 from nodepass_gevent.log import log
 from nodepass_gevent.pool import ServerPool
@@ -224,7 +224,7 @@ class Server:
         try:
             control.settimeout(HANDSHAKE_TIMEOUT)
             control.sendall(protocol.encode_auth_challenge(server_nonce))
-            response = net.recv_line(control, protocol.MAX_SIGNAL_LENGTH)
+            response = readers.recv_line(control, protocol.MAX_SIGNAL_LENGTH)
             client_nonce = auth.check_client_response(self.config.auth_key, server_nonce,
                                                       response)
             if client_nonce is None:
@@ -315,7 +315,7 @@ class Server:
     def _authenticate_data(self, sock: socket.socket) -> bool:
         nonce = auth.new_nonce()
         sock.sendall(nonce.encode("ascii"))
-        response = net.recv_exactly(sock, protocol.AUTH_MAC_LENGTH)
+        response = readers.recv_exactly(sock, protocol.AUTH_MAC_LENGTH)
         return auth.check_data_response(self.config.auth_key, nonce, response)
 
     # -- users ---------------------------------------------------------------
@@ -377,7 +377,7 @@ class Server:
             return
         try:
             data.sendall(datagram)
-            reply = relay.read_until_eof(data, self.settings.udp_data_buf_size,
+            reply = readers.read_until_eof(data, self.settings.udp_data_buf_size,
                                          self.settings.udp_read_timeout)
             if reply:
                 listener.sendto(reply, peer)

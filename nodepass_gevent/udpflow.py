@@ -28,7 +28,7 @@ from typing import Callable, Dict, Optional
 import gevent
 from gevent.queue import Full, Queue
 
-from nodepass_gevent import net
+from nodepass_gevent import net, readers
 from nodepass_gevent.log import log
 from nodepass_gevent.protocol import FLOW_FRAME_HEADER, FLOW_IDLE_READ_TIMEOUTS
 from nodepass_gevent.stats import Stats
@@ -38,22 +38,6 @@ FLOW_QUEUE_SIZE = 256     # datagrams waiting for the data connection; more are 
 
 def frame(datagram: bytes) -> bytes:
     return FLOW_FRAME_HEADER.pack(len(datagram)) + datagram
-
-
-def read_frame(reader, limit: int) -> Optional[bytes]:
-    """The next datagram from a buffered reader; None at a clean end."""
-    header = reader.read(FLOW_FRAME_HEADER.size)
-    if not header:
-        return None
-    if len(header) < FLOW_FRAME_HEADER.size:
-        raise ConnectionError("flow cut inside a frame header")
-    (size,) = FLOW_FRAME_HEADER.unpack(header)
-    if size > limit:
-        raise ConnectionError("frame of %d bytes exceeds UDP_DATA_BUF_SIZE" % size)
-    datagram = reader.read(size)
-    if len(datagram) < size:
-        raise ConnectionError("flow cut inside a frame")
-    return datagram
 
 
 class ServerFlow:
@@ -114,7 +98,7 @@ class ServerFlow:
             while True:
                 data.settimeout(max(0.1, self.last_active + self.idle_timeout - time.monotonic()))
                 try:
-                    reply = read_frame(reader, self.size_limit)
+                    reply = readers.read_frame(reader, self.size_limit)
                 except socket.timeout:
                     if time.monotonic() - self.last_active >= self.idle_timeout:
                         return  # idle both ways: close the flow
@@ -168,7 +152,7 @@ def client_flow(data: socket.socket, target: socket.socket, stats: Stats,
         # The server closes an idle flow; this is only a backstop.
         data.settimeout(read_timeout * FLOW_IDLE_READ_TIMEOUTS * 2)
         while True:
-            datagram = read_frame(reader, size_limit)
+            datagram = readers.read_frame(reader, size_limit)
             if datagram is None:
                 return
             target.send(datagram)

@@ -20,7 +20,7 @@ import gevent
 import pytest
 from gevent import socket as gsocket
 
-from nodepass_gevent import relay, udpflow, zerocopy
+from nodepass_gevent import readers, relay, udpflow, zerocopy
 from nodepass_gevent.stats import Stats
 
 pytestmark = pytest.mark.matrix
@@ -164,7 +164,7 @@ def udp_echo(sock) -> None:
 def read_frames(sock, count: int):
     reader = sock.makefile("rb")
     try:
-        return [udpflow.read_frame(reader, 65535) for _ in range(count)]
+        return [readers.read_frame(reader, 65535) for _ in range(count)]
     finally:
         reader.close()
 

@@ -156,7 +156,7 @@ def test_client_fails_when_its_pool_manager_crashes(records, cooperative_sockets
     def buggy_read_id(sock):
         raise TypeError("a bug in the data connection handshake")
 
-    monkeypatch.setattr(client_module, "_read_id", buggy_read_id)
+    monkeypatch.setattr(client_module.readers, "read_id", buggy_read_id)
     server = gevent.spawn(serve_tunnel)
     config = parse_url("client://%s:%d/%s:%d" % (HOST, tunnel.getsockname()[1], HOST,
                                                  closed_port()))
