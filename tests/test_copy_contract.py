@@ -23,36 +23,27 @@ from gevent import socket as gsocket
 from nodepass_gevent import readers, relay, udpflow, zerocopy
 from nodepass_gevent.stats import Stats
 
+from test_zerocopy import read_to_eof, tcp_pair
+
 pytestmark = pytest.mark.matrix
 
 WAIT = 10.0   # seconds any one step may take
 SIZE = 512 * 1024
 
 
-def tcp_pair():
-    listener = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        near = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        near.connect(listener.getsockname())
-        far = listener.accept()[0]
-    finally:
-        listener.close()
-    return near, far
-
-
-def read_to_eof(sock) -> bytes:
-    parts = []
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return b"".join(parts)
-        parts.append(chunk)
-
-
 def closed(sock) -> bool:
     return sock.fileno() == -1
+
+
+def assert_ended(link, why: str, datagrams=None, replies=None) -> None:
+    """The flow's engine returned; its owned sockets are closed; the counts, if given."""
+    link.engine.join(timeout=WAIT)
+    assert link.engine.ready(), why
+    assert all(closed(sock) for sock in link.owned())
+    if datagrams is not None:
+        assert link.stats.udp_total == len(datagrams)
+        assert link.stats.bytes_in == sum(len(d) for d in datagrams)
+        assert link.stats.bytes_out == sum(len(r) for r in replies)
 
 
 # --------------------------------------------------------------------------
@@ -180,6 +171,9 @@ class ClientFlowLink:
         self.engine = gevent.spawn(udpflow.client_flow, self.data, self.target, self.stats,
                                    65535, 30.0)
 
+    def owned(self):
+        return self.data, self.target
+
     def close(self) -> None:
         self.engine.kill(block=True, timeout=WAIT)
         self.echo.kill(block=True, timeout=WAIT)
@@ -196,6 +190,9 @@ class ServerFlowLink:
         self.flow = udpflow.ServerFlow(self.listener, self.user.getsockname(), self.stats,
                                        65535, 30.0)
         self.engine = gevent.spawn(self.flow.run, lambda: self.data)
+
+    def owned(self):
+        return (self.data,)  # the listener is the role's, borrowed
 
     def close(self) -> None:
         self.engine.kill(block=True, timeout=WAIT)
@@ -225,12 +222,7 @@ def test_client_flow_ends_on_eof_closes_both_and_counts_both_sides(client_flow):
     replies = read_frames(client_flow.server_end, len(datagrams))
     assert sorted(replies) == sorted(b"re:" + d for d in datagrams)
     client_flow.server_end.shutdown(socket.SHUT_WR)  # the server ends the flow
-    client_flow.engine.join(timeout=WAIT)
-    assert client_flow.engine.ready(), "the flow did not end on EOF"
-    assert closed(client_flow.data) and closed(client_flow.target)
-    assert client_flow.stats.udp_total == len(datagrams)
-    assert client_flow.stats.bytes_in == sum(len(d) for d in datagrams)
-    assert client_flow.stats.bytes_out == sum(len(r) for r in replies)
+    assert_ended(client_flow, "the flow did not end on EOF", datagrams, replies)
 
 
 @pytest.mark.timeout(30)
@@ -239,9 +231,7 @@ def test_client_flow_aborts_both_sides_when_a_reply_cannot_be_written(client_flo
     # nothing ends the data connection's other direction.
     client_flow.server_end.shutdown(socket.SHUT_RD)
     client_flow.server_end.sendall(udpflow.frame(b"ping"))
-    client_flow.engine.join(timeout=WAIT)
-    assert client_flow.engine.ready(), "a failed write did not end the flow"
-    assert closed(client_flow.data) and closed(client_flow.target)
+    assert_ended(client_flow, "a failed write did not end the flow")
 
 
 @pytest.mark.timeout(30)
@@ -257,13 +247,8 @@ def test_server_flow_ends_on_eof_closes_its_data_and_counts_both_sides(server_fl
     received = [server_flow.user.recv(65536) for _ in replies]
     assert received == replies
     server_flow.client_end.shutdown(socket.SHUT_WR)  # the client ends the flow
-    server_flow.engine.join(timeout=WAIT)
-    assert server_flow.engine.ready(), "the flow did not end on EOF"
-    assert closed(server_flow.data)
+    assert_ended(server_flow, "the flow did not end on EOF", datagrams, replies)
     assert not closed(server_flow.listener)  # borrowed: the role's shared UDP listener
-    assert server_flow.stats.udp_total == len(datagrams)
-    assert server_flow.stats.bytes_in == sum(len(d) for d in datagrams)
-    assert server_flow.stats.bytes_out == sum(len(r) for r in replies)
 
 
 @pytest.mark.timeout(30)
@@ -271,6 +256,4 @@ def test_server_flow_aborts_both_sides_when_a_datagram_cannot_be_written(server_
     server_flow.client_end.shutdown(socket.SHUT_RD)
     gevent.sleep(0.05)  # the flow has taken its data connection
     server_flow.flow.offer(b"ping")
-    server_flow.engine.join(timeout=WAIT)
-    assert server_flow.engine.ready(), "a failed write did not end the flow"
-    assert closed(server_flow.data)
+    assert_ended(server_flow, "a failed write did not end the flow")
