@@ -89,8 +89,9 @@ def libc_splice() -> Splice:
     """splice(2) from libc through ctypes, called and failing as os.splice does.
 
     Raises OSError (or AttributeError) when libc cannot be loaded or has no
-    splice. The C function and get_errno are bound here, once, so a call costs
-    one Python frame on top of the system call.
+    splice. The relay's hot path calls the C function itself (``splice.raw``,
+    see _Direction): on the Pythons that need this module's splice, a Python
+    frame per call was a measurable share of a small message's cost.
     """
     function = ctypes.CDLL(None, use_errno=True).splice
     offset = ctypes.POINTER(ctypes.c_longlong)
@@ -99,51 +100,30 @@ def libc_splice() -> Splice:
     function.argtypes = (ctypes.c_int, offset, ctypes.c_int, offset, ctypes.c_size_t,
                          ctypes.c_uint)
     function.restype = ctypes.c_ssize_t
-    get_errno = ctypes.get_errno
 
     def splice(src: int, dst: int, count: int, offset_src: Optional[int] = None,
                offset_dst: Optional[int] = None, flags: int = 0) -> int:
-        if offset_src is not None or offset_dst is not None:
-            return _splice_at(function, src, dst, count, offset_src, offset_dst, flags)
+        offsets = [None if value is None else ctypes.pointer(ctypes.c_longlong(value))
+                   for value in (offset_src, offset_dst)]
         while True:
-            size = function(src, None, dst, None, count, flags)
+            size = function(src, offsets[0], dst, offsets[1], count, flags)
             if size >= 0:
                 return size
-            code = get_errno()
-            if code != errno.EINTR:  # retried, as os.splice does (PEP 475)
-                # OSError(errno, ...) is BlockingIOError for EAGAIN, and so on.
-                raise OSError(code, os.strerror(code))
+            if ctypes.get_errno() != errno.EINTR:  # retried, as os.splice does (PEP 475)
+                raise_libc_error()
 
-    # The relay's hot path calls the C function itself (see _Direction): on the
-    # Pythons that need this module's splice, a Python frame per call was a
-    # measurable share of a small message's cost.
     splice.raw = function  # type: ignore
     return splice
 
 
 def raise_libc_error() -> int:
-    """After the C splice returned -1: raise what os.splice would (BlockingIOError
-    for EAGAIN). EINTR is reported as EAGAIN: the level-triggered watchers call
-    again at once."""
+    """After the C splice returned -1: raise what os.splice would (OSError(errno)
+    is BlockingIOError for EAGAIN, and so on). EINTR is reported as EAGAIN: the
+    relay's level-triggered watchers call again at once."""
     code = ctypes.get_errno()
     if code == errno.EINTR:
         code = errno.EAGAIN
     raise OSError(code, os.strerror(code))
-
-
-def _splice_at(function, src: int, dst: int, count: int, offset_src: Optional[int],
-               offset_dst: Optional[int], flags: int) -> int:
-    """The rare call with file offsets (the relay never makes one)."""
-    offsets = [None if value is None else ctypes.c_longlong(value)
-               for value in (offset_src, offset_dst)]
-    pointers = [None if value is None else ctypes.pointer(value) for value in offsets]
-    while True:
-        size = function(src, pointers[0], dst, pointers[1], count, flags)
-        if size >= 0:
-            return size
-        code = ctypes.get_errno()
-        if code != errno.EINTR:
-            raise OSError(code, os.strerror(code))
 
 
 def probe(splice: Splice) -> Optional[str]:
