@@ -181,3 +181,26 @@ def test_a_silent_peer_is_cut_for_a_real_client_when_places_run_out(tunnel_serve
     finally:
         for sock in silent:
             sock.close()
+
+
+def test_a_silent_squatter_on_the_tunnel_port_is_replaced_by_the_real_client(tunnel_server,
+                                                                              records,
+                                                                              monkeypatch):
+    # v1.0 gives the tunnel to whoever connects first. A peer that takes it and
+    # never dials a data connection must not keep the real client out for long
+    # (for HANDSHAKE_TIMEOUT: made short here, so no test sleeps through it).
+    monkeypatch.setattr(control, "HANDSHAKE_TIMEOUT", 0.3)
+    server = tunnel_server()
+    squatter = gevent.socket.create_connection((HOST, server.port))
+    try:
+        assert squatter.recv(100).startswith(b"//")  # it got the tunnel
+        squatter_session = server.wait_session()
+        with pytest.raises(ConnectionError):  # too early: refused
+            open_session(server.client_config())
+        gevent.sleep(0.35)
+        session = open_session(server.client_config())
+        session.close()
+        assert "never opened a data connection; replacing it" in records.text()
+        assert squatter_session.closed and squatter.recv(100) == b""
+    finally:
+        squatter.close()
