@@ -46,7 +46,7 @@ import gevent.pool
 from gevent.event import Event
 from gevent.queue import Full, Queue
 
-from nodepass_gevent import net, protocol, readers
+from nodepass_gevent import net, protocol, readers, udplink
 from nodepass_gevent.log import log
 from nodepass_gevent.protocol import FLOW_FRAME_HEADER, FLOW_IDLE_READ_TIMEOUTS
 from nodepass_gevent.stats import Stats
@@ -187,12 +187,21 @@ class ServerFlow:
         self.listener, self.peer, self.stats = listener, peer, stats
         self.size_limit = size_limit
         self.idle_timeout = read_timeout * FLOW_IDLE_READ_TIMEOUTS
-        self.queue = Queue(FLOW_QUEUE_SIZE)
+        self.queue = Queue(FLOW_QUEUE_SIZE)  # until the data connection is there, or TLS
         self.last_active = time.monotonic()
         self._data = None  # type: Optional[socket.socket]
+        self._link = None  # type: Optional[udplink.FrameLink]
 
     def offer(self, datagram: bytes) -> None:
-        """Queue a user datagram; drop it if the flow is this far behind (UDP may)."""
+        """Pass a user datagram on (from the receive callback: never blocks);
+        drop it if the flow is this far behind (UDP may)."""
+        link = self._link
+        if link is not None:  # plain data connection: written from this callback
+            if link.send(datagram):
+                self.stats.udp_datagram(len(datagram))
+            else:
+                log.debug("UDP flow %s: backed up, datagram dropped", self.peer)
+            return
         try:
             self.queue.put_nowait(datagram)
             self.last_active = time.monotonic()
@@ -208,6 +217,9 @@ class ServerFlow:
         data = self._data = take_data()
         if data is None:
             return
+        if udplink.usable(data):
+            self._run_link(data)
+            return
         writer = gevent.spawn(self._write_frames, data)
         try:
             self._read_replies(data)
@@ -219,8 +231,31 @@ class ServerFlow:
 
     def close(self) -> None:
         """Wake the flow's greenlets so that it ends (on shutdown). Never raises."""
-        if self._data is not None:
+        if self._link is not None:
+            self._link.end("shut down")
+        elif self._data is not None:
             net.abort(self._data)
+
+    def _run_link(self, data: socket.socket) -> None:
+        sendto = udplink.raw_sendto(self.listener)
+        count_reply = self.stats.counter(inbound=False)
+
+        def reply(datagram: bytes) -> None:
+            sendto(datagram, self.peer)
+            count_reply(len(datagram))
+
+        link = udplink.FrameLink(data, self.size_limit, reply)
+        while not self.queue.empty():  # what came while the connection was taken
+            datagram = self.queue.get_nowait()
+            if link.send(datagram):
+                self.stats.udp_datagram(len(datagram))
+        self._link = link
+        link.start()
+        try:
+            udplink.wait_until_idle_or_ended(link, self.idle_timeout)
+        finally:
+            link.end("closed", abort=False)
+            log.debug("UDP flow %s ended: %s", self.peer, link.why)
 
     def _write_frames(self, data: socket.socket) -> None:
         try:
@@ -288,6 +323,9 @@ def client_flow(data: socket.socket, target: socket.socket, stats: Stats,
     direction fails (a failed write aborts the data connection, which wakes
     the other), or when someone aborts it, as the client does when it stops.
     """
+    if udplink.usable(data):
+        _client_link(data, target, stats, size_limit, read_timeout)
+        return
     replies = gevent.spawn(_send_replies, target, data, stats, size_limit)
     reader = data.makefile("rb")
     try:
@@ -306,6 +344,28 @@ def client_flow(data: socket.socket, target: socket.socket, stats: Stats,
         replies.kill(block=True)
         net.close_quietly(target)
         net.close_quietly(data)
+
+
+def _client_link(data: socket.socket, target: socket.socket, stats: Stats,
+                 size_limit: int, read_timeout: float) -> None:
+    """client_flow over a plain data connection: udplink's callbacks both ways."""
+    link = udplink.FrameLink(data, size_limit, None)
+    target_side = udplink.TargetSide(target, link, size_limit, stats.counter(inbound=False))
+
+    def to_target(datagram: bytes) -> None:
+        target_side.send(datagram)
+        stats.udp_datagram(len(datagram))
+
+    link.on_datagram = to_target
+    link.start()
+    target_side.start()
+    try:
+        # The server closes an idle flow; this is only a backstop.
+        udplink.wait_until_idle_or_ended(link, read_timeout * FLOW_IDLE_READ_TIMEOUTS * 2)
+    finally:
+        link.end("closed", abort=False)
+        target_side.close()
+        log.debug("UDP flow to target ended: %s", link.why)
 
 
 def _send_replies(target: socket.socket, data: socket.socket, stats: Stats,

@@ -20,7 +20,7 @@ import gevent
 import pytest
 from gevent import socket as gsocket
 
-from nodepass_gevent import readers, relay, udp, zerocopy
+from nodepass_gevent import readers, relay, udp, udplink, zerocopy
 from nodepass_gevent.stats import Stats
 
 from test_zerocopy import read_to_eof, tcp_pair
@@ -200,15 +200,24 @@ class ServerFlowLink:
             sock.close()
 
 
+@pytest.fixture(params=["callbacks", "greenlets"])
+def flow_engine(request, monkeypatch):
+    """Both flow engines: udplink's callbacks (plain data connections) and
+    the greenlet pair (TLS ones), forced here on a plain socket."""
+    if request.param == "greenlets":
+        monkeypatch.setattr(udplink, "usable", lambda data: False)
+    return request.param
+
+
 @pytest.fixture
-def client_flow():
+def client_flow(flow_engine):
     link = ClientFlowLink()
     yield link
     link.close()
 
 
 @pytest.fixture
-def server_flow():
+def server_flow(flow_engine):
     link = ServerFlowLink()
     yield link
     link.close()
