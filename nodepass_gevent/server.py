@@ -128,24 +128,25 @@ class Server(Component):
 
     # -- users -------------------------------------------------------------
 
-    def hand_out(self, kind: str, user: str) -> Optional[socket.socket]:
-        """A pooled data connection, announced to the client for ``user``, or None (logged)."""
+    def hand_out(self, kind: str, peer: tuple) -> Optional[socket.socket]:
+        """A pooled data connection, announced to the client for the user at
+        ``peer``, or None (logged)."""
         session = self.control.session
         if session is None:
             self.log.debug("Target: no tunnel client; dropping %s user %s",
-                           protocol.KIND_NAMES[kind], user)
+                           protocol.KIND_NAMES[kind], _User(peer))
             return None
         taken = self.pool.take(POOL_WAIT)
         if taken is None:
             self.log.warning("Target: no data connection ready within %.0fs; dropping %s user"
-                             " %s", POOL_WAIT, protocol.KIND_NAMES[kind], user)
+                             " %s", POOL_WAIT, protocol.KIND_NAMES[kind], _User(peer))
             return None
         connection_id, data = taken
         if not session.send(protocol.encode_launch_signal(connection_id, kind)):
             net.close_quietly(data)
             return None
         self.log.debug("Target: %s user %s -> data connection %s",
-                       protocol.KIND_NAMES[kind], user, connection_id)
+                       protocol.KIND_NAMES[kind], _User(peer), connection_id)
         return data
 
     def _serve_user(self, user: socket.socket, peer: tuple) -> None:
@@ -198,6 +199,18 @@ class Server(Component):
         if not self.ready.is_set():
             return "starting"
         return "up" if session is not None else "waiting"
+
+
+class _User:
+    """A user's address, formatted only if a log line is written (not per connection)."""
+
+    __slots__ = ("peer",)
+
+    def __init__(self, peer: tuple) -> None:
+        self.peer = peer
+
+    def __str__(self) -> str:
+        return net.format_address(self.peer)
 
 
 class _UserListener(TcpListener):

@@ -3,9 +3,6 @@
 All greenlets run in one thread, so an integer add needs no lock.
 """
 
-from contextlib import contextmanager
-from typing import Iterator
-
 
 class Stats:
     """Counters one role keeps for its report line and its status (status()).
@@ -51,15 +48,14 @@ class Stats:
         """A callable counting bytes one way (what the copy engines call per write)."""
         return lambda size: self.count_bytes(size, inbound)
 
-    @contextmanager
-    def tcp_connection(self) -> Iterator[None]:
-        """Count a TCP connection as active for the duration of the block."""
+    def tcp_opened(self) -> None:
+        """A TCP connection starts (active until tcp_closed(); a plain call, not a
+        context manager: this runs once per connection, on the churn path)."""
         self.tcp_active += 1
         self.tcp_total += 1
-        try:
-            yield
-        finally:
-            self.tcp_active -= 1
+
+    def tcp_closed(self) -> None:
+        self.tcp_active -= 1
 
     def udp_datagram(self, size: int) -> None:
         """A user datagram passed on towards the target (its replies are bytes out)."""

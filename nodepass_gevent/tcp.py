@@ -15,14 +15,17 @@ from nodepass_gevent.stats import Stats
 
 
 def serve_user(user: socket.socket, peer: tuple, hand_out, stats: Stats) -> None:
-    """The server's half: ``hand_out(kind, who)`` gives an announced data
+    """The server's half: ``hand_out(kind, peer)`` gives an announced data
     connection or None (then the user is closed at once)."""
-    data = hand_out(protocol.KIND_TCP, net.format_address(peer))
+    data = hand_out(protocol.KIND_TCP, peer)
     if data is None:
         net.close_quietly(user)
         return
-    with stats.tcp_connection():
+    stats.tcp_opened()
+    try:
         relay.exchange(user, data, stats)
+    finally:
+        stats.tcp_closed()
 
 
 def launch(data: socket.socket, target: net.Target, stats: Stats, log) -> None:
@@ -35,5 +38,8 @@ def launch(data: socket.socket, target: net.Target, stats: Stats, log) -> None:
                     net.describe(exc))
         net.close_quietly(data)
         return
-    with stats.tcp_connection():
+    stats.tcp_opened()
+    try:
         relay.exchange(data, sock, stats)
+    finally:
+        stats.tcp_closed()

@@ -59,7 +59,7 @@ FULL_WARNING_INTERVAL = 5.0  # at most one "semaphore full" warning this often
 class UdpUsers:
     """The server's UDP front end: the handler of the UDP listener.
 
-    ``hand_out(kind, who)`` gives an announced data connection or None;
+    ``hand_out(kind, peer)`` gives an announced data connection or None;
     ``session_uses_flows()`` says whether the connected client took flows.
     """
 
@@ -86,8 +86,8 @@ class UdpUsers:
             flow = ServerFlow(self.listener, peer, self.stats, self.size, self.read_timeout)
             flow.offer(datagram)
             self.flows.add(flow)  # now, so the next datagram finds it
-            self._admit(self.flows.run, flow, partial(
-                self.hand_out, protocol.KIND_UDP_FLOW, "%s:%d" % peer[:2]))
+            self._admit(self.flows.run, flow, partial(self.hand_out, protocol.KIND_UDP_FLOW,
+                                                       peer))
         else:
             self._admit(self._exchange_v1, datagram, peer)
 
@@ -117,7 +117,7 @@ class UdpUsers:
                 self.users.spawn(function, *args)  # waits for a free place
 
     def _exchange_v1(self, datagram: bytes, peer: tuple) -> None:
-        data = self.hand_out(protocol.KIND_UDP, "%s:%d" % peer[:2])
+        data = self.hand_out(protocol.KIND_UDP, peer)
         if data is None:
             return
         try:

@@ -122,3 +122,9 @@ def test_every_citation_of_the_wire_contract_names_a_section_of_docs_protocol_md
             cited.setdefault(title.lower(), path)
     assert len(cited) >= 3
     assert {title: path for title, path in cited.items() if title not in headings} == {}
+
+
+@pytest.mark.parametrize("line", [b"//cafe0001#1\n", b"//cafe0001#2", b"//0123abcd#3\r\n",
+                                  b"//cafe0001#9\n"])
+def test_the_launch_signal_shortcut_parses_as_the_general_path_does(line):
+    assert protocol.parse_signal(line) == protocol.parse_any_signal(line)
