@@ -1,7 +1,7 @@
 """scripts/bench --smoke: every workload path runs and the report has every row.
 
-The smoke run starts real iperf3, nginx, socat and nodepass processes on
-loopback and takes about 25 s; it stops all of them itself (by pid) even when it
+The smoke run starts real iperf3, nginx, socat, ab and nodepass processes on
+loopback and takes about 25 s (the variants/tunnels/rate run about 15 s more); it stops all of them itself (by pid) even when it
 fails. Outside CI the test is skipped when one of the tools is missing; in CI
 (CI=true) a missing tool is a failure, so the script cannot rot unseen.
 """
@@ -45,6 +45,10 @@ EXPECTED_ROWS = [
     "tunnel CPU, 8 streams",
     "tunnel CPU, 1 stream, reverse",
     "tunnel CPU, 8 streams, reverse",
+    "request/response, requests",
+    "request/response, p50",
+    "request/response, p99",
+    "request/response, failed requests",
 ]
 COLUMNS = ["direct", "socat", "nodepass tls=0", "nodepass tls=1"]
 # Rows where a mode has no figure by design (no relay process to measure).
@@ -113,8 +117,91 @@ def test_smoke_run_reports_every_workload(tools_present, tmp_path):
                 assert re.match(r"^[0-9][0-9,]*(\.[0-9]+)?( \(|$)", cell), (label, column, cell)
     # Tunnel cells carry their ratios to direct and socat from the same run.
     assert re.search(r"\(\d+\.\d\d×d, \d+\.\d\d×s\)", rows["bulk TCP, 1 stream"]["nodepass tls=0"])
+    # Request/response: tls=1 also as a ratio of tls=0 of the same run (issue 11's target).
+    assert re.search(r"\(\d+\.\d\d×d, \d+\.\d\d×s, \d+\.\d\d×t0\)",
+                     rows["request/response, requests"]["nodepass tls=1"])
     assert "scripts/bench --smoke --output" in report
     assert "## Machine" in report and "## Targets of issue 4" in report
+    assert "## Targets of issue 11" in report
+    assert processes_left_in(tmp_path) == []
+
+
+def section(report, title):
+    return report.split("## " + title, 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.timeout(150)
+def test_smoke_variants_tunnels_and_rate(tools_present, tmp_path):
+    """--compare-query/--compare-client-query measure a variant beside its base mode;
+    workload 8 (N tunnels, one process vs N processes) and 9 (rate=) report figures, or
+    say they were skipped when this build lacks multi-URL, rate= or --metrics."""
+    report_path = tmp_path / "bench.md"
+    done = subprocess.run(
+        [
+            sys.executable,
+            BENCH,
+            "--smoke",
+            "--only",
+            "latency,tunnels,rate",
+            "--modes",
+            "direct,tls0",
+            "--compare-query",
+            "udp=flow",
+            "--compare-client-query",
+            "log=warn",
+            "--client-query",
+            "tls=0",
+            "--scrape-metrics",
+            "--output",
+            str(report_path),
+        ],
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        timeout=140,
+    )
+    stderr = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 0, "bench failed:\n%s" % stderr[-4000:]
+    report = report_path.read_text(encoding="utf-8")
+    assert "FAILED" not in report
+
+    variant = "nodepass tls=0, server +udp=flow, client +log=warn"
+    rows = results_rows(report)
+    assert sorted(rows) == ["1-byte ping-pong, p50", "1-byte ping-pong, p99"]
+    assert re.match(r"^[0-9,]+ \(\d+\.\d\d×d, \d+\.\d\d×b\)$", rows["1-byte ping-pong, p50"][variant])
+    variants = section(report, "Variants against their base mode")
+    assert "| 3 | 1-byte ping-pong, p50 | %s |" % variant in variants
+    scrape = "nodepass tls=0, /metrics scraped 1/s"
+    if "--metrics not supported by this build" in report:
+        assert scrape not in rows["1-byte ping-pong, p50"]
+    else:
+        assert re.search(r"%s: [1-9]\d* scrapes of /metrics answered, 0 failed" % re.escape(scrape),
+                         variants)
+
+    tunnels = section(report, "N tunnels in one process vs N processes")
+    assert re.search(r"\| 1 \| processes \| \d+\.\d \| \d+\.\d \|.*\| 17 \| 2 of 2 \|", tunnels)
+    assert re.search(r"\| 3 \| processes \| \d+\.\d \| \d+\.\d \|.*\| 51 \| 6 of 6 \|", tunnels)
+    assert re.search(r"\| 3 \| one process \| (skipped: multi-URL not supported by this build"
+                     r"|\d+\.\d \| \d+\.\d \|.*\| 51 \| 6 of 6 \|)", tunnels)
+
+    rate = section(report, "rate= on bulk")
+    assert re.search(r"skipped: rate= not supported by this build|"
+                     r"\| nodepass tls=0 \| forward \| 100 \| \d+\.\d \|", rate)
+    assert processes_left_in(tmp_path) == []
+
+
+def test_refused_query_is_one_line_and_status_2(tmp_path):
+    done = subprocess.run(
+        [sys.executable, BENCH, "--smoke", "--only", "latency", "--modes", "direct,tls0",
+         "--compare-query", "no_such_option=1"],
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        timeout=60,
+    )
+    lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    assert done.returncode == 2
+    assert len(lines) == 1 and "refuses the server query 'no_such_option=1'" in lines[0], lines
     assert processes_left_in(tmp_path) == []
 
 
