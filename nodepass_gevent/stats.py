@@ -16,6 +16,11 @@ class Stats:
         self.udp_total = 0
         self.bytes_in = 0   # from users / the data side towards the target
         self.bytes_out = 0  # back towards users
+        # Users the server turned away (access.py) and datagrams over rate= (ratelimit.py).
+        self.users_refused = 0       # TCP users refused by allow=/deny=
+        self.users_over_cap = 0      # TCP users beyond per_user= from one address
+        self.datagrams_refused = 0   # UDP datagrams refused by allow=/deny=
+        self.datagrams_over_rate = 0  # UDP datagrams dropped by rate=
         self._reported = self.snapshot()
 
     def count_bytes(self, size: int, inbound: bool) -> None:
@@ -44,7 +49,12 @@ class Stats:
         self.bytes_out += size_out
 
     def snapshot(self) -> tuple:
-        return (self.tcp_active, self.tcp_total, self.udp_total, self.bytes_in, self.bytes_out)
+        return (self.tcp_active, self.tcp_total, self.udp_total, self.bytes_in, self.bytes_out,
+                self.refusals())
+
+    def refusals(self) -> tuple:
+        return (self.users_refused, self.users_over_cap, self.datagrams_refused,
+                self.datagrams_over_rate)
 
     def changed_since_report(self) -> bool:
         """True (once) if anything moved since the previous call, or traffic is live."""
@@ -54,7 +64,11 @@ class Stats:
         return changed
 
     def line(self, pool_idle: int, pool_capacity: int) -> str:
-        return ("Traffic: tcp active=%d total=%d | udp exchanges=%d | bytes in=%d out=%d"
+        line = ("Traffic: tcp active=%d total=%d | udp exchanges=%d | bytes in=%d out=%d"
                 " | pool idle=%d capacity=%d"
                 % (self.tcp_active, self.tcp_total, self.udp_total, self.bytes_in,
                    self.bytes_out, pool_idle, pool_capacity))
+        if any(self.refusals()):  # only with allow=, deny=, per_user= or rate= at work
+            line += (" | refused tcp=%d over_cap=%d udp=%d udp_over_rate=%d"
+                     % self.refusals())
+        return line
