@@ -47,10 +47,6 @@ class TokenBucket:
         self._tokens = float(self.burst)
         self._stamp = clock()
 
-    @classmethod
-    def per_mbit(cls, mbit_per_second: float) -> "TokenBucket":
-        return cls(mbit_to_bytes(mbit_per_second))
-
     def _refill(self) -> float:
         now = self._clock()
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
@@ -89,3 +85,14 @@ class TokenBucket:
         """Seconds until the next grant can be had (0 if now)."""
         missing = self.min_grant - self._refill()
         return max(0.0, missing / self.rate)
+
+
+class TunnelRate:
+    """The two buckets of one tunnel: ``inbound`` towards the target (users'
+    bytes, Stats' bytes in), ``outbound`` back towards the users."""
+
+    def __init__(self, mbit_per_second: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.mbit_per_second = mbit_per_second
+        self.inbound = TokenBucket(mbit_to_bytes(mbit_per_second), clock=clock)
+        self.outbound = TokenBucket(mbit_to_bytes(mbit_per_second), clock=clock)
