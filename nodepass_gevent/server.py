@@ -21,6 +21,7 @@ from gevent.lock import Semaphore
 
 from nodepass_gevent import auth, net, protocol, readers, relay, udpflow
 from nodepass_gevent.config import Address, Config, Settings
+from nodepass_gevent.edge import Edge
 from nodepass_gevent.log import log
 from nodepass_gevent.pool import ServerPool
 from nodepass_gevent.protocol import HANDSHAKE_TIMEOUT, HEARTBEAT_MISSES
@@ -78,6 +79,7 @@ class Server:
                  ssl_context: Optional[ssl.SSLContext]) -> None:
         self.config, self.settings, self.ssl_context = config, settings, ssl_context
         self.stats = Stats()
+        self.edge = Edge(config, self.stats, log.warning)  # proxy=, allow=, rate=, ...
         self.pool = ServerPool(settings.max_pool_capacity)
         # The semaphore: one slot per user TCP connection or UDP exchange.
         self._users = gevent.pool.Pool(settings.semaphore_limit)
@@ -116,14 +118,15 @@ class Server:
         self._loops.spawn(net.serve_forever, tunnel, self._on_tunnel, self._spawn_control,
                           "tunnel")
         self._loops.spawn(net.serve_forever, data, self._on_data, self._handshakes.spawn, "data")
-        self._loops.spawn(net.serve_forever, target_tcp, self._on_user, self._spawn_user,
+        self._loops.spawn(net.serve_forever, target_tcp, self._on_user, self._admit_user,
                           "target")
         self._loops.spawn(net.receive_forever, target_udp, self.settings.udp_data_buf_size,
                           self._on_user_datagram, "Target")
         self._loops.spawn(self._report_forever)
-        log.info("Server: tunnel %s, data port %d, target %s (tcp+udp), tls=%d, auth=%s",
+        edge = self.config.edge_summary()
+        log.info("Server: tunnel %s, data port %d, target %s (tcp+udp), tls=%d, auth=%s%s",
                  self.config.tunnel, self.data_port, self.config.target, self.config.tls_mode,
-                 "on" if self.config.auth_key else "off")
+                 "on" if self.config.auth_key else "off", ", " + edge if edge else "")
 
     def stop(self, timeout: float) -> None:
         """Stop accepting, let user connections finish for ``timeout``, then cut them."""
@@ -348,22 +351,47 @@ class Server:
                         self.settings.semaphore_limit)
         self._users.spawn(*args)
 
-    def _on_user(self, user: socket.socket, peer: tuple) -> None:
-        data = self._take_data_connection(protocol.KIND_TCP, net.format_address(peer))
-        if data is None:
-            net.close_quietly(user)
-            return
-        with self.stats.tcp_connection():
-            relay.exchange(user, data, self.stats)
+    def _admit_user(self, handle, user: socket.socket, peer: tuple) -> None:
+        """allow=/deny=/per_user= first: a refused user costs no place and no signal."""
+        key = self.edge.admit_tcp(user, peer)
+        if key is not None:
+            self._spawn_user(handle, user, peer, key)
+
+    def _on_user(self, user: socket.socket, peer: tuple, key: object) -> None:
+        try:
+            data = self._take_data_connection(protocol.KIND_TCP, net.format_address(peer))
+            if data is None or not self._send_proxy_header(user, peer, data):
+                net.close_quietly(user)
+                return
+            with self.stats.tcp_connection():
+                relay.exchange(user, data, self.stats, self.edge.rate)
+        finally:
+            self.edge.release_tcp(key)
+
+    def _send_proxy_header(self, user: socket.socket, peer: tuple, data: socket.socket) -> bool:
+        """proxy=1|2: the header goes first on the data connection, after the launch
+        signal; the client forwards it to the service with the user's bytes."""
+        header = self.edge.proxy_header(user, peer)
+        if header is None:
+            return True
+        try:
+            data.sendall(header)
+            return True
+        except OSError as exc:
+            log.debug("Target: PROXY header for %s not sent: %s", net.format_address(peer), exc)
+            net.close_quietly(data)
+            return False
 
     def _on_user_datagram(self, listener: socket.socket, datagram: bytes, peer: tuple) -> None:
+        if not self.edge.admit_datagram(peer, len(datagram)):
+            return  # refused by allow=/deny= or over rate=: dropped (counted, logged)
         flow = self._flows.get(peer)
         if flow is not None:
             flow.offer(datagram)
         elif self._session is not None and self._session.udp_flow:
             size = self.settings.udp_data_buf_size
             flow = udpflow.ServerFlow(listener, peer, self.stats, size,
-                                      self.settings.udp_read_timeout)
+                                      self.settings.udp_read_timeout, self.edge.pass_reply)
             flow.offer(datagram)
             self._flows.add(flow)  # now, so the next datagram finds it
             self._spawn_user(self._flows.run, flow, partial(
@@ -379,7 +407,7 @@ class Server:
             data.sendall(datagram)
             reply = readers.read_until_eof(data, self.settings.udp_data_buf_size,
                                          self.settings.udp_read_timeout)
-            if reply:
+            if reply and self.edge.pass_reply(len(reply)):
                 listener.sendto(reply, peer)
             self.stats.udp_exchanged(len(datagram), len(reply))
         except OSError as exc:

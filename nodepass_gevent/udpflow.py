@@ -44,8 +44,10 @@ class ServerFlow:
     """The datagrams of one user address on the server, over one data connection."""
 
     def __init__(self, listener: socket.socket, peer: tuple, stats: Stats,
-                 size_limit: int, read_timeout: float) -> None:
+                 size_limit: int, read_timeout: float,
+                 pass_reply: Callable[[int], bool] = lambda size: True) -> None:
         self.listener, self.peer, self.stats = listener, peer, stats
+        self.pass_reply = pass_reply  # False: over the server's rate=, drop the reply
         self.size_limit = size_limit
         self.idle_timeout = read_timeout * FLOW_IDLE_READ_TIMEOUTS
         self.queue = Queue(FLOW_QUEUE_SIZE)
@@ -106,6 +108,8 @@ class ServerFlow:
                 if reply is None:
                     return
                 self.last_active = time.monotonic()
+                if not self.pass_reply(len(reply)):
+                    continue
                 self.listener.sendto(reply, self.peer)
                 self.stats.count_bytes(len(reply), inbound=False)
         finally:

@@ -1,0 +1,73 @@
+"""The server's edge policy: what happens to a user before and as the tunnel carries it.
+
+One object, built from the Config's ``proxy=``, ``allow=``/``deny=``,
+``per_user=`` and ``rate=``, that the server's user-admission path asks at
+four points:
+
+    TCP user accepted   -> admit_tcp()       refused: closed at once, nothing spent
+    data connection won -> proxy_header()    the PROXY header to write first, or None
+    copying             -> rate              the tunnel's TunnelRate, or None
+    TCP user gone       -> release_tcp()
+    UDP datagram        -> admit_datagram()  refused or over the rate: dropped
+    UDP reply           -> pass_reply()      over the rate: dropped
+
+With none of those parameters every answer is "yes, nothing to add", and the
+server's behaviour and wire bytes are unchanged.
+"""
+
+import socket
+from typing import Optional
+
+from nodepass_gevent import net, proxyheader
+from nodepass_gevent.access import Gate, RefusalLog
+from nodepass_gevent.config import Config
+from nodepass_gevent.ratelimit import TunnelRate
+from nodepass_gevent.stats import Stats
+
+
+class Edge:
+    """See the module docstring."""
+
+    def __init__(self, config: Config, stats: Stats, warn) -> None:
+        self.stats = stats
+        self.proxy_version = config.proxy_version
+        self.gate = Gate(config.allow, config.deny, config.per_user, stats, RefusalLog(warn))
+        self.rate = TunnelRate(config.rate_mbit) if config.rate_mbit is not None else None
+
+    def admit_tcp(self, user: socket.socket, peer: tuple) -> Optional[object]:
+        """A key for release_tcp(), or None: the user was refused and is closed."""
+        if not self.gate.active:
+            return peer  # nothing to check or count
+        key = self.gate.open_tcp(peer)
+        if key is None:
+            net.abort(user)  # a reset, as a firewall's reject: no TIME_WAIT kept here
+            net.close_quietly(user)
+        return key
+
+    def release_tcp(self, key: object) -> None:
+        if self.gate.active:
+            self.gate.close_tcp(key)
+
+    def proxy_header(self, user: socket.socket, peer: tuple) -> Optional[bytes]:
+        """The PROXY header for this TCP user (proxy=1|2), or None."""
+        if not self.proxy_version:
+            return None
+        try:
+            destination = user.getsockname()
+        except OSError:
+            destination = None  # gone already: UNKNOWN / LOCAL, the receiver copes
+        return proxyheader.encode(self.proxy_version, peer, destination)
+
+    def admit_datagram(self, peer: tuple, size: int) -> bool:
+        if self.gate.filters and not self.gate.admits_datagram(peer):
+            return False
+        if self.rate is not None and not self.rate.inbound.try_spend(size):
+            self.stats.datagrams_over_rate += 1
+            return False
+        return True
+
+    def pass_reply(self, size: int) -> bool:
+        if self.rate is not None and not self.rate.outbound.try_spend(size):
+            self.stats.datagrams_over_rate += 1
+            return False
+        return True
