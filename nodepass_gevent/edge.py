@@ -16,6 +16,7 @@ server's behaviour and wire bytes are unchanged.
 """
 
 import socket
+import struct
 from typing import Optional
 
 from nodepass_gevent import net, proxyheader
@@ -23,6 +24,19 @@ from nodepass_gevent.access import Gate, RefusalLog
 from nodepass_gevent.config import Config
 from nodepass_gevent.ratelimit import TunnelRate
 from nodepass_gevent.stats import Stats
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
+def reset(user: socket.socket) -> None:
+    """Refuse with a TCP reset, as a firewall's reject does: no FIN handshake, and
+    no TIME_WAIT left on this host by a flood of refused users. Never raises."""
+    try:
+        user.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    net.close_quietly(user)
 
 
 class Edge:
@@ -40,8 +54,7 @@ class Edge:
             return peer  # nothing to check or count
         key = self.gate.open_tcp(peer)
         if key is None:
-            net.abort(user)  # a reset, as a firewall's reject: no TIME_WAIT kept here
-            net.close_quietly(user)
+            reset(user)
         return key
 
     def release_tcp(self, key: object) -> None:
