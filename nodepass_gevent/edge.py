@@ -4,15 +4,17 @@ One object, built from the Config's ``proxy=``, ``allow=``/``deny=``,
 ``per_user=`` and ``rate=``, that the server's user-admission path asks at
 four points:
 
-    TCP user accepted   -> admit_tcp()       refused: closed at once, nothing spent
+    TCP user accepted   -> admit_tcp()       refused: reset at once, nothing spent
+                                             (server.py's user listener, in the
+                                             accept callback: no place, no greenlet)
     data connection won -> proxy_header()    the PROXY header to write first, or None
     copying             -> rate              the tunnel's TunnelRate, or None
     TCP user gone       -> release_tcp()
     UDP datagram        -> admit_datagram()  refused or over the rate: dropped
     UDP reply           -> pass_reply()      over the rate: dropped
 
-With none of those parameters every answer is "yes, nothing to add", and the
-server's behaviour and wire bytes are unchanged.
+With none of those parameters the server does not ask (``admits_tcp`` and
+``filters_udp`` are False), and its behaviour and wire bytes are unchanged.
 """
 
 import socket
@@ -20,7 +22,7 @@ import struct
 from typing import Optional
 
 from nodepass_gevent import net, proxyheader
-from nodepass_gevent.access import Gate, RefusalLog
+from nodepass_gevent.access import Gate, RefusalLog, source_ip
 from nodepass_gevent.config import Config
 from nodepass_gevent.ratelimit import TunnelRate
 from nodepass_gevent.stats import Stats
@@ -46,20 +48,22 @@ class Edge:
         self.stats = stats
         self.proxy_version = config.proxy_version
         self.gate = Gate(config.allow, config.deny, config.per_user, stats, RefusalLog(warn))
+        self._per_user = config.per_user is not None
         self.rate = TunnelRate(config.rate_mbit) if config.rate_mbit is not None else None
+        self.admits_tcp = self.gate.active          # allow=, deny= or per_user= given
+        self.filters_udp = self.gate.filters or self.rate is not None
 
-    def admit_tcp(self, user: socket.socket, peer: tuple) -> Optional[object]:
-        """A key for release_tcp(), or None: the user was refused and is closed."""
-        if not self.gate.active:
-            return peer  # nothing to check or count
-        key = self.gate.open_tcp(peer)
-        if key is None:
+    def admit_tcp(self, user: socket.socket, peer: tuple) -> bool:
+        """False: the user was refused (counted, logged) and is reset and closed.
+        Every admitted user must be released (release_tcp) when it ends."""
+        if self.gate.open_tcp(peer) is None:
             reset(user)
-        return key
+            return False
+        return True
 
-    def release_tcp(self, key: object) -> None:
-        if self.gate.active:
-            self.gate.close_tcp(key)
+    def release_tcp(self, peer: tuple) -> None:
+        if self._per_user:
+            self.gate.close_tcp(source_ip(peer[0]))
 
     def proxy_header(self, user: socket.socket, peer: tuple) -> Optional[bytes]:
         """The PROXY header for this TCP user (proxy=1|2), or None."""

@@ -291,7 +291,7 @@ class _Direction:
         self._refill_timer = None  # while paused by the bucket
         self.partner = None  # type: Optional[_Direction]
         self.moved = 0
-        self.ended = False
+        self.at_eof = False
 
     def start(self) -> None:
         self._readable.start(self._on_readable)
@@ -333,7 +333,7 @@ class _Direction:
                 if self._bucket is not None:
                     self._bucket.give_back(want - size)
                 if size == 0:
-                    self._end()
+                    self._pass_eof_on()
                     return
                 self._pending = size
                 if not self._drain():
@@ -401,16 +401,16 @@ class _Direction:
             (pipes.discard if self._pending else pipes.release)(pipe)
             self._pending = 0
 
-    def _end(self) -> None:
-        """EOF from the source: pass it on as a half-close."""
+    def _pass_eof_on(self) -> None:
+        """EOF from the source: pass it on as a half-close of the sink."""
         self._readable.stop()
         self._drop_pipe()
         try:
             self.sink.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        self.ended = True
-        if self.partner.ended:
+        self.at_eof = True
+        if self.partner.at_eof:
             self._finished.set()
 
     def _fail(self) -> None:
