@@ -13,7 +13,7 @@ import time
 import pytest
 
 from reference_peer import LAUNCH_SIGNAL, ReferenceClient
-from support import HOST, free_port, run_nodepass, udp_exchange, wait_until
+from support import HOST, free_port, run_nodepass, wait_until
 from test_proxy_protocol import free_port6, has_ipv6_loopback
 
 REFUSED = "127.0.0.2"
