@@ -22,8 +22,9 @@ Each of them:
    a user counts as one ``udp exchange``, in v1.0 UDP and in flows alike.
 
 With ``rate=`` the TCP exchange draws on the tunnel's two token buckets
-(ratelimit.TunnelRate), in either engine: no more is read than the bucket
-grants, and a direction with an empty bucket waits for its refill.
+(ratelimit.TunnelRate), in either engine: once bytes are waiting, no more is
+read than the bucket grants, and a direction without a grant queues for its
+turn.
 """
 
 import socket
@@ -31,6 +32,8 @@ import ssl
 from typing import Optional, Tuple
 
 import gevent
+from gevent.event import AsyncResult
+from gevent.socket import wait_read
 
 from nodepass_gevent import net, zerocopy
 from nodepass_gevent.log import log
@@ -95,25 +98,40 @@ def _copy(source: socket.socket, sink: socket.socket, count,
     while True:
         # recv() allocates its buffer only while bytes are waiting, so an
         # idle connection holds no buffer at all.
-        chunk = _recv_coalesced(source, _grant(bucket) if bucket is not None else CHUNK_SIZE)
+        if bucket is None:
+            chunk = _recv_coalesced(source)
+        else:
+            grant = _grant(source, bucket)
+            chunk = _recv_coalesced(source, grant)
+            bucket.give_back(grant - len(chunk))
         if not chunk:
             return moved
-        if bucket is not None:
-            # Paid after the read: a grant held across a blocking recv() would
-            # keep tokens from the tunnel's other connections while this one idles.
-            bucket.spend(len(chunk))
         sink.sendall(chunk)
         moved += len(chunk)
         count(len(chunk))
 
 
-def _grant(bucket: TokenBucket) -> int:
-    """How much the next read may take: wait until the bucket has a grant."""
-    while True:
-        available = bucket.available()
-        if available:
-            return min(available, CHUNK_SIZE)
-        gevent.sleep(bucket.delay())
+def _grant(source: socket.socket, bucket: TokenBucket) -> int:
+    """How much the next read may take, once bytes (or EOF) wait on ``source``.
+
+    Asked only then, so that a connection blocked in recv() holds no tokens
+    the tunnel's busy connections could use.
+    """
+    pending = getattr(source, "pending", None)  # TLS: bytes already decrypted
+    if not (pending and pending()):
+        wait_read(source.fileno())
+    grant = bucket.take(CHUNK_SIZE)
+    if grant:
+        return grant
+    turn = AsyncResult()
+    bucket.wait(CHUNK_SIZE, turn.set)
+    try:
+        return turn.get()
+    except BaseException:  # killed while queued: leave the queue, return a grant
+        bucket.cancel(turn.set)
+        if turn.ready():
+            bucket.give_back(turn.value)
+        raise
 
 
 def _recv_coalesced(source: socket.socket, limit: int = CHUNK_SIZE) -> bytes:

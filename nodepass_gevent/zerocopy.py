@@ -18,8 +18,8 @@ sandbox that refuses splice) it returns None and relay.py copies through user
 space instead.
 
 With ``rate=`` each direction draws on a token bucket (ratelimit.py): every
-splice is capped to the bytes granted, and a direction whose bucket is empty
-stops its read watcher and sleeps on a timer until the next grant, so traffic
+splice is capped to the bytes granted, and a direction that gets no grant
+stops its read watcher and queues at the bucket until its turn, so traffic
 under the limit keeps the zero-copy path.
 """
 
@@ -288,7 +288,8 @@ class _Direction:
         self._pipe = None  # type: Optional[Pipe]
         self._pending = 0  # bytes in the pipe, not yet in the sink
         self._bucket = bucket
-        self._refill_timer = None  # while paused by the bucket
+        self._granted = 0      # a grant the bucket handed over while this direction queued
+        self._queued = False   # waiting in the bucket's queue
         self.partner = None  # type: Optional[_Direction]
         self.moved = 0
         self.at_eof = False
@@ -302,7 +303,11 @@ class _Direction:
         self._writable.stop()
         self._readable.close()
         self._writable.close()
-        self._stop_refill_timer()
+        if self._queued:
+            self._bucket.cancel(self._on_granted)
+        if self._granted:
+            self._bucket.give_back(self._granted)
+            self._granted = 0
         self._drop_pipe()
 
     def _on_readable(self) -> None:
@@ -310,9 +315,9 @@ class _Direction:
             for _ in range(FILLS_PER_WAKEUP):
                 want = PIPE_SIZE
                 if self._bucket is not None:
-                    want = self._bucket.take(PIPE_SIZE)
+                    want, self._granted = self._granted or self._bucket.take(PIPE_SIZE), 0
                     if not want:
-                        self._pause()
+                        self._queue()
                         return
                 if self._pipe is None:
                     self._pipe = pipes.acquire()
@@ -350,23 +355,17 @@ class _Direction:
         except OSError:
             self._fail()
 
-    def _pause(self) -> None:
-        """The bucket is empty: stop reading until it has a grant again."""
+    def _queue(self) -> None:
+        """No grant: stop reading and wait for this direction's turn at the bucket."""
         self._readable.stop()
         self._drop_pipe()
-        self._stop_refill_timer()
-        self._refill_timer = self._loop.timer(self._bucket.delay())
-        self._refill_timer.start(self._on_refilled)
+        self._queued = True
+        self._bucket.wait(PIPE_SIZE, self._on_granted)
 
-    def _on_refilled(self) -> None:
-        self._stop_refill_timer()
-        self._readable.start(self._on_readable)  # level-triggered: fires if bytes wait
-
-    def _stop_refill_timer(self) -> None:
-        timer, self._refill_timer = self._refill_timer, None
-        if timer is not None:
-            timer.stop()
-            timer.close()
+    def _on_granted(self, grant: int) -> None:
+        self._queued = False
+        self._granted = grant
+        self._readable.start(self._on_readable)  # level-triggered: the bytes still wait
 
     def _on_writable(self) -> None:
         try:

@@ -227,9 +227,31 @@ def test_refusal_log_memory_is_bounded_in_a_flood_from_many_sources():
 
 # -- the token bucket ------------------------------------------------------------------
 
-def test_bucket_starts_full_and_grants_at_most_its_burst():
+class Timers:
+    """A fake schedule(delay, callback) for the bucket, run by the test's Clock."""
+
+    def __init__(self, clock):
+        self.clock, self.pending = clock, []
+
+    def __call__(self, delay, callback):
+        self.pending.append((self.clock.now + delay, callback))
+
+    def run_due(self, advance):
+        self.clock.now += advance
+        due = [entry for entry in self.pending if entry[0] <= self.clock.now + 1e-9]
+        self.pending = [entry for entry in self.pending if entry not in due]
+        for _, callback in due:
+            callback()
+
+
+def bucket_and_timers(rate=1000000):
     clock = Clock()
-    bucket = TokenBucket(1000000, clock=clock)  # 8 Mbit/s
+    timers = Timers(clock)
+    return TokenBucket(rate, clock=clock, schedule=timers), clock, timers
+
+
+def test_bucket_starts_full_and_grants_at_most_its_burst():
+    bucket, _, _ = bucket_and_timers()  # 8 Mbit/s
     assert bucket.burst == 100000
     assert bucket.take(10 ** 9) == 100000
     assert bucket.take(10 ** 9) == 0
@@ -237,35 +259,71 @@ def test_bucket_starts_full_and_grants_at_most_its_burst():
 
 
 def test_bucket_refills_at_its_rate_and_never_beyond_the_burst():
-    clock = Clock()
-    bucket = TokenBucket(1000000, clock=clock)
+    bucket, clock, _ = bucket_and_timers()
     bucket.take(10 ** 9)
     clock.now += 0.05
     assert bucket.take(10 ** 9) == pytest.approx(50000, abs=1)
     clock.now += 100
-    assert bucket.available() == bucket.burst
+    assert bucket.take(10 ** 9) == bucket.burst
 
 
 def test_bucket_small_remainders_wait_for_a_whole_grant():
-    clock = Clock()
-    bucket = TokenBucket(1000000, clock=clock)
+    bucket, _, _ = bucket_and_timers()
     bucket.take(bucket.burst - 100)
-    assert bucket.available() == 0 and bucket.take(1000) == 0
+    assert bucket.take(1000) == 0
     bucket.give_back(bucket.min_grant)
     assert bucket.take(10 ** 9) == pytest.approx(bucket.min_grant + 100, abs=1)
 
 
-def test_bucket_debt_delays_the_next_grant():
-    clock = Clock()
-    bucket = TokenBucket(1000000, clock=clock)
-    bucket.spend(bucket.burst + 500000)  # several readers at once overspent it
-    assert bucket.available() == 0
-    assert bucket.delay() == pytest.approx((500000 + bucket.min_grant) / 1e6)
+def test_bucket_queue_serves_waiters_in_turn_and_refuses_queue_jumpers():
+    bucket, _, timers = bucket_and_timers()
+    bucket.take(10 ** 9)
+    grants = []
+    for name in "abc":
+        bucket.wait(10 ** 9, lambda grant, name=name: grants.append((name, grant)))
+    assert len(timers.pending) == 1  # one timer per bucket, whatever the queue
+    assert bucket.take(10 ** 9) == 0  # a newcomer may not jump the queue
+    for _ in range(6):
+        timers.run_due(bucket.min_grant / bucket.rate)
+        if len(grants) == 3:
+            break
+    assert [name for name, _ in grants] == ["a", "b", "c"]
+    assert all(grant <= 16384 for _, grant in grants)  # a turn is short
+    assert bucket.waiting() == 0 and timers.pending == []
+
+
+def test_bucket_round_robin_shares_the_rate():
+    """Three always-busy readers: each re-queues after its turn; equal shares."""
+    bucket, _, timers = bucket_and_timers()
+    bucket.take(10 ** 9)
+    moved = {name: 0 for name in "abc"}
+
+    def reader(name):
+        def on_grant(grant):
+            moved[name] += grant
+            bucket.wait(10 ** 9, on_grant)
+        return on_grant
+    for name in "abc":
+        bucket.wait(10 ** 9, reader(name))
+    for _ in range(3000):
+        timers.run_due(0.001)
+    total = sum(moved.values())
+    assert total == pytest.approx(3 * 1e6, rel=0.02)  # 3 s at 1 MB/s
+    assert max(moved.values()) - min(moved.values()) <= 16384
+
+
+def test_bucket_cancel_leaves_the_queue():
+    bucket, _, timers = bucket_and_timers()
+    bucket.take(10 ** 9)
+    grants = []
+    bucket.wait(1000, grants.append)
+    bucket.cancel(grants.append)
+    timers.run_due(1.0)
+    assert grants == [] and bucket.waiting() == 0
 
 
 def test_bucket_datagrams_all_or_nothing():
-    clock = Clock()
-    bucket = TokenBucket(125000, clock=clock)  # 1 Mbit/s
+    bucket, clock, _ = bucket_and_timers(125000)  # 1 Mbit/s
     assert bucket.burst == 65536
     sent = sum(bucket.try_spend(1400) for _ in range(100))
     assert sent == 65536 // 1400
@@ -274,8 +332,7 @@ def test_bucket_datagrams_all_or_nothing():
 
 
 def test_bucket_long_run_rate_is_exact():
-    clock = Clock()
-    bucket = TokenBucket(1000000, clock=clock)
+    bucket, clock, _ = bucket_and_timers()
     moved = 0
     for _ in range(10000):  # a reader polling every millisecond for 10 s
         clock.now += 0.001

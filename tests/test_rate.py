@@ -83,6 +83,39 @@ def test_rate_paces_both_directions_in_each_engine(monkeypatch, name, splice):
         assert sum(splice.lengths) >= 2 * SIZE
 
 
+@pytest.mark.parametrize("name, splice", engines()[:2], ids=[name for name, _ in engines()[:2]])
+def test_rate_is_shared_fairly_by_a_tunnels_connections(monkeypatch, name, splice):
+    """Four uploads at once on one tunnel's rate: they take turns at the bucket,
+    so they finish together, not one after the other."""
+    monkeypatch.setattr(zerocopy, "_chosen", splice)
+    rate = TunnelRate(RATE_MBIT)
+    rate.inbound.take(10 ** 9)  # the first burst would go to whoever starts first
+    size = 250 * 1000
+    finished = {}
+    started = time.monotonic()
+
+    def upload(index):
+        user, left = tcp_pair()
+        right, target = tcp_pair()
+        engine = gevent.spawn(relay.exchange, left, right, None, rate)
+        reader = gevent.spawn(read_to_eof, target)
+        user.sendall(os.urandom(size))
+        user.shutdown(socket.SHUT_WR)
+        assert len(reader.get(timeout=20)) == size
+        finished[index] = time.monotonic() - started
+        target.close()
+        read_to_eof(user)
+        user.close()
+        engine.join(timeout=5)
+
+    gevent.joinall([gevent.spawn(upload, index) for index in range(4)], timeout=30,
+                   raise_error=True)
+    times = sorted(finished.values())
+    shortest = 4 * size / rate.inbound.rate
+    assert times[-1] >= shortest * 0.95  # the four together held the rate
+    assert times[0] >= times[-1] * 0.75, times  # and nobody finished far ahead
+
+
 def test_rate_end_to_end_8_mbit(make_tunnel):
     tunnel = make_tunnel(server_query="&rate=8")
     assert "rate=8Mbit/s" in tunnel.server.output()
