@@ -8,6 +8,7 @@ Usage:
 
 URLs:
   server://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<mode>&crt=<file>&key=<file>&udp=<mode>
+          &proxy=<1|2>&allow=<list>&deny=<list>&rate=<Mbit/s>&per_user=<n>
       Listen for the client on tunnel_addr (the control channel) and for users,
       TCP and UDP, on target_addr; hand each user to the client through the tunnel.
   client://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<mode>
@@ -21,6 +22,15 @@ URLs:
   udp   server: v1 (default) carries each UDP datagram on a connection of its
         own, as NodePass v1.0; flow offers one connection per user address,
         much faster, used when the client is nodepass-gevent too.
+  proxy server: 1 or 2 writes a PROXY protocol header (v1 text, v2 binary)
+        with the user's address ahead of each TCP user's bytes, for a service
+        that reads it (nginx proxy_protocol, HAProxy accept-proxy). Not UDP.
+  allow server: comma-separated addresses and CIDRs (IPv4, IPv6) of the only
+        users let in, TCP and UDP; deny: those refused (deny wins). Refused
+        users are closed or dropped at once, counted, logged once per 10s.
+  rate  server: Mbit/s per tunnel, in each direction (token bucket, bursts
+        of 0.1s); TCP is paced, UDP datagrams over the rate are dropped.
+  per_user  server: most concurrent TCP connections from one user address.
   KEY   a shared key, the same on both sides: control and data connections
         must then prove it (HMAC challenge-response). Not v1.0-compatible.
         NODEPASS_KEY=<key> does the same and keeps the key off the command line.
@@ -102,9 +112,10 @@ def main(url: str, check_only: bool = False) -> int:
     except ConfigError as exc:
         return _fail(str(exc), ExitStatus.USAGE)
     if check_only:
-        print("ok: %s tunnel=%s target=%s tls=%d log=%s auth=%s"
+        edge = config.edge_summary()
+        print("ok: %s tunnel=%s target=%s tls=%d log=%s auth=%s%s"
               % (config.role, config.tunnel, config.target, config.tls_mode, config.log_level,
-                 "on" if config.auth_key else "off"))
+                 "on" if config.auth_key else "off", " " + edge if edge else ""))
         return ExitStatus.OK
     logging_setup.setup(config.log_level)
     try:

@@ -5,6 +5,7 @@ Everything here is pure: strings in, frozen dataclasses out, ``ConfigError``
 that certificate paths were given.
 
     server://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<0|1|2>&crt=<file>&key=<file>&udp=<v1|flow>
+        &proxy=<1|2>&allow=<cidrs>&deny=<cidrs>&rate=<Mbit/s>&per_user=<n>
     client://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<minimum mode>
 
 KEY (or the NODEPASS_KEY environment variable) switches on shared-key
@@ -24,7 +25,7 @@ from nodepass_gevent.urls import query_pairs, split_url
 ROLES = ("server", "client")
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
 KEY_VARIABLE = "NODEPASS_KEY"
-SERVER_PARAMS = ("log", "tls", "crt", "key", "udp")
+SERVER_PARAMS = ("log", "tls", "crt", "key", "udp", "proxy", "allow", "deny", "rate", "per_user")
 CLIENT_PARAMS = ("log", "tls")
 
 
@@ -65,6 +66,27 @@ class Config:
     udp_mode: str = protocol.UDP_MODE_V1
     # The shared key for authentication; None keeps the v1.0 protocol.
     auth_key: Optional[bytes] = field(default=None, repr=False)
+    # Server, at the edge (issue 13). Defaults: none of it, nothing changes.
+    proxy_version: int = 0    # 1 or 2: a PROXY protocol header to the service (proxyheader.py)
+    allow: Tuple = ()         # ip_network tuples (access.py): users admitted ...
+    deny: Tuple = ()          # ... and refused
+    rate_mbit: Optional[float] = None  # per tunnel and direction (ratelimit.py)
+    per_user: Optional[int] = None     # concurrent TCP connections per user address
+
+    def edge_summary(self) -> str:
+        """The edge parameters as `--check` and the start-up line show them ('' if none)."""
+        parts = []
+        if self.proxy_version:
+            parts.append("proxy=%d" % self.proxy_version)
+        for name in ("allow", "deny"):
+            networks = getattr(self, name)
+            if networks:
+                parts.append("%s=%s" % (name, ",".join(_network_text(n) for n in networks)))
+        if self.rate_mbit is not None:
+            parts.append("rate=%gMbit/s" % self.rate_mbit)
+        if self.per_user is not None:
+            parts.append("per_user=%d" % self.per_user)
+        return " ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -140,7 +162,91 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
     if udp_mode not in protocol.UDP_MODES:
         raise ConfigError("bad udp value %r: use v1 (one connection per datagram, as NodePass"
                           " v1.0) or flow (one connection per user address)" % udp_mode)
-    return Config(scheme, tunnel, target, log_level, tls_mode, crt, key, udp_mode, auth_key)
+    return Config(scheme, tunnel, target, log_level, tls_mode, crt, key, udp_mode, auth_key,
+                  **_edge_params(params))
+
+
+def _network_text(network) -> str:
+    """A one-address network as the address, any other as its CIDR."""
+    if network.prefixlen == network.max_prefixlen:
+        return str(network.network_address)
+    return str(network)
+
+
+PROXY_VERSIONS = ("1", "2")
+MAX_RATE_MBIT = 100000.0  # 100 Gbit/s: beyond any link this runs on; a typo above it
+
+
+def _edge_params(params: Mapping[str, str]) -> dict:
+    """proxy=, allow=, deny=, rate=, per_user= (server only; SERVER_PARAMS lets them in)."""
+    edge = {}
+    if "proxy" in params:
+        if params["proxy"] not in PROXY_VERSIONS:
+            raise ConfigError("bad proxy value %r: use 1 (PROXY protocol v1, text) or 2 (v2,"
+                              " binary)" % params["proxy"])
+        edge["proxy_version"] = int(params["proxy"])
+    for name in ("allow", "deny"):
+        if name in params:
+            edge[name] = parse_networks(name, params[name])
+    if "rate" in params:
+        edge["rate_mbit"] = _rate(params["rate"])
+    if "per_user" in params:
+        text = params["per_user"]
+        if not _ASCII_DIGITS.match(text) or int(text) < 1:
+            raise ConfigError("bad per_user value %r: expected a whole number of at least 1"
+                              " (concurrent TCP connections from one user address)" % text)
+        edge["per_user"] = int(text)
+    return edge
+
+
+def parse_networks(name: str, text: str) -> tuple:
+    """A comma-separated list of addresses and CIDRs -> ip_network objects.
+
+    Strict, so that a typo cannot widen a list: no host bits after the prefix
+    (10.0.0.1/8), no leading zeros, no empty entries; errors name the entry.
+    """
+    if not text.strip():
+        raise ConfigError("%s= is empty: give addresses or CIDRs (10.0.0.0/8,::1), or leave it"
+                          " out" % name)
+    networks = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not entry:
+            raise ConfigError("bad %s list %r: an empty entry (two commas?)" % (name, text))
+        networks.append(_network(name, entry))
+    return tuple(networks)
+
+
+def _network(name: str, entry: str):
+    address, slash, prefix = entry.partition("/")
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
+    if not (_is_ipv4(address) or (":" in address and "%" not in address and _is_ipv6(address))):
+        raise ConfigError("bad %s entry %r: %r is not an IPv4 or IPv6 address"
+                          % (name, entry, address))
+    longest = 32 if _is_ipv4(address) else 128
+    if slash and not (_ASCII_DIGITS.match(prefix) and int(prefix) <= longest):
+        raise ConfigError("bad %s entry %r: the prefix length must be a number from 0 to %d"
+                          % (name, entry, longest))
+    try:
+        return ipaddress.ip_network(address + (slash + str(int(prefix)) if slash else ""))
+    except ValueError as exc:
+        if "host bits" in str(exc):
+            wider = ipaddress.ip_network(address + "/" + prefix, strict=False)
+            raise ConfigError("bad %s entry %r: host bits set after the prefix (did you mean"
+                              " %s?)" % (name, entry, wider)) from None
+        raise ConfigError("bad %s entry %r: %s" % (name, entry, exc)) from None
+
+
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = 0.0
+    if not re.match(r"(\d+\.?\d*|\.\d+)\Z", text) or not 0 < rate <= MAX_RATE_MBIT:
+        raise ConfigError("bad rate value %r: expected Mbit/s per direction, a number above 0"
+                          " and at most %d (e.g. rate=8 or rate=0.5)" % (text, MAX_RATE_MBIT))
+    return rate
 
 
 def _auth_key(netloc: str, environ: Mapping[str, str]) -> Optional[bytes]:

@@ -20,6 +20,11 @@ Each of them:
 5. counts bytes through Stats as they are written: towards the target as
    ``bytes in``, back towards the user as ``bytes out``; a UDP datagram from
    a user counts as one ``udp exchange``, in v1.0 UDP and in flows alike.
+
+With ``rate=`` the TCP exchange draws on the tunnel's two token buckets
+(ratelimit.TunnelRate), in either engine: once bytes are waiting, no more is
+read than the bucket grants, and a direction without a grant queues for its
+turn.
 """
 
 import socket
@@ -27,32 +32,38 @@ import ssl
 from typing import Optional, Tuple
 
 import gevent
+from gevent.event import AsyncResult
+from gevent.socket import wait_read
 
 from nodepass_gevent import net, zerocopy
 from nodepass_gevent.log import log
+from nodepass_gevent.ratelimit import TokenBucket, TunnelRate
 from nodepass_gevent.stats import Stats
 
 CHUNK_SIZE = 262144       # one read from a plain socket; TLS writes it as 16 records
 COALESCE_LIMIT = 262144   # decrypted TLS bytes gathered into one send
 
 
-def exchange(left: socket.socket, right: socket.socket, stats: Optional[Stats] = None
-             ) -> Tuple[int, int]:
+def exchange(left: socket.socket, right: socket.socket, stats: Optional[Stats] = None,
+             rate: Optional[TunnelRate] = None) -> Tuple[int, int]:
     """Copy left->right and right->left until both directions end; close both.
 
     Returns the bytes moved each way. Obeys the copy contract (module
-    docstring); left is the user's side, so left->right counts as bytes in.
+    docstring); left is the user's side, so left->right counts as bytes in
+    (and draws on ``rate.inbound``, if a rate is given).
     """
+    forward_bucket = rate.inbound if rate is not None else None
+    backward_bucket = rate.outbound if rate is not None else None
     plain = not isinstance(left, ssl.SSLSocket) and not isinstance(right, ssl.SSLSocket)
     # None: the kernel refuses splice (zerocopy probes once), copy through user space.
     splice = zerocopy.engine() if plain else None
     if splice is not None:  # the same contract: it closes both sockets itself
         return zerocopy.exchange(left, right, _counter(stats, True), _counter(stats, False),
-                                 splice)
+                                 splice, forward_bucket, backward_bucket)
     try:
-        backward = gevent.spawn(_pump, right, left, stats, False)
+        backward = gevent.spawn(_pump, right, left, stats, False, backward_bucket)
         try:
-            forward_bytes = _pump(left, right, stats, True)
+            forward_bytes = _pump(left, right, stats, True, forward_bucket)
             return forward_bytes, backward.get()
         finally:
             backward.kill(block=True)
@@ -67,11 +78,11 @@ def _counter(stats: Optional[Stats], inbound: bool):
     return stats.counter(inbound)
 
 
-def _pump(source: socket.socket, sink: socket.socket, stats: Optional[Stats], inbound: bool
-          ) -> int:
+def _pump(source: socket.socket, sink: socket.socket, stats: Optional[Stats], inbound: bool,
+          bucket: Optional[TokenBucket] = None) -> int:
     moved = 0
     try:
-        moved = _copy(source, sink, _counter(stats, inbound))
+        moved = _copy(source, sink, _counter(stats, inbound), bucket)
         half_close(sink)
     except (OSError, ValueError) as exc:
         # Reset, broken pipe, or the other pump already closed: end both ways.
@@ -81,12 +92,18 @@ def _pump(source: socket.socket, sink: socket.socket, stats: Optional[Stats], in
     return moved
 
 
-def _copy(source: socket.socket, sink: socket.socket, count) -> int:
+def _copy(source: socket.socket, sink: socket.socket, count,
+          bucket: Optional[TokenBucket] = None) -> int:
     moved = 0
     while True:
         # recv() allocates its buffer only while bytes are waiting, so an
         # idle connection holds no buffer at all.
-        chunk = _recv_coalesced(source)
+        if bucket is None:
+            chunk = _recv_coalesced(source)
+        else:
+            grant = _grant(source, bucket)
+            chunk = _recv_coalesced(source, grant)
+            bucket.give_back(grant - len(chunk))
         if not chunk:
             return moved
         sink.sendall(chunk)
@@ -94,7 +111,30 @@ def _copy(source: socket.socket, sink: socket.socket, count) -> int:
         count(len(chunk))
 
 
-def _recv_coalesced(source: socket.socket) -> bytes:
+def _grant(source: socket.socket, bucket: TokenBucket) -> int:
+    """How much the next read may take, once bytes (or EOF) wait on ``source``.
+
+    Asked only then, so that a connection blocked in recv() holds no tokens
+    the tunnel's busy connections could use.
+    """
+    pending = getattr(source, "pending", None)  # TLS: bytes already decrypted
+    if not (pending and pending()):
+        wait_read(source.fileno())
+    grant = bucket.take(CHUNK_SIZE)
+    if grant:
+        return grant
+    turn = AsyncResult()
+    bucket.wait(CHUNK_SIZE, turn.set)
+    try:
+        return turn.get()
+    except BaseException:  # killed while queued: leave the queue, return a grant
+        bucket.cancel(turn.set)
+        if turn.ready():
+            bucket.give_back(turn.value)
+        raise
+
+
+def _recv_coalesced(source: socket.socket, limit: int = CHUNK_SIZE) -> bytes:
     """One recv, plus, from TLS, the records that have already arrived behind it.
 
     An SSL read returns at most one record (16 KB). Reading on, without
@@ -102,14 +142,15 @@ def _recv_coalesced(source: socket.socket) -> bytes:
     one send and saves a round through the event loop per record. (gevent's
     own SSLSocket.read calls the SSL object the same way.)
     """
-    chunk = source.recv(CHUNK_SIZE)
+    chunk = source.recv(min(limit, CHUNK_SIZE))
     tls_object = getattr(source, "_sslobj", None)
     if not chunk or tls_object is None:
         return chunk
     parts, size = [chunk], len(chunk)
-    while size < COALESCE_LIMIT:
+    limit = min(limit, COALESCE_LIMIT)
+    while size < limit:
         try:
-            more = tls_object.read(COALESCE_LIMIT - size)
+            more = tls_object.read(limit - size)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLZeroReturnError,
                 ssl.SSLEOFError):
             break  # nothing more yet, or the end: the next recv() tells which

@@ -24,6 +24,7 @@ import gevent.pool
 
 from nodepass_gevent import control, dataconn, net, protocol, tcp, udp
 from nodepass_gevent.config import Address, Config, Settings
+from nodepass_gevent.edge import Edge
 from nodepass_gevent.lifecycle import Component
 from nodepass_gevent.listeners import TcpListener, UdpListener
 from nodepass_gevent.log import TunnelLog
@@ -48,6 +49,7 @@ class Server(Component):
         self.name = name
         self.config, self.settings, self.ssl_context = config, settings, ssl_context
         self.stats = Stats()
+        self.edge = Edge(config, self.stats, self.log.warning)  # proxy=, allow=, rate=, ...
         self.pool = ServerPool(settings.max_pool_capacity)
         # The semaphore: one place per user TCP connection or UDP exchange.
         self.users = self.drain_on_stop(gevent.pool.Pool(settings.semaphore_limit))
@@ -81,9 +83,11 @@ class Server(Component):
         self.udp_users.start()
         self.spawn(self._report_forever)
         self.ready.set()
-        self.log.info("Server: tunnel %s, data port %d, target %s (tcp+udp), tls=%d, auth=%s",
+        edge = self.config.edge_summary()
+        self.log.info("Server: tunnel %s, data port %d, target %s (tcp+udp), tls=%d, auth=%s%s",
                       self.config.tunnel, self.data_port, self.config.target,
-                      self.config.tls_mode, "on" if self.config.auth_key else "off")
+                      self.config.tls_mode, "on" if self.config.auth_key else "off",
+                      ", " + edge if edge else "")
 
     def _wire(self, tunnel: socket.socket, data: socket.socket, target_tcp: socket.socket,
               target_udp: socket.socket) -> None:
@@ -93,12 +97,13 @@ class Server(Component):
                                       self.stats, self.log, lambda: self.control.session)
         self.udp_users = udp.UdpUsers(target_udp, self.users, self.hand_out,
                                       self._session_uses_flows, self.stats, self.settings,
-                                      self)
+                                      self, self.edge if self.edge.filters_udp else None)
         self._listeners = [
             TcpListener(tunnel, self.control.handle, self.control.spawn, self, "tunnel"),
             TcpListener(data, data_port.handle, self._handshakes, self, "data",
                         hands_on=True),
-            _UserListener(target_tcp, self._serve_user, self.users, self, "target"),
+            _UserListener(target_tcp, self._serve_user, self.users, self, "target",
+                          admit=self.edge.admit_tcp if self.edge.admits_tcp else None),
             UdpListener(target_udp, self.settings.udp_data_buf_size, self.udp_users.handle,
                         self, "Target"),
         ]
@@ -150,7 +155,12 @@ class Server(Component):
         return data
 
     def _serve_user(self, user: socket.socket, peer: tuple) -> None:
-        tcp.serve_user(user, peer, self.hand_out, self.stats)
+        edge = self.edge
+        try:
+            tcp.serve_user(user, peer, self.hand_out, self.stats,
+                           edge.proxy_header(user, peer), edge.rate)
+        finally:
+            edge.release_tcp(peer)
 
     def _session_uses_flows(self) -> bool:
         session = self.control.session
@@ -214,7 +224,17 @@ class _User:
 
 
 class _UserListener(TcpListener):
-    """The user TCP listener: counts (and warns of) users that find the semaphore full."""
+    """The user TCP listener: counts (and warns of) users that find the semaphore full,
+    and asks ``admit(sock, peer)`` (allow=/deny=/per_user=, edge.py) before a user
+    takes a place: a refused user is closed in the accept callback itself."""
+
+    def __init__(self, *args, admit=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._admit = admit
+
+    def do_handle(self, sock, peer) -> None:
+        if self._admit is None or self._admit(sock, peer):
+            super().do_handle(sock, peer)
 
     def set_spawn(self, spawn) -> None:
         super().set_spawn(spawn)

@@ -24,13 +24,18 @@ class Stats:
         self.auth_failures = 0        # key proofs that failed (either side)
         self.tls_failures = 0         # TLS handshakes that failed on data connections
         self.semaphore_waits = 0      # users that found SEMAPHORE_LIMIT reached
-        self.users_refused = 0        # server: users turned away by policy (access lists)
+        # Server: users turned away at the edge (access.py) and datagrams over rate=.
+        self.users_refused = 0        # TCP users refused by allow=/deny=
+        self.users_over_cap = 0       # TCP users beyond per_user= from one address
+        self.datagrams_refused = 0    # UDP datagrams refused by allow=/deny=
+        self.datagrams_over_rate = 0  # UDP datagrams (or replies) dropped by rate=
         self._reported = self.snapshot()
 
     # Status field -> attribute, for status() and the metrics.
     FIELDS = ("tcp_active", "tcp_total", "udp_flows_active", "bytes_in", "bytes_out",
               "data_dials", "data_dial_failures", "reconnects", "auth_failures",
-              "tls_failures", "semaphore_waits", "users_refused")
+              "tls_failures", "semaphore_waits", "users_refused", "users_over_cap",
+              "datagrams_refused", "datagrams_over_rate")
 
     def figures(self) -> dict:
         """Every counter by its status name (udp_total is "udp_datagrams" there)."""
@@ -63,7 +68,12 @@ class Stats:
         self.bytes_in += size
 
     def snapshot(self) -> tuple:
-        return (self.tcp_active, self.tcp_total, self.udp_total, self.bytes_in, self.bytes_out)
+        return (self.tcp_active, self.tcp_total, self.udp_total, self.bytes_in, self.bytes_out,
+                self.refusals())
+
+    def refusals(self) -> tuple:
+        return (self.users_refused, self.users_over_cap, self.datagrams_refused,
+                self.datagrams_over_rate)
 
     def changed_since_report(self) -> bool:
         """True (once) if anything moved since the previous call, or traffic is live."""
@@ -73,7 +83,11 @@ class Stats:
         return changed
 
     def line(self, pool_idle: int, pool_capacity: int) -> str:
-        return ("Traffic: tcp active=%d total=%d | udp exchanges=%d | bytes in=%d out=%d"
+        line = ("Traffic: tcp active=%d total=%d | udp exchanges=%d | bytes in=%d out=%d"
                 " | pool idle=%d capacity=%d"
                 % (self.tcp_active, self.tcp_total, self.udp_total, self.bytes_in,
                    self.bytes_out, pool_idle, pool_capacity))
+        if any(self.refusals()):  # only with allow=, deny=, per_user= or rate= at work
+            line += (" | refused tcp=%d over_cap=%d udp=%d udp_over_rate=%d"
+                     % self.refusals())
+        return line

@@ -6,26 +6,47 @@ Client: the launch signal names a pooled data connection; the client dials
 the target and relays. The relay and its copy contract are relay.py's.
 
     user --TCP--> server ==data connection==> client --TCP--> target
+
+With ``proxy=1|2`` (edge.py) the server writes a PROXY protocol header
+(proxyheader.py) on the data connection first, right after the launch
+signal: the client forwards it to the target as the user's first bytes.
 """
 
 import socket
+from typing import Optional
 
 from nodepass_gevent import net, protocol, relay
+from nodepass_gevent.log import log
+from nodepass_gevent.ratelimit import TunnelRate
 from nodepass_gevent.stats import Stats
 
 
-def serve_user(user: socket.socket, peer: tuple, hand_out, stats: Stats) -> None:
+def serve_user(user: socket.socket, peer: tuple, hand_out, stats: Stats,
+               proxy_header: Optional[bytes] = None, rate: Optional[TunnelRate] = None
+               ) -> None:
     """The server's half: ``hand_out(kind, peer)`` gives an announced data
-    connection or None (then the user is closed at once)."""
+    connection or None (then the user is closed at once). ``proxy_header``
+    goes first on the data connection; ``rate`` paces the relay."""
     data = hand_out(protocol.KIND_TCP, peer)
-    if data is None:
+    if data is None or (proxy_header is not None and not _send_header(data, proxy_header, peer)):
         net.close_quietly(user)
         return
     stats.tcp_opened()
     try:
-        relay.exchange(user, data, stats)
+        relay.exchange(user, data, stats, rate)
     finally:
         stats.tcp_closed()
+
+
+def _send_header(data: socket.socket, header: bytes, peer: tuple) -> bool:
+    """Write the PROXY header; on failure close the data connection, False."""
+    try:
+        data.sendall(header)
+        return True
+    except OSError as exc:
+        log.debug("Target: PROXY header for %s not sent: %s", net.format_address(peer), exc)
+        net.close_quietly(data)
+        return False
 
 
 def launch(data: socket.socket, target: net.Target, stats: Stats, log) -> None:

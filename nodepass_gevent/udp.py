@@ -64,9 +64,12 @@ class UdpUsers:
     """
 
     def __init__(self, listener: socket.socket, users: gevent.pool.Pool, hand_out,
-                 session_uses_flows: Callable[[], bool], stats: Stats, settings, owner) -> None:
+                 session_uses_flows: Callable[[], bool], stats: Stats, settings, owner,
+                 edge=None) -> None:
         self.listener = listener  # the gevent socket: flows' replies are sent on it
         self.users, self.hand_out, self.stats, self.owner = users, hand_out, stats, owner
+        # allow=/deny= and rate= (edge.Edge); None: every datagram and reply passes.
+        self.edge = edge
         self.session_uses_flows = session_uses_flows
         self.size, self.read_timeout = settings.udp_data_buf_size, settings.udp_read_timeout
         self.flows = ServerFlows(stats)
@@ -79,17 +82,23 @@ class UdpUsers:
 
     def handle(self, datagram: bytes, peer: tuple) -> None:
         """One user datagram, in the receive callback: never blocks."""
+        if self.edge is not None and not self.edge.admit_datagram(peer, len(datagram)):
+            return  # refused by allow=/deny= or over rate=: dropped (counted, logged)
         flow = self.flows.get(peer)
         if flow is not None:
             flow.offer(datagram)
         elif self.session_uses_flows():
-            flow = ServerFlow(self.listener, peer, self.stats, self.size, self.read_timeout)
+            flow = ServerFlow(self.listener, peer, self.stats, self.size, self.read_timeout,
+                              self._pass_reply)
             flow.offer(datagram)
             self.flows.add(flow)  # now, so the next datagram finds it
             self._admit(self.flows.run, flow, partial(self.hand_out, protocol.KIND_UDP_FLOW,
                                                        peer))
         else:
             self._admit(self._exchange_v1, datagram, peer)
+
+    def _pass_reply(self, size: int) -> bool:
+        return self.edge is None or self.edge.pass_reply(size)
 
     def close(self) -> None:
         """End every flow (UDP has nothing in flight worth a grace period)."""
@@ -124,7 +133,7 @@ class UdpUsers:
             data.sendall(datagram)
             self.stats.udp_datagram(len(datagram))
             reply = readers.read_until_eof(data, self.size, self.read_timeout)
-            if reply:
+            if reply and self._pass_reply(len(reply)):
                 self.listener.sendto(reply, peer)
                 self.stats.count_bytes(len(reply), inbound=False)
         except OSError as exc:
@@ -183,8 +192,10 @@ class ServerFlow:
     """The datagrams of one user address on the server, over one data connection."""
 
     def __init__(self, listener: socket.socket, peer: tuple, stats: Stats,
-                 size_limit: int, read_timeout: float) -> None:
+                 size_limit: int, read_timeout: float,
+                 pass_reply: Callable[[int], bool] = lambda size: True) -> None:
         self.listener, self.peer, self.stats = listener, peer, stats
+        self.pass_reply = pass_reply  # False: over the server's rate=, drop the reply
         self.size_limit = size_limit
         self.idle_timeout = read_timeout * FLOW_IDLE_READ_TIMEOUTS
         self.queue = Queue(FLOW_QUEUE_SIZE)  # until the data connection is there, or TLS
@@ -241,8 +252,9 @@ class ServerFlow:
         count_reply = self.stats.counter(inbound=False)
 
         def reply(datagram: bytes) -> None:
-            sendto(datagram, self.peer)
-            count_reply(len(datagram))
+            if self.pass_reply(len(datagram)):
+                sendto(datagram, self.peer)
+                count_reply(len(datagram))
 
         link = udplink.FrameLink(data, self.size_limit, reply)
         while not self.queue.empty():  # what came while the connection was taken
@@ -280,6 +292,8 @@ class ServerFlow:
                 if reply is None:
                     return
                 self.last_active = time.monotonic()
+                if not self.pass_reply(len(reply)):
+                    continue
                 self.listener.sendto(reply, self.peer)
                 self.stats.count_bytes(len(reply), inbound=False)
         finally:

@@ -16,6 +16,11 @@ the engine below is one code path on every Python. engine() probes once per
 process which of them the kernel accepts; where none does (a kernel or
 sandbox that refuses splice) it returns None and relay.py copies through user
 space instead.
+
+With ``rate=`` each direction draws on a token bucket (ratelimit.py): every
+splice is capped to the bytes granted, and a direction that gets no grant
+stops its read watcher and queues at the bucket until its turn, so traffic
+under the limit keeps the zero-copy path.
 """
 
 import ctypes
@@ -30,6 +35,7 @@ from gevent import get_hub
 from gevent.event import Event
 
 from nodepass_gevent.log import log
+from nodepass_gevent.ratelimit import TokenBucket
 
 PIPE_SIZE = 256 * 1024   # bytes a pipe holds: fewer system calls per megabyte
 IDLE_PIPES_KEPT = 32     # pipes kept open for the next burst; more are closed
@@ -230,10 +236,12 @@ def choose() -> Optional[Splice]:
 
 def exchange(left: socket.socket, right: socket.socket,
              count_forward: Callable[[int], None], count_backward: Callable[[int], None],
-             splice: Splice) -> Tuple[int, int]:
+             splice: Splice, forward_bucket: Optional[TokenBucket] = None,
+             backward_bucket: Optional[TokenBucket] = None) -> Tuple[int, int]:
     """Splice left->right and right->left until both end; bytes moved each way.
 
     ``splice`` is os.splice or libc_splice(): what engine() chose, or a test's pick.
+    A bucket, if given, paces its direction (module docstring).
 
     Obeys the copy contract (relay.py's module docstring): EOF is passed on as
     a half-close, an error in either direction shuts down both sockets and ends
@@ -242,8 +250,10 @@ def exchange(left: socket.socket, right: socket.socket,
     finished = Event()
     directions = []  # type: List[_Direction]
     try:
-        directions.append(_Direction(left, right, count_forward, finished, splice))
-        directions.append(_Direction(right, left, count_backward, finished, splice))
+        directions.append(_Direction(left, right, count_forward, finished, splice,
+                                     forward_bucket))
+        directions.append(_Direction(right, left, count_backward, finished, splice,
+                                     backward_bucket))
         directions[0].partner, directions[1].partner = directions[1], directions[0]
         for direction in directions:
             direction.start()
@@ -263,8 +273,9 @@ class _Direction:
     """One way of an exchange: waits for bytes (or room) with a watcher, no greenlet."""
 
     def __init__(self, source: socket.socket, sink: socket.socket,
-                 count: Callable[[int], None], finished: Event, splice: Splice) -> None:
-        loop = get_hub().loop
+                 count: Callable[[int], None], finished: Event, splice: Splice,
+                 bucket: Optional[TokenBucket] = None) -> None:
+        loop = self._loop = get_hub().loop
         self.source, self.sink = source, sink
         self._readable = loop.io(source.fileno(), _READ)
         self._writable = loop.io(sink.fileno(), _WRITE)
@@ -276,6 +287,9 @@ class _Direction:
         self._raw = getattr(splice, "raw", None)  # the C function, when through ctypes
         self._pipe = None  # type: Optional[Pipe]
         self._pending = 0  # bytes in the pipe, not yet in the sink
+        self._bucket = bucket
+        self._granted = 0      # a grant the bucket handed over while this direction queued
+        self._queued = False   # waiting in the bucket's queue
         self.partner = None  # type: Optional[_Direction]
         self.moved = 0
         self.at_eof = False
@@ -289,25 +303,40 @@ class _Direction:
         self._writable.stop()
         self._readable.close()
         self._writable.close()
+        if self._queued:
+            self._bucket.cancel(self._on_granted)
+        if self._granted:
+            self._bucket.give_back(self._granted)
+            self._granted = 0
         self._drop_pipe()
 
     def _on_readable(self) -> None:
         try:
             for _ in range(FILLS_PER_WAKEUP):
+                want = PIPE_SIZE
+                if self._bucket is not None:
+                    want, self._granted = self._granted or self._bucket.take(PIPE_SIZE), 0
+                    if not want:
+                        self._queue()
+                        return
                 if self._pipe is None:
                     self._pipe = pipes.acquire()
                 try:
                     if self._raw is None:
-                        size = self._splice(self._source_fd, self._pipe[1], PIPE_SIZE,
+                        size = self._splice(self._source_fd, self._pipe[1], want,
                                             None, None, _FLAGS)
                     else:
                         size = self._raw(self._source_fd, None, self._pipe[1], None,
-                                         PIPE_SIZE, _FLAGS)
+                                         want, _FLAGS)
                         if size < 0:
                             raise_libc_error()
                 except BlockingIOError:
+                    if self._bucket is not None:
+                        self._bucket.give_back(want)
                     self._drop_pipe()  # empty: back to the pool until bytes arrive
                     return
+                if self._bucket is not None:
+                    self._bucket.give_back(want - size)
                 if size == 0:
                     self._pass_eof_on()
                     return
@@ -316,7 +345,7 @@ class _Direction:
                     self._readable.stop()  # the sink is full: wait for room first
                     self._writable.start(self._on_writable)
                     return
-                if size < SHORT_FILL:
+                if size < SHORT_FILL and size < want:
                     # The socket had no more: one more splice would almost surely fail
                     # with EAGAIN, a third system call per small message (and through
                     # ctypes the dearest one). libev's watcher is level-triggered, so
@@ -325,6 +354,18 @@ class _Direction:
                     return
         except OSError:
             self._fail()
+
+    def _queue(self) -> None:
+        """No grant: stop reading and wait for this direction's turn at the bucket."""
+        self._readable.stop()
+        self._drop_pipe()
+        self._queued = True
+        self._bucket.wait(PIPE_SIZE, self._on_granted)
+
+    def _on_granted(self, grant: int) -> None:
+        self._queued = False
+        self._granted = grant
+        self._readable.start(self._on_readable)  # level-triggered: the bytes still wait
 
     def _on_writable(self) -> None:
         try:
