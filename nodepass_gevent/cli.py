@@ -39,6 +39,8 @@ Options:
 Environment:
 {environment}
   Durations use Go syntax: 500ms, 5s, 1m30s.
+  NODEPASS_DEBUG_COUNTS=1 (debugging only): SIGUSR2 logs the process's
+  greenlet, descriptor and memory figures.
 
 Examples:
   nodepass 'server://0.0.0.0:10101/127.0.0.1:8080?log=debug&tls=1'
