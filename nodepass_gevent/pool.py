@@ -107,6 +107,7 @@ class ClientPool:
         self._misses = deque()  # when each recent miss happened (monotonic seconds)
         self._given_up = OrderedDict()  # type: OrderedDict[str, None]  (see GIVEN_UP_REMEMBERED)
         self._failures = 0  # dials failed in a row
+        self._bug = None  # type: Optional[BaseException]  (raised by a dial: see _manage)
         self._manager = None
         self.closed = False
 
@@ -177,6 +178,8 @@ class ClientPool:
         backoff = net.Backoff(DIAL_BACKOFF_FIRST, DIAL_BACKOFF_MAX)
         while not self.closed:
             self._wakeup.clear()
+            if self._bug is not None:
+                raise self._bug  # here, in the supervised manager: it fails the owner
             if self._failures:
                 gevent.sleep(backoff.pause())  # the last dial failed: not again at once
             else:
@@ -202,6 +205,10 @@ class ClientPool:
     def _dial_and_wake(self, index: int) -> None:
         try:
             self._dial_one(index)
+        except gevent.GreenletExit:
+            raise
+        except BaseException as exc:  # noqa: B902 - not a dial failure: a bug
+            self._bug = exc
         finally:
             self._wakeup.set()
 
