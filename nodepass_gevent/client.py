@@ -4,7 +4,9 @@ and joins each launched one to the private target.
 A *session* is one tunnel connection. It ends when the server closes it, a
 write or read fails, or no line (not even a heartbeat) arrives for
 HEARTBEAT_MISSES report intervals; the client then reconnects after
-SERVICE_COOLDOWN. Exchanges already running are not cut by that.
+SERVICE_COOLDOWN. Exchanges already running are not cut by that. With several
+tunnel addresses (failover) the next session goes to the next server, with the
+pauses failover.ServerOrder decides.
 """
 
 import socket
@@ -15,7 +17,8 @@ import gevent
 import gevent.pool
 
 from nodepass_gevent import auth, net, protocol, readers, relay, tls, udpflow
-from nodepass_gevent.config import Config, Settings
+from nodepass_gevent.config import Address, Config, Settings
+from nodepass_gevent.failover import ServerOrder
 from nodepass_gevent.log import log
 from nodepass_gevent.pool import ClientPool, DataConnection
 from nodepass_gevent.protocol import AUTH_NONCE_LENGTH, HANDSHAKE_TIMEOUT
@@ -44,6 +47,8 @@ class Client:
         self._control = None  # type: Optional[socket.socket]
         self._loops = Supervisor("Client")  # also runs each session's pool manager
         self._auth_failures = 0
+        self.servers = ServerOrder(config.servers, settings.service_cooldown)
+        self._opened = False  # the current session's tunnel opened
         self.failed = self._loops.failed
         self.closed = False
 
@@ -72,23 +77,31 @@ class Client:
 
     def _run_sessions(self) -> None:
         while not self.closed:
-            pause = self.settings.service_cooldown
+            auth_pause = None
+            self._opened = False
             try:
-                self._session()
+                self._session(self.servers.current)
             except auth.AuthError as exc:
                 # A wrong key will not fix itself: say so loudly, retry slowly.
                 self._auth_failures += 1
-                pause = min(AUTH_BACKOFF_MAX, pause * 2 ** self._auth_failures)
+                auth_pause = min(AUTH_BACKOFF_MAX,
+                                 self.settings.service_cooldown * 2 ** self._auth_failures)
                 log.error("Client: authentication failed: %s", exc)
             except SessionError as exc:
                 log.error("Client: %s", exc)
             except (OSError, ssl.SSLError, protocol.ProtocolError) as exc:
-                log.warning("Client: tunnel to %s lost: %s", self.config.tunnel,
+                log.warning("Client: tunnel to %s lost: %s", self.servers.current,
                             _describe(exc))
             finally:
                 self._end_session()
-            log.info("Client: reconnecting in %.1fs", pause)
-            gevent.sleep(pause)
+            pause, server = self.servers.after(self._opened)
+            if len(self.servers.servers) == 1:
+                log.info("Client: reconnecting in %.1fs", auth_pause or pause)
+                gevent.sleep(auth_pause or pause)
+            else:  # failover: the policy's pause; a rejected key is one more failed try
+                log.info("Client: reconnecting in %.1fs to %s (%s)", pause, server,
+                         self.servers.position)
+                gevent.sleep(pause)
 
     def _report_forever(self) -> None:
         while True:
@@ -103,25 +116,31 @@ class Client:
 
     # -- the tunnel ------------------------------------------------------
 
-    def _session(self) -> None:
-        control = self._control = net.dial_tcp(self.config.tunnel, CONNECT_TIMEOUT)
+    def _on_server(self) -> str:
+        """" (server 2 of 3)" with failover, "" without: for the log."""
+        return " (%s)" % self.servers.position if len(self.servers.servers) > 1 else ""
+
+    def _session(self, server: Address) -> None:
+        control = self._control = net.dial_tcp(server, CONNECT_TIMEOUT)
         silence = self.settings.report_interval * protocol.HEARTBEAT_MISSES
         net.set_user_timeout(control, silence)
         control.settimeout(HANDSHAKE_TIMEOUT)
         lines = control.makefile("rb")
-        signal = self._handshake(control, lines)
+        signal = self._handshake(control, lines, server)
         data_port, tls_mode = int(signal.host), int(signal.kind)
         if tls_mode < self.config.tls_mode:
             raise SessionError("server %s offers tls=%d, below this client's minimum tls=%d;"
-                               " refusing the tunnel" % (self.config.tunnel, tls_mode,
+                               " refusing the tunnel" % (server, tls_mode,
                                                          self.config.tls_mode))
-        log.info("Client: tunnel to %s open: data port %d, tls=%d (%s)%s", self.config.tunnel,
+        log.info("Client: tunnel to %s open: data port %d, tls=%d (%s)%s%s", server,
                  data_port, tls_mode, protocol.TLS_MODE_NAMES[tls_mode],
-                 ", authenticated" if self.config.auth_key else "")
+                 ", authenticated" if self.config.auth_key else "", self._on_server())
+        self._opened = True
         server_address = control.getpeername()
         # Dial the address the tunnel reached (no second lookup), at the data port.
         data_sockaddr = (server_address[0], data_port) + server_address[2:]
-        self.pool = ClientPool(self._data_dialer(data_sockaddr, tls.client_context(tls_mode)),
+        self.pool = ClientPool(self._data_dialer(server, data_sockaddr,
+                                                 tls.client_context(tls_mode)),
                                self.settings.min_pool_capacity, self.settings.max_pool_capacity,
                                self._loops)
         self.pool.start()
@@ -132,7 +151,7 @@ class Client:
         self._auth_failures = 0
         self._serve_signals(lines)
 
-    def _handshake(self, control: socket.socket, lines) -> protocol.Signal:
+    def _handshake(self, control: socket.socket, lines, server: Address) -> protocol.Signal:
         """Read the tunnel signal, proving the shared key first if there is one."""
         signal = protocol.parse_signal(self._read_line(lines))
         key = self.config.auth_key
@@ -140,21 +159,21 @@ class Client:
             if key is not None:
                 raise SessionError("server %s does not ask for the shared key; refusing it"
                                    " (is it a NodePass v1.0 server, or an impostor?)"
-                                   % (self.config.tunnel,))
+                                   % (server,))
             return protocol.check_tunnel_signal(signal)
         if key is None:
             raise SessionError("server %s requires a shared key: use client://KEY@host:port/..."
-                               " or NODEPASS_KEY" % (self.config.tunnel,))
+                               " or NODEPASS_KEY" % (server,))
         server_nonce, client_nonce = signal.query.get(protocol.FIELD_NONCE, ""), auth.new_nonce()
         if not auth.is_nonce(server_nonce):
             raise protocol.ProtocolError("bad authentication challenge")
         control.sendall(auth.client_response(key, server_nonce, client_nonce))
         answer = protocol.parse_signal(self._read_line(lines))
         if protocol.is_auth_rejection(answer):
-            raise auth.AuthError("server %s rejected our shared key" % (self.config.tunnel,))
+            raise auth.AuthError("server %s rejected our shared key" % (server,))
         if not auth.check_tunnel_signal(key, client_nonce, server_nonce, answer):
             raise auth.AuthError("server %s did not prove the shared key (wrong key, or a"
-                                 " tampered tunnel signal)" % (self.config.tunnel,))
+                                 " tampered tunnel signal)" % (server,))
         return protocol.check_tunnel_signal(answer)
 
     def _end_session(self) -> None:
@@ -210,11 +229,12 @@ class Client:
 
     # -- data connections ----------------------------------------------------
 
-    def _data_dialer(self, sockaddr: tuple, context: Optional[ssl.SSLContext]):
-        server_name = self.config.tunnel.dial_host
+    def _data_dialer(self, server: Address, sockaddr: tuple,
+                     context: Optional[ssl.SSLContext]):
+        server_name = server.dial_host
 
         def dial() -> DataConnection:
-            sock = net.dial_tcp(self.config.tunnel, CONNECT_TIMEOUT, sockaddr)
+            sock = net.dial_tcp(server, CONNECT_TIMEOUT, sockaddr)
             try:
                 sock.settimeout(HANDSHAKE_TIMEOUT)
                 if context is not None:
