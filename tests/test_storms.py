@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import pytest
 
