@@ -491,9 +491,9 @@ def test_200_concurrent_sessions(make_tunnel, topology):
 
 # ------------------------------------------------------- a bad, not a cut, link
 
-# The router impairs its public link ("wan", both ends of the veth) while the
-# usual checks run: random loss of forwarded packets (both directions), a
-# token-bucket bottleneck (each direction), or both. This kernel has no netem
+# The router impairs its public link ("wan") while the usual checks run: random
+# loss of forwarded packets (both directions), a token-bucket bottleneck (each
+# direction), or both. This kernel has no netem
 # qdisc, so added delay (and reordering, duplication) is out of reach: the
 # only latency is the bottleneck's queue (tbf, up to 400 ms).
 IMPAIRMENTS = {
@@ -522,10 +522,14 @@ def impaired_link(topology: Topology, loss: float, rate: Optional[str]):
     undo = []
     try:
         if rate:
-            for namespace in (topology.nat, topology.public):
-                in_namespace(namespace, ["tc", "qdisc", "add", "dev", "wan", "root", "tbf",
-                                         "rate", rate, "burst", "32kbit", "latency", "400ms"])
-                undo.append((namespace, ["tc", "qdisc", "del", "dev", "wan", "root"]))
+            # Both directions shaped in the router, as each leaves it: out of
+            # "wan" (private to public) and, for what came in on "wan", out of
+            # "lan". A qdisc on the server's own host would make its TCP see
+            # local drops (and retry at once) instead of a router's.
+            for device in ("wan", "lan"):
+                in_namespace(topology.nat, ["tc", "qdisc", "add", "dev", device, "root", "tbf",
+                                            "rate", rate, "burst", "32kbit", "latency", "400ms"])
+                undo.append((topology.nat, ["tc", "qdisc", "del", "dev", device, "root"]))
         if loss:
             match = ["-m", "statistic", "--mode", "random", "--probability", str(loss),
                      "-m", "comment", "--comment", IMPAIR_COMMENT, "-j", "DROP"]
@@ -618,10 +622,10 @@ def test_impaired_link_keeps_bytes_exact_and_tunnel_up(make_tunnel, topology, li
           % (impairment, IMPAIRED_SIZE / 1e6 / results["download"]["seconds"],
              IMPAIRED_SIZE / 1e6 / results["upload"]["seconds"],
              results["concurrent"]["seconds"], seconds, dropped))
-    for side in sides:
-        print("  %s: %s retransmitted %d of %d TCP segments (%.2f%%)"
-              % (impairment, side, retransmits[side], sent[side],
-                 100.0 * retransmits[side] / max(1, sent[side])))
+    for side in sides:  # OutSegs leaves retransmissions out: the share is of both
+        print("  %s: %s retransmitted %d TCP segments, %.2f%% of all it sent"
+              % (impairment, side, retransmits[side],
+                 100.0 * retransmits[side] / max(1, sent[side] + retransmits[side])))
     print("  %s: UDP through the tunnel lost %d/%d (%.1f%%), the link itself %d/%d (%.1f%%);"
           " reconnects %d" % (impairment, through_tunnel["lost"], through_tunnel["datagrams"],
                               100 * through_tunnel["loss"], link["lost"], link["datagrams"],
