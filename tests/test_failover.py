@@ -170,3 +170,14 @@ def test_no_server_answers_backs_off_and_recovers(nodepass, echo):
     nodepass(servers[1])
     served_within(users[1], 10)
     assert client.alive()
+
+
+def test_status_names_the_current_server_and_the_list():
+    from nodepass_gevent.client import Client
+    from nodepass_gevent.config import load_settings, parse_url
+    client = Client(parse_url("client://a.example:1,[::1]:2/127.0.0.1:80"), load_settings({}))
+    status = client.status()
+    assert (status["tunnel"], status["servers"], status["peer"]) == (
+        "a.example:1", "a.example:1,[::1]:2", None)
+    client.servers.after(True)  # its tunnel died: the next session goes to the second
+    assert client.status()["tunnel"] == "[::1]:2"
