@@ -12,7 +12,12 @@ URLs:
       Listen for the client on tunnel_addr (the control channel) and for users,
       TCP and UDP, on target_addr; hand each user to the client through the tunnel.
   client://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<mode>
+  client://[KEY@]<tunnel_addr>,<tunnel_addr>[,...]/<target_addr>?log=<level>&tls=<mode>
       Dial the server at tunnel_addr and forward each user to target_addr.
+      With several tunnel addresses (failover) the client uses
+      the first server that answers and, when its tunnel dies, tries the
+      others in order (a jittered pause of SERVICE_COOLDOWN to twice that
+      before each round, doubling after a round where none answered).
 
   Addresses: host:port, :port (all interfaces), [ipv6]:port, name:port.
   log   debug, info (default), warn, error or fatal.
@@ -44,6 +49,8 @@ Options:
 Environment:
 {environment}
   Durations use Go syntax: 500ms, 5s, 1m30s.
+  NODEPASS_DEBUG_COUNTS=1 (debugging only): SIGUSR2 logs the process's
+  greenlet, descriptor and memory figures.
 
 Examples:
   nodepass 'server://0.0.0.0:10101/127.0.0.1:8080?log=debug&tls=1'
@@ -59,7 +66,7 @@ from docopt import DocoptExit, docopt
 
 from nodepass_gevent import __version__
 from nodepass_gevent.config import (KEY_VARIABLE, SETTINGS, ConfigError, load_settings,
-                                    parse_url, without_key)
+                                    format_addresses, parse_url, without_key)
 
 PROGRAM = "nodepass"
 KEY_HELP = "The shared key, if not given in the URL"
@@ -114,8 +121,8 @@ def main(url: str, check_only: bool = False) -> int:
     if check_only:
         edge = config.edge_summary()
         print("ok: %s tunnel=%s target=%s tls=%d log=%s auth=%s%s"
-              % (config.role, config.tunnel, config.target, config.tls_mode, config.log_level,
-                 "on" if config.auth_key else "off", " " + edge if edge else ""))
+              % (config.role, format_addresses(config.servers), config.target, config.tls_mode,
+                 config.log_level, "on" if config.auth_key else "off", " " + edge if edge else ""))
         return ExitStatus.OK
     logging_setup.setup(config.log_level)
     try:

@@ -8,9 +8,12 @@ connections, and joins each launched one to the private target.
 A session is one tunnel connection. It ends when the server closes it, a
 write or read fails, or no line (not even a heartbeat) arrives for
 HEARTBEAT_MISSES report intervals; the client then reconnects after
-SERVICE_COOLDOWN. Exchanges already running are not cut by that.
+SERVICE_COOLDOWN. Exchanges already running are not cut by that. With several
+tunnel addresses (failover) the next session goes to the next server, with the
+pauses failover.ServerOrder decides.
 """
 
+import dataclasses
 import ssl
 import time
 from typing import Optional
@@ -19,8 +22,9 @@ import gevent
 import gevent.pool
 
 from nodepass_gevent import auth, control, dataconn, net, protocol, tcp, tls, udp
-from nodepass_gevent.config import Config, Settings
+from nodepass_gevent.config import Address, Config, Settings, format_addresses
 from nodepass_gevent.control import SessionError
+from nodepass_gevent.failover import ServerOrder
 from nodepass_gevent.lifecycle import Component
 from nodepass_gevent.log import TunnelLog
 from nodepass_gevent.pool import ClientPool
@@ -49,6 +53,8 @@ class Client(Component):
         self.session = None  # type: Optional[control.ClientSession]
         self._flow_connections = set()  # data connections of open UDP flows
         self._auth_failures = 0  # in a row, for the back-off
+        self.servers = ServerOrder(config.servers, settings.service_cooldown)
+        self._opened = False  # the current session's tunnel opened
 
     # -- lifecycle -------------------------------------------------------
 
@@ -63,34 +69,48 @@ class Client(Component):
 
     def _run_sessions(self) -> None:
         while not self.closed:
-            pause = self.settings.service_cooldown
+            auth_pause = None
+            self._opened = False
             try:
-                self._serve_session()
+                self._serve_session(self.servers.current)
             except auth.AuthError as exc:
                 # A wrong key will not fix itself: say so loudly, retry slowly.
                 self._auth_failures += 1
                 self.stats.auth_failures += 1
-                pause = min(AUTH_BACKOFF_MAX, pause * 2 ** self._auth_failures)
+                auth_pause = min(AUTH_BACKOFF_MAX,
+                                 self.settings.service_cooldown * 2 ** self._auth_failures)
                 self.log.error("Client: authentication failed: %s", exc)
             except SessionError as exc:
                 self.log.error("Client: %s", exc)
             except (OSError, ssl.SSLError, protocol.ProtocolError) as exc:
-                self.log.warning("Client: tunnel to %s lost: %s", self.config.tunnel,
+                self.log.warning("Client: tunnel to %s lost: %s", self.servers.current,
                                  net.describe(exc))
             finally:
                 self._end_session()
             self.stats.reconnects += 1
-            self.log.info("Client: reconnecting in %.1fs", pause)
+            pause, server = self.servers.after(self._opened)
+            if len(self.servers.servers) == 1:
+                pause = auth_pause or pause
+                self.log.info("Client: reconnecting in %.1fs", pause)
+            else:  # failover: the policy's pause; a rejected key is one more failed try
+                self.log.info("Client: reconnecting in %.1fs to %s (%s)", pause, server,
+                              self.servers.position)
             gevent.sleep(pause)
 
-    def _serve_session(self) -> None:
-        session = self.session = control.open_client_session(self.config, self.settings,
-                                                             self.log)
-        self.log.info("Client: tunnel to %s open: data port %d, tls=%d (%s)%s",
-                      self.config.tunnel, session.data_port, session.tls_mode,
+    def _on_server(self) -> str:
+        """" (server 2 of 3)" with failover, "" without: for the log."""
+        return " (%s)" % self.servers.position if len(self.servers.servers) > 1 else ""
+
+    def _serve_session(self, server: Address) -> None:
+        # The control channel dials config.tunnel: this session's server.
+        config = dataclasses.replace(self.config, tunnel=server)
+        session = self.session = control.open_client_session(config, self.settings, self.log)
+        self.log.info("Client: tunnel to %s open: data port %d, tls=%d (%s)%s%s",
+                      server, session.data_port, session.tls_mode,
                       protocol.TLS_MODE_NAMES[session.tls_mode],
-                      ", authenticated" if self.config.auth_key else "")
-        dialer = dataconn.Dialer(self.config.tunnel, session.data_sockaddr,
+                      ", authenticated" if self.config.auth_key else "", self._on_server())
+        self._opened = True
+        dialer = dataconn.Dialer(server, session.data_sockaddr,
                                  tls.client_context(session.tls_mode), self.config.auth_key,
                                  self.stats)
         self.pool = ClientPool(dialer, self.settings.min_pool_capacity,
@@ -148,8 +168,10 @@ class Client(Component):
         pool, session = self.pool, self.session
         figures = {
             "name": self.name, "role": "client", "state": self._state(),
-            "tunnel": str(self.config.tunnel), "target": str(self.config.target),
-            "peer": str(self.config.tunnel) if self.ready.is_set() else None,
+            # With failover: the server dialed now (or next), the whole list below.
+            "tunnel": str(self.servers.current), "target": str(self.config.target),
+            "peer": str(self.servers.current) if self.ready.is_set() else None,
+            "servers": format_addresses(self.servers.servers),
             "data_port": session.data_port if session is not None else None,
             "tls": session.tls_mode if session is not None else self.config.tls_mode,
             "pool_idle": pool.idle if pool is not None else 0,

@@ -6,9 +6,11 @@ that certificate paths were given.
 
     server://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<0|1|2>&crt=<file>&key=<file>&udp=<v1|flow>
         &proxy=<1|2>&allow=<cidrs>&deny=<cidrs>&rate=<Mbit/s>&per_user=<n>
-    client://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<minimum mode>
+    client://[KEY@]<tunnel_addr>[,<tunnel_addr>...]/<target_addr>?log=<level>&tls=<minimum mode>
 
-KEY (or the NODEPASS_KEY environment variable) switches on shared-key
+A client given several tunnel addresses fails over between those servers in
+that order (failover.py); the first is ``Config.tunnel``, all of them
+``Config.tunnels``. KEY (or the NODEPASS_KEY environment variable) switches on shared-key
 authentication (auth.py); without it the wire bytes are v1.0's.
 """
 
@@ -16,7 +18,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, make_dataclass
-from typing import Mapping, Optional, Tuple, Union
+from typing import List, Mapping, Optional, Tuple, Union
 from urllib.parse import unquote
 
 from nodepass_gevent import protocol
@@ -66,12 +68,20 @@ class Config:
     udp_mode: str = protocol.UDP_MODE_V1
     # The shared key for authentication; None keeps the v1.0 protocol.
     auth_key: Optional[bytes] = field(default=None, repr=False)
+    # Client: every server to fail over between, in order (``tunnel`` first).
+    # Empty means just ``tunnel``; see ``servers``.
+    tunnels: Tuple[Address, ...] = ()
     # Server, at the edge (issue 13). Defaults: none of it, nothing changes.
     proxy_version: int = 0    # 1 or 2: a PROXY protocol header to the service (proxyheader.py)
     allow: Tuple = ()         # ip_network tuples (access.py): users admitted ...
     deny: Tuple = ()          # ... and refused
     rate_mbit: Optional[float] = None  # per tunnel and direction (ratelimit.py)
     per_user: Optional[int] = None     # concurrent TCP connections per user address
+
+    @property
+    def servers(self) -> Tuple[Address, ...]:
+        """The tunnel addresses to dial, in failover order (at least one)."""
+        return self.tunnels or (self.tunnel,)
 
     def edge_summary(self) -> str:
         """The edge parameters as `--check` and the start-up line show them ('' if none)."""
@@ -146,7 +156,7 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
     except ValueError as exc:  # an unclosed [IPv6] bracket
         raise ConfigError("bad URL %r: %s" % (text, exc)) from None
     auth_key = _auth_key(parts.netloc, os.environ if environ is None else environ)
-    tunnel = parse_address(parts.netloc.rpartition("@")[2], "tunnel address")
+    tunnels = parse_tunnel_addresses(parts.netloc.rpartition("@")[2], scheme)
     target = parse_address(parts.path.lstrip("/"), "target address")
     params = _query_params(parts.query, SERVER_PARAMS if scheme == "server" else CLIENT_PARAMS)
     log_level = params.get("log", "info").lower()
@@ -162,8 +172,8 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
     if udp_mode not in protocol.UDP_MODES:
         raise ConfigError("bad udp value %r: use v1 (one connection per datagram, as NodePass"
                           " v1.0) or flow (one connection per user address)" % udp_mode)
-    return Config(scheme, tunnel, target, log_level, tls_mode, crt, key, udp_mode, auth_key,
-                  **_edge_params(params))
+    return Config(scheme, tunnels[0], target, log_level, tls_mode, crt, key, udp_mode, auth_key,
+                  tunnels=tunnels if len(tunnels) > 1 else (), **_edge_params(params))
 
 
 def _network_text(network) -> str:
@@ -247,6 +257,29 @@ def _rate(text: str) -> float:
         raise ConfigError("bad rate value %r: expected Mbit/s per direction, a number above 0"
                           " and at most %d (e.g. rate=8 or rate=0.5)" % (text, MAX_RATE_MBIT))
     return rate
+
+
+def parse_tunnel_addresses(text: str, role: str) -> Tuple[Address, ...]:
+    """One tunnel address, or (client only) a comma-separated failover list."""
+    if "," not in text:
+        return (parse_address(text, "tunnel address"),)
+    if role != "client":
+        raise ConfigError("a server listens on one tunnel address, not a list (%r);"
+                          " several addresses, for failover, are for client:// only" % text)
+    addresses = []  # type: List[Address]
+    for number, part in enumerate(text.split(","), 1):
+        if not part:
+            raise ConfigError("empty tunnel address (number %d) in the list %r" % (number, text))
+        address = parse_address(part, "tunnel address")
+        if address in addresses:
+            raise ConfigError("tunnel address %s is listed twice in %r" % (address, text))
+        addresses.append(address)
+    return tuple(addresses)
+
+
+def format_addresses(addresses) -> str:
+    """Addresses as the URL writes them, comma-separated."""
+    return ",".join(str(address) for address in addresses)
 
 
 def _auth_key(netloc: str, environ: Mapping[str, str]) -> Optional[bytes]:

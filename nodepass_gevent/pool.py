@@ -21,6 +21,7 @@ from gevent.queue import Empty, Queue
 from nodepass_gevent import net
 from nodepass_gevent.log import log
 from nodepass_gevent.lifecycle import Component
+from nodepass_gevent.protocol import HANDSHAKE_TIMEOUT
 
 DataConnection = Tuple[str, socket.socket]
 
@@ -28,7 +29,15 @@ ADJUST_INTERVAL = 1.0     # seconds between capacity adjustments (v1.0's round)
 GROW_RATIO, SHRINK_RATIO = 0.8, 0.2
 MAX_PARALLEL_DIALS = 64   # dials in flight at once while refilling
 DIAL_BACKOFF_FIRST, DIAL_BACKOFF_MAX = 0.1, 5.0
-ID_ARRIVAL_WAIT = 2.0     # how long a launch may wait for its id to be read
+# How long a launch may wait for its id to be read: as long as a dial in
+# flight may still deliver one (it reads the id within HANDSHAKE_TIMEOUT). On
+# a congested link a dropped id segment waits for TCP's retransmission, which
+# can take seconds; 2 s lost launches behind a 2 Mbit/s bottleneck.
+ID_ARRIVAL_WAIT = HANDSHAKE_TIMEOUT
+# Ids whose launch gave up waiting, kept so that a connection that brings one
+# later is closed, not pooled: the server handed it to a user already, and a
+# close ends that user at once where a pooled connection would leave it hanging.
+GIVEN_UP_REMEMBERED = 1024
 # More than capacity/3 launches naming unknown ids within this many seconds
 # mean the server's pool and ours disagree: ours is flushed. Rare misses
 # spread over a long life are noise, not disagreement.
@@ -103,7 +112,9 @@ class ClientPool:
         self._wakeup = Event()
         self._created = 0   # since the last capacity adjustment
         self._misses = deque()  # when each recent miss happened (monotonic seconds)
+        self._given_up = OrderedDict()  # type: OrderedDict[str, None]  (see GIVEN_UP_REMEMBERED)
         self._failures = 0  # dials failed in a row
+        self._bug = None  # type: Optional[BaseException]  (raised by a dial: see _manage)
         self._manager = None
         self.closed = False
 
@@ -125,6 +136,9 @@ class ClientPool:
             self._waiters.pop(connection_id, None)
         self._wakeup.set()
         if sock is None:
+            self._given_up[connection_id] = None
+            while len(self._given_up) > GIVEN_UP_REMEMBERED:
+                self._given_up.popitem(last=False)
             self._count_miss(connection_id)
         return sock
 
@@ -145,6 +159,10 @@ class ClientPool:
         waiter = self._waiters.pop(connection_id, None)
         if waiter is not None:
             waiter.set(sock)
+        elif self._given_up.pop(connection_id, 0) is None:
+            self.log.warning("Pool: data connection %s came after its launch gave up; closed",
+                             connection_id)
+            net.close_quietly(sock)
         elif self.closed:
             net.close_quietly(sock)
         else:
@@ -167,23 +185,39 @@ class ClientPool:
         backoff = net.Backoff(DIAL_BACKOFF_FIRST, DIAL_BACKOFF_MAX)
         while not self.closed:
             self._wakeup.clear()
-            if self._fill():
-                backoff.reset()
+            if self._bug is not None:
+                raise self._bug  # here, in the supervised manager: it fails the owner
+            if self._failures:
+                gevent.sleep(backoff.pause())  # the last dial failed: not again at once
             else:
-                gevent.sleep(backoff.pause())
+                backoff.reset()
+            self._top_up()
             self._wakeup.wait(timeout=max(0.0, next_adjust - time.monotonic()))
             if time.monotonic() >= next_adjust:
                 self._drop_dead()
                 self._adjust()
                 next_adjust = time.monotonic() + ADJUST_INTERVAL
 
-    def _fill(self) -> bool:
-        """Dial until idle connections reach capacity; False if a dial failed."""
-        missing = self.capacity - len(self._idle)
-        if missing <= 0:
-            return True
-        results = list(self._dialers.imap_unordered(self._dial_one, range(missing)))
-        return all(results)
+    def _top_up(self) -> None:
+        """Start dials until idle plus dialing connections reach capacity.
+
+        Each dial wakes the manager when it ends, so the pool refills one
+        connection at a time as dials finish: a slow one (a SYN lost on a bad
+        link costs a second) holds up only itself, not a whole batch.
+        """
+        missing = self.capacity - len(self._idle) - len(self._dialers)
+        for index in range(min(missing, self._dialers.free_count())):
+            self._dialers.spawn(self._dial_and_wake, index)
+
+    def _dial_and_wake(self, index: int) -> None:
+        try:
+            self._dial_one(index)
+        except gevent.GreenletExit:
+            raise
+        except BaseException as exc:  # noqa: B902 - not a dial failure: a bug
+            self._bug = exc
+        finally:
+            self._wakeup.set()
 
     def _dial_one(self, _index: int) -> bool:
         try:

@@ -1,7 +1,8 @@
 """Run one role until SIGTERM/SIGINT, then stop it gracefully.
 
 Signal handlers only set an event; the stop itself runs in the main greenlet.
-SIGUSR1 logs the traffic line at once.
+SIGUSR1 logs the traffic line at once; SIGUSR2, only with
+NODEPASS_DEBUG_COUNTS=1, logs greenlet/descriptor/memory figures (debug.py).
 """
 
 import signal
@@ -11,6 +12,7 @@ from typing import Optional
 import gevent
 from gevent.event import Event
 
+from nodepass_gevent import debug
 from nodepass_gevent.config import Config, Settings
 from nodepass_gevent.log import log
 from nodepass_gevent.net import BindError
@@ -37,7 +39,7 @@ def run(config: Config, settings: Settings, ssl_context: Optional[ssl.SSLContext
     stop_requested = Event()
     handlers = [gevent.signal_handler(signal.SIGTERM, stop_requested.set),
                 gevent.signal_handler(signal.SIGINT, stop_requested.set),
-                gevent.signal_handler(signal.SIGUSR1, role.report)]
+                gevent.signal_handler(signal.SIGUSR1, role.report)] + debug.signal_handlers()
     try:
         try:
             role.start()

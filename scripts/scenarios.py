@@ -305,6 +305,43 @@ def check_udp(args) -> dict:
     return {"datagrams": args.datagrams}
 
 
+def check_udploss(args) -> dict:
+    """Measure, rather than demand: --datagrams requests of up to --udp-max
+    bytes, one at a time, each given --udp-timeout for its reply; the share
+    never answered in time is the loss.
+
+    Fails only past --max-loss, or on a reply that is no request's copy. A late
+    reply (to an earlier request, already counted lost) is skipped.
+    """
+    rng = random.Random(args.seed)
+    sent = set()
+    answered = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        for number in range(args.datagrams):
+            request = ("%d:" % number).encode() + os.urandom(rng.randint(1, args.udp_max))
+            sent.add(request)
+            udp.sendto(request, args.target)
+            deadline = time.monotonic() + args.udp_timeout
+            while time.monotonic() < deadline:
+                udp.settimeout(max(0.001, deadline - time.monotonic()))
+                try:
+                    reply, _ = udp.recvfrom(65535)
+                except socket.timeout:
+                    break
+                if reply == request:
+                    answered += 1
+                    break
+                if reply not in sent:
+                    raise CheckFailed("datagram %d: a reply of %d bytes that is no request's"
+                                      " copy" % (number, len(reply)))
+    lost = args.datagrams - answered
+    loss = lost / args.datagrams if args.datagrams else 0.0
+    if loss > args.max_loss:
+        raise CheckFailed("%d of %d datagrams unanswered (%.1f%%, more than %.1f%%)"
+                          % (lost, args.datagrams, 100 * loss, 100 * args.max_loss))
+    return {"datagrams": args.datagrams, "lost": lost, "loss": round(loss, 4)}
+
+
 def check_hold(args) -> dict:
     """Open a session, leave its request unfinished, time how long until it is cut.
 
@@ -381,6 +418,7 @@ CHECKS: Dict[str, Callable[[argparse.Namespace], dict]] = {
     "udp": check_udp,
     "concurrent": check_concurrent,
     "hold": check_hold,
+    "udploss": check_udploss,
 }
 
 
@@ -515,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--datagrams", type=int, default=50)
     check.add_argument("--udp-max", type=int, default=4096)
     check.add_argument("--udp-timeout", type=float, default=5.0)
+    check.add_argument("--max-loss", type=float, default=1.0,
+                       help="udploss: the largest share of unanswered datagrams that passes")
     check.add_argument("--sessions", type=int, default=200)
     check.add_argument("--session-bytes", type=int, default=64 * 1024)
 

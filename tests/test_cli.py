@@ -69,7 +69,21 @@ def test_check_accepts_a_good_url():
     assert result.stdout.startswith("ok: server")
 
 
+def test_check_shows_every_failover_server():
+    result = run_nodepass(["--check", "client://a.example:1,[::1]:2,10.0.0.3:3/127.0.0.1:8080"])
+    assert result.returncode == 0, result.stderr
+    assert "tunnel=a.example:1,[::1]:2,10.0.0.3:3 " in result.stdout
+
+
+def test_help_describes_failover():
+    result = run_nodepass(["--help"])
+    assert "client://[KEY@]<tunnel_addr>,<tunnel_addr>[,...]/<target_addr>" in result.stdout
+    assert "tries the" in result.stdout
+
+
 @pytest.mark.parametrize("url, words", [
+    ("client://a:1,b:2,a:1/c:3", ["listed twice", "a:1"]),
+    ("server://a:1,b:2/c:3", ["client:// only"]),
     ("ftp://a:1/b:2", ["unknown scheme"]),
     ("server://a/b:2", ["missing :port"]),
     ("server://a:99999/b:2", ["port"]),

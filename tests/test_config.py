@@ -64,6 +64,16 @@ BAD_URLS = [
     ("client://a:1/b:2?crt=/c.pem", "unknown URL parameter"),
     ("server://user:pw@a:1/b:2", "no user:password"),
     ("server://@a:1/b:2", "empty shared key"),
+    # Failover lists: client only, every address checked, no blanks or repeats.
+    ("server://a:1,b:2/c:3", "for client:// only"),
+    ("client://a:1,/c:3", "empty tunnel address (number 2)"),
+    ("client://,a:1/c:3", "empty tunnel address (number 1)"),
+    ("client://a:1,b/c:3", "missing :port"),
+    ("client://a:1,b:0/c:3", "port must be"),
+    ("client://a:1,[::1/c:3", "ipv6"),
+    ("client://a:1,010.0.0.1:2/c:3", "not an IPv4"),
+    ("client://a:1,b:2,a:1/c:3", "listed twice"),
+    ("client://k@a:1,u:p@b:2/c:3", "no user:password"),
 ]
 
 
@@ -80,6 +90,20 @@ def test_bad_urls_are_rejected_with_a_reason(url, message):
         parse_url(url)
     assert message.lower() in str(error.value).lower()
     assert "\n" not in str(error.value)
+
+
+def test_failover_list_keeps_order():
+    config = parse_url("client://key@h1.example:10101,[::1]:10102,10.0.0.3:10103/127.0.0.1:80")
+    assert config.servers == (Address("h1.example", 10101), Address("::1", 10102),
+                              Address("10.0.0.3", 10103))
+    assert config.tunnel == Address("h1.example", 10101)
+    assert config.auth_key == b"key"  # one key for all the servers
+
+
+def test_one_tunnel_address_is_a_list_of_one():
+    config = parse_url("client://h1:10101/127.0.0.1:80")
+    assert config.servers == (Address("h1", 10101),)
+    assert config.tunnels == ()  # the Config is the one it always was
 
 
 def test_udp_mode():

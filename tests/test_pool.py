@@ -154,3 +154,59 @@ def test_server_pool_is_fifo_and_skips_dead_or_chatty_connections():
     for ours, theirs in pairs:
         ours.close()
         theirs.close()
+
+
+def test_one_slow_dial_does_not_hold_up_the_refill(supervisor):
+    """On a lossy link one dial in a batch may wait a second for a lost SYN: the
+    others' connections are pooled as they come, and used ones replaced, while
+    it is still under way (refilled per dial, not per batch)."""
+    stuck = gevent.event.Event()
+    fast = Dialer()
+    dials = []
+
+    def dial():
+        dials.append(None)
+        if len(dials) == 1:
+            stuck.wait()  # the first dial hangs until the end of the test
+        return fast()
+
+    pool = ClientPool(dial, min_capacity=4, max_capacity=4, supervisor=supervisor)
+    pool.start()
+    try:
+        wait_for(lambda: pool.idle == 3, timeout=1)
+        for _ in range(5):  # use one, see it replaced, five times over
+            assert pool.take(next(iter(pool._idle))) is not None
+            wait_for(lambda: pool.idle == 3, timeout=0.5)
+        assert len(dials) == 4 + 5
+    finally:
+        stuck.set()
+        pool.close()
+        fast.close()
+
+
+def test_a_connection_whose_launch_gave_up_is_closed_not_pooled(supervisor, monkeypatch):
+    """Its id came too late: the server gave it to a user already, so it must be
+    closed (ending that user), never pooled for a later launch."""
+    monkeypatch.setattr(pool_module, "ID_ARRIVAL_WAIT", 0.05)
+    release = gevent.event.Event()
+    late = Dialer()
+
+    def slow_dial():
+        release.wait()
+        connection_id, sock = late()
+        return ("0a0b0c0d" if late.dialed == 1 else connection_id), sock
+
+    pool = ClientPool(slow_dial, min_capacity=1, max_capacity=1, supervisor=supervisor)
+    pool.start()
+    try:
+        gevent.sleep(0.02)
+        assert pool.take("0a0b0c0d") is None  # gave up waiting
+        release.set()
+        wait_for(lambda: pool.idle == 1)  # the next dial's connection is pooled...
+        assert "0a0b0c0d" not in pool._idle  # ...the late one is not
+        late.peers[0].settimeout(1)
+        assert late.peers[0].recv(1) == b""  # closed: the server's side sees the end
+    finally:
+        release.set()
+        pool.close()
+        late.close()
