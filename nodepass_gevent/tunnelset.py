@@ -74,7 +74,7 @@ def parse_tunnel(url: str, settings: Settings, name: Optional[str] = None,
     tunnel_settings = apply_overrides(settings, overrides, config.role)
     if name is None:
         name = default_name(config)
-    elif not NAME_PATTERN.match(name):
+    elif name and not NAME_PATTERN.match(name):  # "" only for the lone command-line URL
         raise ConfigError("bad tunnel name %r: use 1-64 of A-Z a-z 0-9 _ -" % name)
     return Tunnel(name, config, tunnel_settings, origin)
 
