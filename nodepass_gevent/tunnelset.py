@@ -113,7 +113,8 @@ def apply_overrides(settings: Settings, overrides: Mapping[str, str], role: str)
             # The variable's message, spelt with the parameter the operator wrote.
             raise ConfigError(str(exc).replace(setting.name, parameter, 1)) from None
     result = dataclasses.replace(settings, **changes)
-    if result.min_pool_capacity > result.max_pool_capacity:
+    # Only a client keeps a minimum: a server may set max= below the default min.
+    if role == "client" and result.min_pool_capacity > result.max_pool_capacity:
         raise ConfigError("the minimum pool (%d) is larger than the maximum (%d): set min= or"
                           " max= accordingly" % (result.min_pool_capacity,
                                                  result.max_pool_capacity))
