@@ -210,6 +210,9 @@ def check_set(tunnels: Sequence[Tunnel]) -> None:
     for tunnel in tunnels:
         for host, port, what in _listening(tunnel):
             for other_host, other_port, other, other_what in listening:
+                if port == other_port and _overlap(host, other_host) and other is tunnel:
+                    raise ConfigError("tunnel %s: its tunnel and target ports are both %d"
+                                      % (tunnel.describe(), port))
                 if port == other_port and _overlap(host, other_host):
                     raise ConfigError("tunnel %s: its %s port %d is already the %s port of"
                                       " tunnel %s" % (tunnel.describe(), what, port,
