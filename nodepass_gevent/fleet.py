@@ -184,17 +184,20 @@ class Fleet:
         digest = certificate_digest(entry.tunnel)
         if digest is not None and digest == entry.certificate:
             return  # the same files: nothing to do
+        config = entry.tunnel.config
         prefix = entry.tunnel.name + ": " if entry.tunnel.name else ""
         try:
-            context = tls.server_context(entry.tunnel.config)
-        except ConfigError as exc:
+            # A fresh context first: a broken pair must not touch the live one,
+            # which a failed load_cert_chain could leave half-changed.
+            tls.server_context(config)
+            # Then the live context itself, shared by the role's data port:
+            # every handshake from now on presents the new certificate.
+            entry.ssl_context.load_cert_chain(config.crt, config.key)
+        except (ConfigError, ssl.SSLError, OSError) as exc:
             log.error("%sTLS: keeping the certificate in use: %s", prefix, exc)
             return
-        entry.ssl_context, entry.certificate = context, digest
-        if entry.role is not None:
-            entry.role.ssl_context = context  # read afresh for every data connection
-        log.info("%sTLS: certificate %s reloaded for new data connections", prefix,
-                 entry.tunnel.config.crt)
+        entry.certificate = digest
+        log.info("%sTLS: certificate %s reloaded for new data connections", prefix, config.crt)
 
     # -- one tunnel ----------------------------------------------------------
 
