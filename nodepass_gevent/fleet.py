@@ -55,8 +55,8 @@ def server_context(tunnel: Tunnel) -> Optional[ssl.SSLContext]:
 
 def certificate_digest(tunnel: Tunnel) -> Optional[bytes]:
     """A digest of the tls=2 files, to tell a renewed certificate from the same one."""
-    if tunnel.config.tls_mode != TLS_VERIFIED:
-        return None
+    if tunnel.config.role != "server" or tunnel.config.tls_mode != TLS_VERIFIED:
+        return None  # a client's tls= is the least mode it accepts: no files
     digest = hashlib.sha256()
     for path in (tunnel.config.crt, tunnel.config.key):
         try:
@@ -177,7 +177,8 @@ class Fleet:
 
     def reload_certificates(self) -> None:
         for entry in list(self._entries.values()):
-            if entry.tunnel.config.tls_mode == TLS_VERIFIED:
+            config = entry.tunnel.config
+            if config.role == "server" and config.tls_mode == TLS_VERIFIED:
                 self._reload_certificate(entry)
 
     def _reload_certificate(self, entry: Entry) -> None:

@@ -123,8 +123,11 @@ def _announce_ready(fleet: Fleet, notifier: systemd.Notifier) -> None:
 
 
 def _summary(fleet: Fleet) -> str:
+    """systemctl status's line: ready = listening (server) or connected (client);
+    up = also has its peer (a server's client connected)."""
     states = [status["state"] for status in fleet.statuses()]
-    return "%d of %d tunnels up" % (states.count("up"), len(states))
+    ready = sum(1 for role in fleet.roles() if role.ready.is_set())
+    return "%d of %d tunnels ready, %d up" % (ready, len(states), states.count("up"))
 
 
 def _reload_certificates_forever(fleet: Fleet, interval: float) -> None:
