@@ -5,6 +5,7 @@ Real processes on loopback: one server process and one client process, each
 running several tunnels; echo targets in the test process.
 """
 
+import re
 import shutil
 import signal
 import socket
@@ -230,7 +231,8 @@ def test_systemd_readiness_reload_and_stop_through_notify_socket(nodepass, echoe
         server = nodepass(["--config", servers],
                           env={"NOTIFY_SOCKET": server_socket.name, "WATCHDOG_USEC": "400000"})
         ready = server_socket.wait_for("READY=1", 30)
-        assert "STATUS=2 of 2 tunnels ready, 0 up" in ready.split("\n")
+        # Ready = listening; "up" counts those whose client is already connected.
+        assert re.search(r"^STATUS=2 of 2 tunnels ready, [012] up$", ready, re.M), ready
         assert "READY=1" in client_socket.wait_for("READY=1", 30)
         assert echo_works(ports[0]["target"]) and echo_works(ports[1]["target"])
         server_socket.wait_for("WATCHDOG=1", 5)
