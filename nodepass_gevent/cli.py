@@ -129,7 +129,8 @@ def main(urls: Union[str, List[str]], check_only: bool = False,
         if len(urls) == 1 and not config_file and not check_only:
             stripped = without_key(urls[0])
             if stripped != urls[0]:
-                _restart_without_key(stripped, tunnels[0].config.auth_key)
+                _restart_without_key(stripped, tunnels[0].config.auth_key,
+                                     ["--metrics", metrics] if metrics else [])
         contexts = {tunnel.name: fleet.server_context(tunnel) for tunnel in tunnels}
         metrics_address = _metrics_address(metrics) if metrics else None
     except ConfigError as exc:
@@ -187,7 +188,7 @@ def _most_verbose(levels) -> str:
     return min(levels, key=LOG_LEVELS.index)
 
 
-def _restart_without_key(stripped_url: str, key: bytes) -> None:
+def _restart_without_key(stripped_url: str, key: bytes, options: List[str] = ()) -> None:
     """Re-run this program with the key moved from argv to the environment.
 
     The command line is world-readable (ps, /proc/PID/cmdline); a process's
@@ -200,7 +201,7 @@ def _restart_without_key(stripped_url: str, key: bytes) -> None:
     else:
         program = [sys.executable, sys.argv[0]]
     sys.stdout.flush()
-    os.execve(sys.executable, program + [stripped_url], environ)
+    os.execve(sys.executable, program + list(options) + [stripped_url], environ)
 
 
 def _fail(message: str, status: ExitStatus) -> int:
