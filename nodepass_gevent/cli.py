@@ -25,10 +25,11 @@ URLs:
   KEY   a shared key, the same on both sides: control and data connections
         must then prove it (HMAC challenge-response). Not v1.0-compatible.
         NODEPASS_KEY=<key> does the same and keeps the key off the command line.
-  min, max, slot, and every variable below in lower case (shutdown_timeout=10s):
+  min, max, slot, and the variables below in lower case (shutdown_timeout=10s):
         this tunnel's own value of MIN_POOL_CAPACITY (client only),
         MAX_POOL_CAPACITY, SEMAPHORE_LIMIT or that variable (NodePass's
-        names where it has them). Only this process changes, not the wire.
+        names where it has them; not RELOAD_INTERVAL, one for the process).
+        Only this process changes, not the wire.
   Quote the URL in a shell: & and ? are special there.
 
 Many tunnels:

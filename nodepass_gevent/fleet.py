@@ -136,13 +136,24 @@ class Fleet:
         return "%d added, %d removed, %d changed, %d unchanged" % (
             len(added), len(removed), len(changed), len(unchanged))
 
-    def stop(self, timeout: float) -> None:
-        """Stop every tunnel at once, each draining for up to ``timeout``."""
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop every tunnel at once, each draining for up to ``timeout``
+        (None: its own SHUTDOWN_TIMEOUT), and wait for the drains."""
         entries = list(self._entries.values())
         self._entries = {}
         for entry in entries:
             self._retire(entry, timeout)
-        gevent.joinall(list(self._draining), timeout=timeout + 2)
+        gevent.joinall(list(self._draining), timeout=self.grace(entries, timeout) + 2)
+
+    @staticmethod
+    def grace(entries, timeout: Optional[float] = None) -> float:
+        if timeout is not None:
+            return timeout
+        return max([entry.tunnel.settings.shutdown_timeout for entry in entries] or [0.0])
+
+    def shutdown_grace(self) -> float:
+        """The longest drain a stop of every tunnel takes (their SHUTDOWN_TIMEOUTs)."""
+        return self.grace(list(self._entries.values()))
 
     def ready(self) -> bool:
         """True once every tunnel is listening (server) or has its tunnel open (client)."""

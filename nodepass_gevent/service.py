@@ -71,12 +71,12 @@ def run(tunnels: Sequence[Tunnel], contexts: Dict[str, Optional[ssl.SSLContext]]
             _reload(fleet, notifier, reread)
             helpers.append(gevent.spawn(_announce_ready, fleet, notifier))
         notifier.stopping()
-        log.info("Shutting down (grace %.1fs)", settings.shutdown_timeout)
+        log.info("Shutting down (grace %.1fs)", fleet.shutdown_grace())
         gevent.killall(helpers, block=False)
         if metrics_server is not None:
             metrics_server.stop()
             metrics_server = None
-        fleet.stop(settings.shutdown_timeout)
+        fleet.stop()  # each tunnel drains for its own SHUTDOWN_TIMEOUT
         if fleet.failed.is_set():
             raise Failure()
         log.info("Stopped")

@@ -35,7 +35,10 @@ from nodepass_gevent.urls import query_pairs
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")  # as nodepass-service names services
 # Query parameter -> the SETTINGS variable it overrides for one tunnel.
 OVERRIDES = {"min": "MIN_POOL_CAPACITY", "max": "MAX_POOL_CAPACITY", "slot": "SEMAPHORE_LIMIT"}
-OVERRIDES.update((s.name.lower(), s.name) for s in SETTINGS if s.name not in OVERRIDES.values())
+# The process's certificate timer is one for all tunnels: not a tunnel's setting.
+PROCESS_WIDE = ("RELOAD_INTERVAL",)
+OVERRIDES.update((s.name.lower(), s.name) for s in SETTINGS
+                 if s.name not in OVERRIDES.values() and s.name not in PROCESS_WIDE)
 # Overrides that mean nothing to the other role (the server keeps no minimum pool).
 CLIENT_ONLY = ("min",)
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")

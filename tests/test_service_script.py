@@ -233,6 +233,11 @@ def test_a_tunnels_file_below_1024_gets_the_bind_capability(tmp_path):
     assert "CAP_NET_BIND_SERVICE" in dropin(root, "set", "bind.conf").read_text()
 
 
+def test_a_url_with_its_own_settings_is_accepted_and_sets_the_stop_timeout(tmp_path):
+    ok(tmp_path, "create", "t", CLIENT_URL + "?min=4&shutdown_timeout=30s")
+    assert "TimeoutStopSec=35s" in dropin(tmp_path, "t", "stop.conf").read_text()
+
+
 @pytest.mark.parametrize("text, message", [
     ("web server://:1/:2?tls=7\n", "tunnels file refused: nodepass: error:"),
     ("a client://h:1/t:2\na client://h:3/t:4\n", "both named 'a'"),
@@ -267,10 +272,13 @@ def test_reload_checks_and_replaces_the_file_then_signals(tmp_path):
     privileged = write_tunnels(tmp_path, "web server://:80/127.0.0.1:8080\n", "low")
     result = service(root, "reload", "set", "--config", privileged)
     assert result.returncode == 2 and "takes a restart" in result.stderr
-    good = write_tunnels(tmp_path, TUNNELS + "dns client://h:10103/127.0.0.1:53\n", "good")
+    good = write_tunnels(tmp_path, TUNNELS + "dns client://h:10103/127.0.0.1:53"
+                         "?shutdown_timeout=20s\n", "good")
     out = ok(root, "reload", "set", "--config", good)
     assert "dns client://" in installed.read_text()
-    assert "not running: systemctl reload nodepass@set.service" in out
+    # Its longer drain lengthens the stop timeout: a daemon-reload, then the reload.
+    assert "TimeoutStopSec=25s" in dropin(root, "set", "stop.conf").read_text()
+    assert out.index("systemctl daemon-reload") < out.index("systemctl reload nodepass@set")
     # A URL instance reloads too (its certificates), but has no file to replace.
     ok(root, "create", "one", SERVER_URL)
     assert "systemctl reload nodepass@one.service" in ok(root, "reload", "one")
