@@ -66,6 +66,7 @@ Examples:
 """
 
 import enum
+import functools
 import os
 import sys
 from typing import List, Optional, Union
@@ -143,10 +144,10 @@ def main(urls: Union[str, List[str]], check_only: bool = False,
             print("ok: metrics http://%s/metrics" % (metrics_address,))
         return ExitStatus.OK
     logging_setup.setup(_most_verbose(tunnel.config.log_level for tunnel in tunnels))
-    reread = None
-    if config_file:
-        def reread() -> List[tunnelset.Tunnel]:
-            return tunnelset.read_file(config_file, settings)
+    # SIGHUP re-reads the file with the settings read at start (the environment
+    # of a running process does not change).
+    reread = functools.partial(tunnelset.read_file, config_file, settings) \
+        if config_file else None
     try:
         service.run(tunnels, contexts, settings, reread, metrics_address)
     except service.StartError as exc:

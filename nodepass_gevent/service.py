@@ -45,48 +45,76 @@ def run(tunnels: Sequence[Tunnel], contexts: Dict[str, Optional[ssl.SSLContext]]
     anew for SIGHUP (ConfigError if it no longer validates). A lone command-line
     tunnel (empty name) ends the process when it fails: Failure."""
     lone = len(tunnels) == 1 and not tunnels[0].name
-    fleet = Fleet(build, restart_failed=not lone)
-    stop_requested, reload_requested = Event(), Event()
-    handlers = [gevent.signal_handler(signal.SIGTERM, stop_requested.set),
-                gevent.signal_handler(signal.SIGINT, stop_requested.set),
-                gevent.signal_handler(signal.SIGUSR1, fleet.report),
-                gevent.signal_handler(signal.SIGHUP, reload_requested.set)]
-    notifier = systemd.Notifier()
-    helpers = []  # type: List[gevent.Greenlet]
-    metrics_server = None
-    try:
-        fleet.start(tunnels, contexts)
-        if metrics_address is not None:
-            metrics_server = _start_metrics(metrics_address, fleet)
-        helpers.append(gevent.spawn(_announce_ready, fleet, notifier))
-        helpers.append(gevent.spawn(_reload_certificates_forever, fleet,
-                                    settings.reload_interval))
-        if notifier.watchdog_interval:
-            helpers.append(gevent.spawn(_watchdog_forever, notifier))
+    _Process(Fleet(build, restart_failed=not lone), settings, reread).run(
+        tunnels, contexts, metrics_address)
+
+
+class _Process:
+    """The main greenlet's loop: signals set events, the work happens here."""
+
+    def __init__(self, fleet: Fleet, settings: Settings,
+                 reread: Optional[Callable[[], List[Tunnel]]]) -> None:
+        self.fleet, self.settings, self.reread = fleet, settings, reread
+        self.notifier = systemd.Notifier()
+        self.stop_requested, self.reload_requested = Event(), Event()
+        self.helpers = []  # type: List[gevent.Greenlet]
+        self.announcer = None  # type: Optional[gevent.Greenlet]
+        self.metrics_server = None
+
+    def run(self, tunnels: Sequence[Tunnel], contexts: Dict[str, Optional[ssl.SSLContext]],
+            metrics_address: Optional[Address]) -> None:
+        handlers = [gevent.signal_handler(signal.SIGTERM, self.stop_requested.set),
+                    gevent.signal_handler(signal.SIGINT, self.stop_requested.set),
+                    gevent.signal_handler(signal.SIGUSR1, self.fleet.report),
+                    gevent.signal_handler(signal.SIGHUP, self.reload_requested.set)]
+        try:
+            self.fleet.start(tunnels, contexts)
+            if metrics_address is not None:
+                self.metrics_server = _start_metrics(metrics_address, self.fleet)
+            self._start_helpers()
+            self._serve_until_stopped()
+            self._stop()
+        finally:
+            self._stop_helpers()
+            for handler in handlers:
+                handler.cancel()
+            self.notifier.close()
+
+    def _start_helpers(self) -> None:
+        self.announcer = gevent.spawn(_announce_ready, self.fleet, self.notifier)
+        self.helpers.append(gevent.spawn(_reload_certificates_forever, self.fleet,
+                                         self.settings.reload_interval))
+        if self.notifier.watchdog_interval:
+            self.helpers.append(gevent.spawn(_watchdog_forever, self.notifier))
+
+    def _serve_until_stopped(self) -> None:
         while True:
-            gevent.wait([stop_requested, reload_requested, fleet.failed], count=1)
-            if stop_requested.is_set() or fleet.failed.is_set():
-                break
-            reload_requested.clear()
-            _reload(fleet, notifier, reread)
-            helpers.append(gevent.spawn(_announce_ready, fleet, notifier))
-        notifier.stopping()
-        log.info("Shutting down (grace %.1fs)", fleet.shutdown_grace())
-        gevent.killall(helpers, block=False)
-        if metrics_server is not None:
-            metrics_server.stop()
-            metrics_server = None
-        fleet.stop()  # each tunnel drains for its own SHUTDOWN_TIMEOUT
-        if fleet.failed.is_set():
+            gevent.wait([self.stop_requested, self.reload_requested, self.fleet.failed],
+                        count=1)
+            if self.stop_requested.is_set() or self.fleet.failed.is_set():
+                return
+            self.reload_requested.clear()
+            _reload(self.fleet, self.notifier, self.reread)
+            # READY=1 again (with a fresh STATUS=) once the new set is all up.
+            self.announcer.kill(block=False)
+            self.announcer = gevent.spawn(_announce_ready, self.fleet, self.notifier)
+
+    def _stop(self) -> None:
+        self.notifier.stopping()
+        log.info("Shutting down (grace %.1fs)", self.fleet.shutdown_grace())
+        self._stop_helpers()
+        self.fleet.stop()  # each tunnel drains for its own SHUTDOWN_TIMEOUT
+        if self.fleet.failed.is_set():
             raise Failure()
         log.info("Stopped")
-    finally:
-        gevent.killall(helpers, block=False)
-        if metrics_server is not None:
-            metrics_server.stop()
-        for handler in handlers:
-            handler.cancel()
-        notifier.close()
+
+    def _stop_helpers(self) -> None:
+        """Never blocks long; safe to call twice."""
+        gevent.killall(self.helpers + [g for g in (self.announcer,) if g is not None],
+                       block=False)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
 
 
 def _start_metrics(address: Address, fleet: Fleet):

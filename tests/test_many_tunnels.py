@@ -243,6 +243,7 @@ def test_systemd_readiness_reload_and_stop_through_notify_socket(nodepass, echoe
         server.send_signal(signal.SIGTERM)
         server_socket.wait_for("STOPPING=1", 10)
         assert server.proc.wait(20) == 0
+        assert client.alive()  # its server went away: it waits for it again
     finally:
         server_socket.close()
         client_socket.close()
