@@ -57,9 +57,12 @@ def wait_states(metrics_port: int, expected: Dict[str, str], timeout: float = 30
 
 
 def port_refuses(port: int) -> bool:
+    """Nothing listens on the port. A port of the ephemeral range with no
+    listener can still "accept": the kernel may pick that very port as the
+    source, and TCP connects the socket to itself (simultaneous open)."""
     try:
-        with socket.create_connection((HOST, port), timeout=2):
-            return False
+        with socket.create_connection((HOST, port), timeout=2) as sock:
+            return sock.getsockname() == sock.getpeername()
     except OSError:
         return True
 

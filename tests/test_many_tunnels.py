@@ -114,7 +114,10 @@ def test_reload_keeps_an_unchanged_tunnel_drains_a_removed_one_and_replaces_a_ch
     write(servers, [server_line("a", a), server_line("c", c), server_line("d", d)])
     server.send_signal(signal.SIGHUP)
     expect(server, "Reloaded: 1 added, 1 removed, 0 changed, 2 unchanged", 20)
-    wait_until(lambda: port_refuses(b["target"]), 10, what="b no longer accepting")
+    try:
+        wait_until(lambda: port_refuses(b["target"]), 10, what="b no longer accepting")
+    except AssertionError as error:
+        raise AssertionError("%s\n%s" % (error, server.output()[-5000:])) from None
     held.sendall(b"during")  # still served while it drains (SHUTDOWN_TIMEOUT=3s)
     assert held.recv(100) == b"during"
     wait_echo(d["target"])
