@@ -1,8 +1,9 @@
 """nodepass: a TCP/UDP reverse tunnel, speaking the NodePass v1.0 protocol.
 
 Usage:
-  nodepass <url>
-  nodepass --check <url>
+  nodepass [--metrics=<addr>] <url>...
+  nodepass [--metrics=<addr>] --config=<file>
+  nodepass --check [--metrics=<addr>] (<url>... | --config=<file>)
   nodepass (-h | --help)
   nodepass --version
 
@@ -39,37 +40,63 @@ URLs:
   KEY   a shared key, the same on both sides: control and data connections
         must then prove it (HMAC challenge-response). Not v1.0-compatible.
         NODEPASS_KEY=<key> does the same and keeps the key off the command line.
+  min, max, slot, and the variables below in lower case (shutdown_timeout=10s):
+        this tunnel's own value of MIN_POOL_CAPACITY (client only),
+        MAX_POOL_CAPACITY, SEMAPHORE_LIMIT or that variable (NodePass's
+        names where it has them; not RELOAD_INTERVAL, one for the process).
+        Only this process changes, not the wire.
   Quote the URL in a shell: & and ? are special there.
 
+Many tunnels:
+  Several URLs run in one process, or --config reads them from a file: one
+  tunnel a line, "[NAME] URL", # starts a comment. A tunnel without a name is
+  named <role>-<tunnel port>-<target port>; log lines start with the name.
+  Every tunnel is checked before any listens (one bad one: exit 2). One that
+  fails later is started again after SERVICE_COOLDOWN; the others go on.
+  SIGHUP re-reads the file: new tunnels start, removed ones drain for
+  SHUTDOWN_TIMEOUT, changed ones are replaced, the rest are not touched; a
+  file that no longer checks is refused and the running set kept. With
+  several URLs, a shared key goes in NODEPASS_KEY or in the file, not in a
+  URL on the command line (visible to every user of the machine).
+
 Options:
-  --check       Validate the URL and environment (and load crt/key) and exit.
-  -h --help     Show this text.
-  --version     Show the version.
+  --check            Validate the URLs or file and environment (and load
+                     crt/key), print them, and exit.
+  --config=<file>    Run the tunnels listed in <file>.
+  --metrics=<addr>   Serve /metrics (Prometheus), /status (JSON) and /healthz
+                     (200 while every tunnel is up) on host:port.
+  -h --help          Show this text.
+  --version          Show the version.
 
 Environment:
 {environment}
-  Durations use Go syntax: 500ms, 5s, 1m30s.
+  Durations use Go syntax: 500ms, 5s, 1m30s. SIGHUP and every RELOAD_INTERVAL
+  re-read tls=2 certificates for new data connections (a broken one is logged
+  and the old one kept). systemd: Type=notify readiness and WatchdogSec= work.
   NODEPASS_DEBUG_COUNTS=1 (debugging only): SIGUSR2 logs the process's
   greenlet, descriptor and memory figures.
 
 Examples:
   nodepass 'server://0.0.0.0:10101/127.0.0.1:8080?log=debug&tls=1'
   nodepass 'client://server.example.com:10101/127.0.0.1:8080'
+  nodepass --config /etc/nodepass/tunnels --metrics 127.0.0.1:9100
 """
 
 import enum
+import functools
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from docopt import DocoptExit, docopt
 
-from nodepass_gevent import __version__
-from nodepass_gevent.config import (KEY_VARIABLE, SETTINGS, ConfigError, load_settings,
-                                    format_addresses, parse_url, without_key)
+from nodepass_gevent import __version__, tunnelset
+from nodepass_gevent.config import (KEY_VARIABLE, LOG_LEVELS, SETTINGS, ConfigError,
+                                    format_addresses, load_settings, without_key)
 
 PROGRAM = "nodepass"
 KEY_HELP = "The shared key, if not given in the URL"
+SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
 def environment_help() -> str:
@@ -87,12 +114,12 @@ __doc__ = __doc__.replace("{environment}", environment_help())
 
 class ExitStatus(enum.IntEnum):
     OK = 0
-    FAILURE = 1   # the tunnel could not start or stopped on an internal error
-    USAGE = 2     # bad URL, environment or certificate
+    FAILURE = 1   # a tunnel could not start, or a lone one stopped on an internal error
+    USAGE = 2     # bad URL, tunnels file, environment or certificate
 
 
 def run(argv: Optional[List[str]] = None) -> int:
-    """The console script: parse arguments, then run one role until a signal."""
+    """The console script: parse arguments, then run the tunnels until a signal."""
     from gevent import monkey
     monkey.patch_all()  # first: every socket below must be gevent's
     try:
@@ -102,31 +129,44 @@ def run(argv: Optional[List[str]] = None) -> int:
         print(exc.code if isinstance(exc.code, str) else __doc__, file=sys.stderr)
         return ExitStatus.USAGE
     try:
-        return main(arguments["<url>"], check_only=arguments["--check"])
+        return main(arguments["<url>"], check_only=arguments["--check"],
+                    config_file=arguments["--config"], metrics=arguments["--metrics"])
     except KeyboardInterrupt:
         return ExitStatus.OK
 
 
-def main(url: str, check_only: bool = False) -> int:
-    from nodepass_gevent import log as logging_setup, service, tls
+def main(urls: Union[str, List[str]], check_only: bool = False,
+         config_file: Optional[str] = None, metrics: Optional[str] = None) -> int:
+    from nodepass_gevent import fleet, log as logging_setup, service
+    urls = [urls] if isinstance(urls, str) else list(urls)
     try:
-        config = parse_url(url)
         settings = load_settings()
-        stripped = without_key(url)
-        if stripped != url and not check_only:
-            _restart_without_key(stripped, config.auth_key)
-        ssl_context = tls.server_context(config) if config.role == "server" else None
+        if config_file:
+            tunnels = tunnelset.read_file(config_file, settings)
+        else:
+            tunnels = tunnelset.from_urls(urls, settings)
+        if len(urls) == 1 and not config_file and not check_only:
+            stripped = without_key(urls[0])
+            if stripped != urls[0]:
+                _restart_without_key(stripped, tunnels[0].config.auth_key,
+                                     ["--metrics", metrics] if metrics else [])
+        contexts = {tunnel.name: fleet.server_context(tunnel) for tunnel in tunnels}
+        metrics_address = _metrics_address(metrics) if metrics else None
     except ConfigError as exc:
         return _fail(str(exc), ExitStatus.USAGE)
     if check_only:
-        edge = config.edge_summary()
-        print("ok: %s tunnel=%s target=%s tls=%d log=%s auth=%s%s"
-              % (config.role, format_addresses(config.servers), config.target, config.tls_mode,
-                 config.log_level, "on" if config.auth_key else "off", " " + edge if edge else ""))
+        for tunnel in tunnels:
+            print(_check_line(tunnel, settings))
+        if metrics_address is not None:
+            print("ok: metrics http://%s/metrics" % (metrics_address,))
         return ExitStatus.OK
-    logging_setup.setup(config.log_level)
+    logging_setup.setup(_most_verbose(tunnel.config.log_level for tunnel in tunnels))
+    # SIGHUP re-reads the file with the settings read at start (the environment
+    # of a running process does not change).
+    reread = functools.partial(tunnelset.read_file, config_file, settings) \
+        if config_file else None
     try:
-        service.run(config, settings, ssl_context)
+        service.run(tunnels, contexts, settings, reread, metrics_address)
     except service.StartError as exc:
         return _fail(str(exc), ExitStatus.FAILURE)
     except service.Failure:
@@ -134,7 +174,42 @@ def main(url: str, check_only: bool = False) -> int:
     return ExitStatus.OK
 
 
-def _restart_without_key(stripped_url: str, key: bytes) -> None:
+def _check_line(tunnel: "tunnelset.Tunnel", settings) -> str:
+    config = tunnel.config
+    edge = config.edge_summary()
+    line = ("ok: %s%s tunnel=%s target=%s tls=%d log=%s auth=%s%s"
+            % (tunnel.name + ": " if tunnel.name else "", config.role,
+               format_addresses(config.servers), config.target, config.tls_mode,
+               config.log_level, "on" if config.auth_key else "off",
+               " " + edge if edge else ""))
+    overrides = [(parameter, getattr(tunnel.settings, SETTINGS_BY_NAME[variable].attribute))
+                 for parameter, variable in tunnelset.OVERRIDES.items()
+                 if getattr(tunnel.settings, SETTINGS_BY_NAME[variable].attribute)
+                 != getattr(settings, SETTINGS_BY_NAME[variable].attribute)]
+    return line + "".join(" %s=%s" % (name, _show(value)) for name, value in overrides)
+
+
+def _show(value) -> str:
+    return ("%g" % value) + "s" if isinstance(value, float) else str(value)
+
+
+def _metrics_address(text: str):
+    from nodepass_gevent.config import parse_address
+    address = parse_address(text, "--metrics address")
+    try:
+        import prometheus_client  # noqa: F401 (only needed with --metrics)
+    except ImportError:
+        raise ConfigError("--metrics needs the prometheus-client package (pip install"
+                          " prometheus-client)") from None
+    return address
+
+
+def _most_verbose(levels) -> str:
+    """One log level for the process: the most verbose any tunnel asks for."""
+    return min(levels, key=LOG_LEVELS.index)
+
+
+def _restart_without_key(stripped_url: str, key: bytes, options: List[str] = ()) -> None:
     """Re-run this program with the key moved from argv to the environment.
 
     The command line is world-readable (ps, /proc/PID/cmdline); a process's
@@ -147,7 +222,7 @@ def _restart_without_key(stripped_url: str, key: bytes) -> None:
     else:
         program = [sys.executable, sys.argv[0]]
     sys.stdout.flush()
-    os.execve(sys.executable, program + [stripped_url], environ)
+    os.execve(sys.executable, program + list(options) + [stripped_url], environ)
 
 
 def _fail(message: str, status: ExitStatus) -> int:

@@ -131,6 +131,7 @@ SETTINGS = (
     Setting("REPORT_INTERVAL", "duration", "5s", "Heartbeat and traffic report interval"),
     Setting("SERVICE_COOLDOWN", "duration", "5s", "Pause before reconnecting / re-arming"),
     Setting("SHUTDOWN_TIMEOUT", "duration", "5s", "Grace for open connections on SIGTERM"),
+    Setting("RELOAD_INTERVAL", "duration", "1h", "How often tls=2 certificates are re-read"),
 )
 
 

@@ -55,16 +55,20 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 
 
 class NodepassProcess:
-    """One `python -m nodepass_gevent URL` child, its output in a file."""
+    """One `python -m nodepass_gevent URL` child, its output in a file.
 
-    def __init__(self, url: str, env: Optional[Dict[str, str]] = None,
+    ``url`` may also be the whole argument list (several URLs, --config FILE...).
+    """
+
+    def __init__(self, url, env: Optional[Dict[str, str]] = None,
                  prefix: Sequence[str] = ()) -> None:
         self.url = url
+        arguments = [url] if isinstance(url, str) else list(url)
         self._log = tempfile.NamedTemporaryFile(prefix="nodepass-", suffix=".log", delete=False)
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            list(prefix) + [sys.executable, "-m", "nodepass_gevent", url],
+            list(prefix) + [sys.executable, "-m", "nodepass_gevent"] + arguments,
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
             stdin=subprocess.DEVNULL)
 

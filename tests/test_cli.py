@@ -44,9 +44,9 @@ Environment:
   REPORT_INTERVAL    Heartbeat and traffic report interval       [default: 5s]
   SERVICE_COOLDOWN   Pause before reconnecting / re-arming       [default: 5s]
   SHUTDOWN_TIMEOUT   Grace for open connections on SIGTERM       [default: 5s]
+  RELOAD_INTERVAL    How often tls=2 certificates are re-read    [default: 1h]
   NODEPASS_KEY       The shared key, if not given in the URL
-  Durations use Go syntax: 500ms, 5s, 1m30s.
-""" in cli.__doc__
+  Durations use Go syntax: 500ms, 5s, 1m30s.""" in cli.__doc__
     assert [line.split()[0] for line in cli.environment_help().splitlines()] == \
         [setting.name for setting in SETTINGS] + ["NODEPASS_KEY"]
 

@@ -66,7 +66,7 @@ def dropin(root: Path, name: str, file_name: str) -> Path:
 def test_help_names_every_command(tmp_path):
     out = ok(tmp_path, "--help")
     for command in ("install", "create", "start", "stop", "restart", "status", "list",
-                    "delete", "update", "uninstall", "--root"):
+                    "delete", "update", "uninstall", "reload", "--config", "--root"):
         assert command in out
 
 
@@ -183,6 +183,107 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, args, message
     assert len(lines) == 1 and lines[0].startswith("nodepass-service: error:")
     assert message in lines[0]
     assert files_under(tmp_path) == []
+
+
+# -- an instance running a tunnels file -----------------------------------------------
+
+TUNNELS = ("web server://127.0.0.1:10101/127.0.0.1:8080?max=64\n"
+           "ssh client://127.0.0.1:10101/127.0.0.1:22?min=4\n")
+
+
+def write_tunnels(tmp_path: Path, text: str, name: str = "tunnels") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_create_from_a_tunnels_file(tmp_path):
+    root = tmp_path / "root"
+    source = write_tunnels(tmp_path, TUNNELS)
+    out = ok(root, "create", "set", "--config", source, "--metrics", "127.0.0.1:9100",
+             "--env", "SHUTDOWN_TIMEOUT=8s")
+    installed = root / CONFIG / "set.tunnels"
+    assert installed.read_text() == TUNNELS
+    assert stat.S_IMODE(installed.stat().st_mode) == 0o640  # it may hold shared keys
+    env = (root / CONFIG / "set.env").read_text()
+    assert "NODEPASS_CONFIG='/etc/nodepass/set.tunnels'\n" in env
+    assert "NODEPASS_URL" not in env and "SHUTDOWN_TIMEOUT='8s'\n" in env
+    unit = dropin(root, "set", "tunnels.conf").read_text()
+    for line in ("Type=notify\n", "NotifyAccess=main\n", "ExecStart=\n",
+                 'ExecStart=/opt/nodepass-gevent/venv/bin/nodepass --config '
+                 '"/etc/nodepass/set.tunnels" --metrics 127.0.0.1:9100\n'):
+        assert line in unit
+    assert "TimeoutStopSec=13s" in dropin(root, "set", "stop.conf").read_text()
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in (root / TEMPLATE).read_text()
+    assert "not running: systemctl enable" in out
+    rows = ok(root, "list").splitlines()
+    assert rows[1].split() == ["set", "tunnels", "-", "-", "--config",
+                               "/etc/nodepass/set.tunnels"]
+    # Back to a URL: the file and its drop-in go.
+    ok(root, "create", "--force", "set", CLIENT_URL)
+    assert not installed.exists() and not dropin(root, "set", "tunnels.conf").exists()
+    ok(root, "delete", "set")
+    assert files_under(root / CONFIG) == []
+
+
+def test_a_tunnels_file_below_1024_gets_the_bind_capability(tmp_path):
+    root = tmp_path / "root"
+    ok(root, "create", "set", "--config",
+       write_tunnels(tmp_path, "a client://h:1/t:2\nb server://:443/127.0.0.1:8080\n"))
+    assert "CAP_NET_BIND_SERVICE" in dropin(root, "set", "bind.conf").read_text()
+
+
+def test_a_url_with_its_own_settings_is_accepted_and_sets_the_stop_timeout(tmp_path):
+    ok(tmp_path, "create", "t", CLIENT_URL + "?min=4&shutdown_timeout=30s")
+    assert "TimeoutStopSec=35s" in dropin(tmp_path, "t", "stop.conf").read_text()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("web server://:1/:2?tls=7\n", "tunnels file refused: nodepass: error:"),
+    ("a client://h:1/t:2\na client://h:3/t:4\n", "both named 'a'"),
+    ("", "no tunnel in the file"),
+])
+def test_a_bad_tunnels_file_is_refused_before_anything_is_written(tmp_path, text, message):
+    root = tmp_path / "root"
+    result = service(root, "create", "set", "--config", write_tunnels(tmp_path, text))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not root.exists() or files_under(root) == []
+
+
+def test_create_takes_a_url_or_a_file_not_both(tmp_path):
+    path = write_tunnels(tmp_path, TUNNELS)
+    for args in (["create", "set", CLIENT_URL, "--config", path],
+                 ["create", "set", CLIENT_URL, "--metrics", "127.0.0.1:9100"]):
+        result = service(tmp_path / "root", *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_reload_checks_and_replaces_the_file_then_signals(tmp_path):
+    root = tmp_path / "root"
+    ok(root, "create", "set", "--config", write_tunnels(tmp_path, TUNNELS))
+    installed = root / CONFIG / "set.tunnels"
+    assert "not running: systemctl reload nodepass@set.service" in ok(root, "reload", "set")
+    bad = write_tunnels(tmp_path, "web server://:1/:2?max=0\n", "bad")
+    result = service(root, "reload", "set", "--config", bad)
+    assert result.returncode == 2 and "bad max='0'" in result.stderr
+    assert installed.read_text() == TUNNELS  # the running set's file is kept
+    privileged = write_tunnels(tmp_path, "web server://:80/127.0.0.1:8080\n", "low")
+    result = service(root, "reload", "set", "--config", privileged)
+    assert result.returncode == 2 and "takes a restart" in result.stderr
+    good = write_tunnels(tmp_path, TUNNELS + "dns client://h:10103/127.0.0.1:53"
+                         "?shutdown_timeout=20s\n", "good")
+    out = ok(root, "reload", "set", "--config", good)
+    assert "dns client://" in installed.read_text()
+    # Its longer drain lengthens the stop timeout: a daemon-reload, then the reload.
+    assert "TimeoutStopSec=25s" in dropin(root, "set", "stop.conf").read_text()
+    assert out.index("systemctl daemon-reload") < out.index("systemctl reload nodepass@set")
+    # A URL instance reloads too (its certificates), but has no file to replace.
+    ok(root, "create", "one", SERVER_URL)
+    assert "systemctl reload nodepass@one.service" in ok(root, "reload", "one")
+    result = service(root, "reload", "one", "--config", good)
+    assert result.returncode == 2 and "runs a URL" in result.stderr
 
 
 def test_certificate_in_private_tmp_is_refused(tmp_path, test_ca):
@@ -356,6 +457,9 @@ def installed_root(tmp_path_factory):
     ok(root, "create", "web", SERVER_URL, "--env", "SHUTDOWN_TIMEOUT=20s")
     ok(root, "create", "low", "server://:443/127.0.0.1:80?log=warn")
     ok(root, "create", "ssh", CLIENT_URL, "--env", "SSL_CERT_FILE=/etc/nodepass/ca.pem")
+    tunnels = root.parent / (root.name + "-tunnels")
+    tunnels.write_text(TUNNELS)
+    ok(root, "create", "set", "--config", str(tunnels), "--metrics", "127.0.0.1:9100")
     return root
 
 
@@ -381,6 +485,11 @@ def analyze(root: Path, *units: str) -> subprocess.CompletedProcess:
         source = next(Path(d, target) for d in ("/usr/lib/systemd/system", "/lib/systemd/system")
                       if Path(d, target).exists())
         shutil.copyfile(str(source), str(system_units / target))
+    # ExecReload= runs /bin/kill (procps), which a booted Debian has.
+    kill = root / "bin" / "kill"
+    if not kill.exists():
+        kill.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath("/bin/kill"), str(kill))
     return subprocess.run([executable, "verify", "--root={}".format(root)] + list(units),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           universal_newlines=True, timeout=60)
@@ -390,7 +499,7 @@ def test_generated_units_pass_systemd_analyze_verify(installed_root, certificate
     url = "server://127.0.0.1:10101/127.0.0.1:8080?tls=2&crt={crt}&key={key}".format(
         **certificates_in_home)
     ok(installed_root, "create", "--force", "sec", url)
-    units = ["nodepass@{}.service".format(name) for name in ("web", "low", "ssh", "sec")]
+    units = ["nodepass@{}.service".format(name) for name in ("web", "low", "ssh", "sec", "set")]
     result = analyze(installed_root, *units)
     assert result.returncode == 0, result.stdout
     # verify only warns (exit 0) on unknown keys or bad values: any word about our units fails.

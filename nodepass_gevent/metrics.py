@@ -1,0 +1,164 @@
+"""The --metrics HTTP endpoint: Prometheus /metrics, JSON /status, /healthz.
+
+Nothing here runs on the data path. The roles keep plain integer counters
+(stats.Stats) and a status() dict; a scrape calls ``tunnels()`` (every
+running role, read at that moment, so a reload is seen at the next scrape)
+and turns their status into metric families, labelled by tunnel name and
+role. The official client library (prometheus_client) writes the text
+format; it is imported only when --metrics is given, so a process without
+it pays no memory for it.
+
+    /metrics  Prometheus text format: the counters of every tunnel, and the
+              process's own (memory, CPU, open files)
+    /status   JSON: {"tunnels": [status(), ...]} with each tunnel's state and peer
+    /healthz  200 "ok" while every tunnel's state is "up", else 503 and the
+              tunnels that are not
+"""
+
+import json
+from typing import Callable, Dict, Iterable, List
+
+import gevent.pywsgi
+
+from nodepass_gevent.config import Address
+from nodepass_gevent.log import log
+
+StatusSource = Callable[[], List[Dict[str, object]]]
+LABELS = ["name", "role"]
+UP = "up"
+
+# status() key -> (metric name, kind, help). Counters get "_total" from the library.
+FIGURES = (
+    ("bytes_in", "nodepass_bytes_in", "counter",
+     "Bytes from users (or the data side) towards the target"),
+    ("bytes_out", "nodepass_bytes_out", "counter", "Bytes back towards users"),
+    ("tcp_active", "nodepass_tcp_active", "gauge", "TCP connections open now"),
+    ("tcp_total", "nodepass_tcp_connections", "counter", "TCP connections carried"),
+    ("udp_datagrams", "nodepass_udp_datagrams", "counter", "UDP datagrams carried"),
+    ("udp_flows_active", "nodepass_udp_flows_active", "gauge", "UDP flows open now"),
+    ("pool_idle", "nodepass_pool_idle", "gauge", "Pooled data connections ready for use"),
+    ("pool_capacity", "nodepass_pool_capacity", "gauge", "Pool capacity now"),
+    ("data_dials", "nodepass_data_dials", "counter", "Data connections dialed or accepted"),
+    ("data_dial_failures", "nodepass_data_dial_failures", "counter",
+     "Data connections that failed to open"),
+    ("reconnects", "nodepass_reconnects", "counter", "Tunnel (control) connections re-made"),
+    ("auth_failures", "nodepass_auth_failures", "counter", "Shared-key authentication failures"),
+    ("tls_failures", "nodepass_tls_failures", "counter", "TLS handshake failures"),
+    ("semaphore_waits", "nodepass_semaphore_waits", "counter",
+     "Users that found SEMAPHORE_LIMIT reached"),
+    ("last_heartbeat_age", "nodepass_last_heartbeat_age_seconds", "gauge",
+     "Seconds since the last heartbeat on the tunnel connection"),
+)
+
+
+class TunnelCollector:
+    """A prometheus_client collector reading every tunnel's status() on scrape."""
+
+    def __init__(self, tunnels: StatusSource) -> None:
+        self.tunnels = tunnels
+
+    def collect(self) -> Iterable:
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily)
+        statuses = self.tunnels()
+        up = GaugeMetricFamily("nodepass_tunnel_up", "1 while the tunnel's state is up",
+                               labels=LABELS)
+        info = GaugeMetricFamily("nodepass_tunnel_info", "The tunnel's definition and state",
+                                 labels=LABELS + ["state", "tunnel", "target", "tls", "peer"])
+        for status in statuses:
+            labels = [str(status["name"]), str(status["role"])]
+            up.add_metric(labels, 1.0 if status["state"] == UP else 0.0)
+            info.add_metric(labels + [str(status["state"]), str(status["tunnel"]),
+                                      str(status["target"]), str(status["tls"]),
+                                      str(status.get("peer") or "")], 1.0)
+        yield up
+        yield info
+        for key, metric, kind, text in FIGURES:
+            family_class = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            family = family_class(metric, text, labels=LABELS)
+            for status in statuses:
+                value = status.get(key)
+                if value is not None:  # no heartbeat yet: absent rather than a made-up age
+                    family.add_metric([str(status["name"]), str(status["role"])], float(value))
+            yield family
+
+
+def make_registry(tunnels: StatusSource):
+    from prometheus_client import CollectorRegistry, ProcessCollector
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TunnelCollector(tunnels))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def healthy(statuses: List[Dict[str, object]]) -> bool:
+    return bool(statuses) and all(status["state"] == UP for status in statuses)
+
+
+class MetricsApp:
+    """The WSGI application behind --metrics."""
+
+    def __init__(self, tunnels: StatusSource) -> None:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        self.tunnels = tunnels
+        self._registry = make_registry(tunnels)
+        self._generate, self._content_type = generate_latest, CONTENT_TYPE_LATEST
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "/")
+        if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+            return _reply(start_response, "405 Method Not Allowed", b"GET only\n")
+        if path == "/metrics":
+            return _reply(start_response, "200 OK", self._generate(self._registry),
+                          self._content_type)
+        if path == "/status":
+            body = json.dumps({"tunnels": self.tunnels()}, indent=1, sort_keys=True)
+            return _reply(start_response, "200 OK", body.encode("utf-8") + b"\n",
+                          "application/json")
+        if path == "/healthz":
+            statuses = self.tunnels()
+            if healthy(statuses):
+                return _reply(start_response, "200 OK", b"ok\n")
+            down = ["%s %s" % (status["name"] or status["role"], status["state"])
+                    for status in statuses] or ["no tunnel"]
+            return _reply(start_response, "503 Service Unavailable",
+                          ("\n".join(down) + "\n").encode("utf-8"))
+        return _reply(start_response, "404 Not Found", b"/metrics, /status or /healthz\n")
+
+
+def _reply(start_response, status: str, body: bytes, content_type: str = "text/plain"):
+    start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+class MetricsServer:
+    """gevent's WSGI server for MetricsApp; start() raises OSError if the port is taken."""
+
+    def __init__(self, address: Address, tunnels: StatusSource) -> None:
+        self.address = address
+        self._server = gevent.pywsgi.WSGIServer((address.host or "", address.port),
+                                                MetricsApp(tunnels), log=None,
+                                                error_log=_ErrorLog())
+
+    def start(self) -> None:
+        self._server.start()
+        log.info("Metrics: http://%s/metrics, /status and /healthz",
+                 Address(self.address.host, self._server.server_port))
+
+    @property
+    def port(self) -> int:
+        return self._server.server_port
+
+    def stop(self) -> None:
+        self._server.stop(timeout=1)
+
+
+class _ErrorLog:
+    """pywsgi's error log (tracebacks of a failing request) into our log, as warnings."""
+
+    def write(self, text: str) -> None:
+        text = text.strip()
+        if text:
+            log.warning("Metrics: %s", text)
+
+    def flush(self) -> None:
+        pass
