@@ -25,6 +25,7 @@ import time
 from typing import Callable, Optional
 
 import gevent
+import gevent.socket
 from gevent.event import Event
 
 from nodepass_gevent import net
@@ -41,8 +42,8 @@ _READ, _WRITE = 1, 2
 
 
 def usable(data: socket.socket) -> bool:
-    """Plain TCP (not TLS): the link can drive it."""
-    return hasattr(data, "_sock") and not hasattr(data, "_sslobj")
+    """Plain TCP (a gevent socket, not TLS in any form): the link can drive it."""
+    return isinstance(data, gevent.socket.socket) and not hasattr(data, "_sslobj")
 
 
 class FrameLink:
