@@ -253,14 +253,30 @@ def test_a_peer_closing_during_the_handshake_fails_it_at_once(modes):
 
 
 @pytest.mark.timeout(30)
-def test_a_session_offered_again_is_resumed(mode):
+def test_the_servers_context_sends_no_session_tickets(mode):
+    """Nobody resumes (tls._issue_no_session_tickets): from Python 3.8 on, the
+    server spends nothing on tickets."""
     client, server = stream_pair(mode)
+    try:
+        server.sendall(b"12345678")
+        assert readers.recv_exactly(client, 8) == b"12345678"  # tickets would come before
+        if sys.version_info >= (3, 8):
+            assert not client.session.has_ticket
+    finally:
+        close_all(client, server)
+
+
+@pytest.mark.timeout(30)
+def test_a_session_offered_again_is_resumed_by_a_server_that_issues_tickets(mode):
+    """The stream can resume (scripts/tls-ab measures what it saves)."""
+    ticketing = Mode(mode.number, mode.peer_server, mode.client, mode.hostname, None, None)
+    client, server = stream_pair(ticketing)
     server.sendall(b"12345678")
     assert readers.recv_exactly(client, 8) == b"12345678"  # the tickets came before it
     session = client.session
     close_all(client, server)
-    assert session is not None
-    again, server_again = stream_pair(mode, session)
+    assert session is not None and session.has_ticket
+    again, server_again = stream_pair(ticketing, session)
     try:
         assert again.session_reused and server_again.session_reused
     finally:
