@@ -61,7 +61,7 @@ class Config:
     tls_mode: int = 0
     crt: Optional[str] = None
     key: Optional[str] = None
-    # Server: "flow" offers the UDP flow extension (udpflow.py); "v1" does not.
+    # Server: "flow" offers the UDP flow extension (udp.py); "v1" does not.
     udp_mode: str = protocol.UDP_MODE_V1
     # The shared key for authentication; None keeps the v1.0 protocol.
     auth_key: Optional[bytes] = field(default=None, repr=False)

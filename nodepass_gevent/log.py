@@ -23,6 +23,19 @@ _LEVEL_NAMES = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "
 log = logging.getLogger(LOGGER_NAME)
 
 
+class TunnelLog(logging.LoggerAdapter):
+    """The logger one tunnel writes through: "<name>: " before each message
+    when the process runs several tunnels; a lone tunnel's lines are unchanged."""
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__(log, {})
+        self.tunnel = name
+        self._prefix = name + ": " if name else ""  # names never hold "%" (tunnelset.py)
+
+    def process(self, msg, kwargs):
+        return (self._prefix + msg if self._prefix else msg), kwargs
+
+
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = self.formatTime(record, "%Y-%m-%d %H:%M:%S")

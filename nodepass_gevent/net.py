@@ -1,22 +1,19 @@
-"""Socket plumbing shared by both roles: listen, dial, accept, check, close.
+"""Socket plumbing shared by both roles: listen, dial, check, close.
 
 All of it is plain blocking socket code; gevent's monkey-patching (done by the
 CLI before anything else) turns each blocking call into a greenlet switch.
 """
 
-import errno
 import fcntl
 import socket
 import ssl
 import struct
 import termios
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
-import gevent
 from gevent.monkey import get_original
 
 from nodepass_gevent.config import Address
-from nodepass_gevent.log import log
 
 # The unpatched poll: a zero-timeout readiness check must not yield, and
 # select() cannot watch descriptors above 1023.
@@ -24,13 +21,6 @@ _poll = get_original("select", "poll")
 _POLLIN_OR_ERROR = 0x001 | 0x008 | 0x010  # POLLIN | POLLERR | POLLHUP
 _POLL_ERROR_OR_HANGUP = 0x008 | 0x010
 
-ACCEPT_BACKOFF_FIRST = 0.05
-ACCEPT_BACKOFF_MAX = 1.0
-RECEIVE_BACKOFF_FIRST = 0.01
-RECEIVE_BACKOFF_MAX = 1.0
-# Out of descriptors or memory: wait for some to be released, keep the listener.
-_ACCEPT_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
-                     errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
 
 
 class BindError(Exception):
@@ -225,61 +215,30 @@ def format_address(sockaddr: tuple) -> str:
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
-def serve_forever(listener: socket.socket, handle: Callable[[socket.socket, tuple], None],
-                  spawn: Callable, name: str) -> None:
-    """Accept connections until the listener is closed; ``spawn`` runs each handler.
+def describe(exc: BaseException) -> str:
+    """An error in a few words, for a log line."""
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
-    ``spawn`` is a bounded pool's spawn: when the pool is full it blocks, so the
-    loop stops accepting and the kernel backlog absorbs the burst. Running out
-    of descriptors backs off (doubling, capped) instead of stopping the service.
-    """
-    backoff = Backoff(ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_MAX)
-    while True:
+
+class Target:
+    """Where the client forwards users: resolved once, again after a failure
+    (the name may have moved)."""
+
+    def __init__(self, address: Address, timeout: float) -> None:
+        self.address, self.timeout = address, timeout
+        self._resolved = {}  # type: dict  (socket kind -> sockaddr)
+
+    def connect(self, kind: int, timeout: Optional[float] = None) -> socket.socket:
+        """A TCP (timeout: ``self.timeout``) or UDP (``timeout``) socket connected to it."""
         try:
-            conn, address = listener.accept()
-        except OSError as exc:
-            if _closed_by_us(listener, exc):
-                return
-            if exc.errno not in _ACCEPT_TRANSIENT:
-                raise
-            delay = backoff.pause()
-            log.warning("%s: accept failed (%s); retrying in %.2fs", name, exc.strerror, delay)
-            gevent.sleep(delay)
-            continue
-        backoff.reset()
-        set_nodelay(conn)
-        spawn(handle, conn, address)
-
-
-def receive_forever(listener: socket.socket, size: int,
-                    handle: Callable[[socket.socket, bytes, tuple], None], name: str) -> None:
-    """Receive datagrams until the listener is closed; ``handle`` takes each one
-    (in this loop: the next datagram waits until it returns).
-
-    An error on the socket (out of memory or buffers, an ICMP error queued on
-    it) is not fatal, but one that repeats would spin the loop: retries back
-    off, and only the first error of a streak is a warning.
-    """
-    backoff = Backoff(RECEIVE_BACKOFF_FIRST, RECEIVE_BACKOFF_MAX)
-    while True:
-        try:
-            datagram, peer = listener.recvfrom(size)
-        except OSError as exc:
-            if _closed_by_us(listener, exc):
-                return
-            delay = backoff.pause()
-            if backoff.failures == 1:
-                log.warning("%s: UDP receive failed (%s); retrying with back-off", name,
-                            exc.strerror or exc)
-            else:
-                log.debug("%s: UDP receive failed again (%s); next try in %.2fs", name,
-                          exc.strerror or exc, delay)
-            gevent.sleep(delay)
-            continue
-        if backoff.failures:
-            log.info("%s: UDP receives work again after %d errors", name, backoff.reset())
-        handle(listener, datagram, peer)
-
-
-def _closed_by_us(listener: socket.socket, exc: OSError) -> bool:
-    return listener.fileno() < 0 or exc.errno in (errno.EBADF, errno.EINVAL)
+            sockaddr = self._resolved.get(kind)
+            if sockaddr is None:
+                sockaddr = self._resolved[kind] = resolve(self.address, kind, passive=False)[1]
+            if kind == socket.SOCK_STREAM:
+                return dial_tcp(self.address, self.timeout, sockaddr)
+            return connect(sockaddr, kind, timeout)
+        except OSError:
+            self._resolved.pop(kind, None)
+            raise

@@ -20,7 +20,7 @@ from gevent.queue import Empty, Queue
 
 from nodepass_gevent import net
 from nodepass_gevent.log import log
-from nodepass_gevent.supervisor import Supervisor
+from nodepass_gevent.lifecycle import Component
 
 DataConnection = Tuple[str, socket.socket]
 
@@ -34,7 +34,7 @@ ID_ARRIVAL_WAIT = 2.0     # how long a launch may wait for its id to be read
 # spread over a long life are noise, not disagreement.
 MISS_WINDOW = 10.0
 # What a failed dial raises (socket, TLS and protocol errors): retried with
-# back-off. Anything else is a bug and fails the client (supervisor.py).
+# back-off. Anything else is a bug and fails the client (lifecycle.py).
 DIAL_FAILURES = (OSError, ValueError)
 
 
@@ -44,14 +44,15 @@ class ServerPool:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._queue = Queue()
+        self.closed = False
 
     @property
     def idle(self) -> int:
         return self._queue.qsize()
 
     def add(self, connection_id: str, sock: socket.socket) -> bool:
-        """File a new connection; False (caller closes it) when the pool is full."""
-        if self._queue.qsize() >= self.capacity:
+        """File a new connection; False (caller closes it) when the pool is full or closed."""
+        if self.closed or self._queue.qsize() >= self.capacity:
             return False
         self._queue.put((connection_id, sock))
         return True
@@ -70,6 +71,11 @@ class ServerPool:
             log.debug("Pool: data connection %s is closed or not silent; dropped", connection_id)
             net.close_quietly(sock)
 
+    def close(self) -> None:
+        """Take no more connections, and close the waiting ones. Never raises."""
+        self.closed = True
+        self.flush()
+
     def flush(self) -> None:
         """Close every waiting connection (they belong to a client that is gone)."""
         while True:
@@ -82,12 +88,13 @@ class ServerPool:
 
 class ClientPool:
     """Pre-dialed data connections on the client, looked up by id; its manager
-    greenlet runs under the owner's ``supervisor``."""
+    greenlet runs under the owner's ``supervisor`` (and logs through it)."""
 
     def __init__(self, dial: Callable[[], DataConnection], min_capacity: int,
-                 max_capacity: int, supervisor: Supervisor) -> None:
+                 max_capacity: int, supervisor: Component) -> None:
         self._dial = dial
         self._supervisor = supervisor
+        self.log = supervisor.log
         self.min_capacity, self.max_capacity = min_capacity, max_capacity
         self.capacity = min_capacity
         self._idle = OrderedDict()  # type: OrderedDict[str, socket.socket]
@@ -149,9 +156,9 @@ class ClientPool:
         misses.append(now)
         while misses[0] < now - MISS_WINDOW:
             misses.popleft()
-        log.warning("Pool: no data connection with id %s", connection_id)
+        self.log.warning("Pool: no data connection with id %s", connection_id)
         if len(misses) > self.capacity / 3:
-            log.warning("Pool: %d launches named unknown ids; flushing the pool", len(misses))
+            self.log.warning("Pool: %d launches named unknown ids; flushing the pool", len(misses))
             misses.clear()
             self.flush()
 
@@ -184,12 +191,12 @@ class ClientPool:
         except DIAL_FAILURES as exc:  # retried by the manager
             self._failures += 1
             if self._failures == 1:  # the first of a streak is news; the rest are noise
-                log.warning("Pool: data connection failed: %s (retrying with backoff)", exc)
+                self.log.warning("Pool: data connection failed: %s (retrying with backoff)", exc)
             else:
-                log.debug("Pool: data connection failed: %s", exc)
+                self.log.debug("Pool: data connection failed: %s", exc)
             return False
         if self._failures:
-            log.info("Pool: data connections work again after %d failures", self._failures)
+            self.log.info("Pool: data connections work again after %d failures", self._failures)
             self._failures = 0
         self._created += 1
         self._file(connection_id, sock)
@@ -205,7 +212,7 @@ class ClientPool:
             if sock in dead:
                 del self._idle[connection_id]
                 net.close_quietly(sock)
-        log.debug("Pool: %d idle data connections were closed by the server; replacing them",
+        self.log.debug("Pool: %d idle data connections were closed by the server; replacing them",
                   len(dead))
 
     def _adjust(self) -> None:

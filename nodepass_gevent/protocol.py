@@ -57,7 +57,7 @@ HANDSHAKE_TIMEOUT = 5.0
 
 KIND_TCP = "1"
 KIND_UDP = "2"
-KIND_UDP_FLOW = "3"  # extension (udpflow.py): only after the client acknowledged it
+KIND_UDP_FLOW = "3"  # extension (udp.py): only after the client acknowledged it
 KIND_AUTH = "auth"   # extension (auth.py): the client's key response, client -> server
 KIND_NAMES = {KIND_TCP: "tcp", KIND_UDP: "udp", KIND_UDP_FLOW: "udp flow"}
 
@@ -71,7 +71,7 @@ TLS_MODE_NAMES = {TLS_NONE: "none", TLS_SELF_SIGNED: "self-signed", TLS_VERIFIED
 # acknowledged by a line from the client on the tunnel (never read by v1.0
 # servers).
 
-# UDP flows (udpflow.py): the server's udp= URL value, the offer, the answer,
+# UDP flows (udp.py): the server's udp= URL value, the offer, the answer,
 # the frame header, and how many UDP_READ_TIMEOUTs an idle flow lives.
 UDP_MODE_V1, UDP_MODE_FLOW = "v1", "flow"
 UDP_MODES = (UDP_MODE_V1, UDP_MODE_FLOW)

@@ -5,7 +5,7 @@ are readers.py's.
 
 The copy contract. Three engines copy both ways between two sockets:
 exchange() below (user space, or zerocopy.exchange() when splice works) for
-TCP, and udpflow.ServerFlow.run() / udpflow.client_flow() for UDP flows.
+TCP, and udp.ServerFlow.run() / udp.client_flow() for UDP flows.
 Each of them:
 
 1. owns both sockets it is given and has closed them when it returns (the

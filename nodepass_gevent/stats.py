@@ -8,15 +8,38 @@ from typing import Iterator
 
 
 class Stats:
-    """Counters one role keeps for its periodic report line."""
+    """Counters one role keeps for its report line and its status (status()).
+
+    Every field is a plain integer that the code paths add to; readers
+    (the report line, /status, /metrics) only look at them.
+    """
 
     def __init__(self) -> None:
         self.tcp_active = 0
         self.tcp_total = 0
-        self.udp_total = 0
+        self.udp_total = 0  # user datagrams (v1.0 exchanges and datagrams of flows)
+        self.udp_flows_active = 0
         self.bytes_in = 0   # from users / the data side towards the target
         self.bytes_out = 0  # back towards users
+        self.data_dials = 0           # client: data connections dialed
+        self.data_dial_failures = 0   # client: ... that failed (refused, TLS, handshake)
+        self.reconnects = 0           # client: tunnels lost and dialed again
+        self.auth_failures = 0        # key proofs that failed (either side)
+        self.tls_failures = 0         # TLS handshakes that failed on data connections
+        self.semaphore_waits = 0      # users that found SEMAPHORE_LIMIT reached
+        self.users_refused = 0        # server: users turned away by policy (access lists)
         self._reported = self.snapshot()
+
+    # Status field -> attribute, for status() and the metrics.
+    FIELDS = ("tcp_active", "tcp_total", "udp_flows_active", "bytes_in", "bytes_out",
+              "data_dials", "data_dial_failures", "reconnects", "auth_failures",
+              "tls_failures", "semaphore_waits", "users_refused")
+
+    def figures(self) -> dict:
+        """Every counter by its status name (udp_total is "udp_datagrams" there)."""
+        figures = {name: getattr(self, name) for name in self.FIELDS}
+        figures["udp_datagrams"] = self.udp_total
+        return figures
 
     def count_bytes(self, size: int, inbound: bool) -> None:
         if inbound:
@@ -38,10 +61,10 @@ class Stats:
         finally:
             self.tcp_active -= 1
 
-    def udp_exchanged(self, size_in: int, size_out: int) -> None:
+    def udp_datagram(self, size: int) -> None:
+        """A user datagram passed on towards the target (its replies are bytes out)."""
         self.udp_total += 1
-        self.bytes_in += size_in
-        self.bytes_out += size_out
+        self.bytes_in += size
 
     def snapshot(self) -> tuple:
         return (self.tcp_active, self.tcp_total, self.udp_total, self.bytes_in, self.bytes_out)

@@ -278,7 +278,7 @@ class _Direction:
         self._pending = 0  # bytes in the pipe, not yet in the sink
         self.partner = None  # type: Optional[_Direction]
         self.moved = 0
-        self.ended = False
+        self.at_eof = False
 
     def start(self) -> None:
         self._readable.start(self._on_readable)
@@ -309,7 +309,7 @@ class _Direction:
                     self._drop_pipe()  # empty: back to the pool until bytes arrive
                     return
                 if size == 0:
-                    self._end()
+                    self._pass_eof_on()
                     return
                 self._pending = size
                 if not self._drain():
@@ -359,16 +359,16 @@ class _Direction:
             (pipes.discard if self._pending else pipes.release)(pipe)
             self._pending = 0
 
-    def _end(self) -> None:
-        """EOF from the source: pass it on as a half-close."""
+    def _pass_eof_on(self) -> None:
+        """EOF from the source: pass it on as a half-close of the sink."""
         self._readable.stop()
         self._drop_pipe()
         try:
             self.sink.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        self.ended = True
-        if self.partner.ended:
+        self.at_eof = True
+        if self.partner.at_eof:
             self._finished.set()
 
     def _fail(self) -> None:

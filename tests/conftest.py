@@ -1,5 +1,6 @@
 """Fixtures: every process or server a test starts is stopped here, pass or fail."""
 
+import logging
 import os
 import sys
 from typing import Dict, Optional
@@ -82,3 +83,46 @@ def make_tunnel(nodepass, echo):
             tunnel.wait_ready()
         return tunnel
     return make
+
+
+# -- in-process layer tests ------------------------------------------------------------
+
+class Records(logging.Handler):
+    """The package log's records, kept for assertions."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self, level: int = logging.DEBUG):
+        return [record.getMessage() for record in self.records if record.levelno == level]
+
+    def text(self) -> str:
+        return "\n".join(record.getMessage() for record in self.records)
+
+
+@pytest.fixture
+def records():
+    """Every line the package logs during the test, at every level."""
+    from nodepass_gevent.log import log
+    handler, level = Records(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    yield handler
+    log.removeHandler(handler)
+    log.setLevel(level)
+
+
+@pytest.fixture
+def cooperative_sockets(monkeypatch):
+    """The package's sockets and TLS as gevent's, without patching the whole
+    test process (whose helper servers use threads)."""
+    import gevent.socket
+    import gevent.ssl
+    from nodepass_gevent import control, net, tls
+    for module in (net, control):
+        monkeypatch.setattr(module, "socket", gevent.socket)
+    monkeypatch.setattr(tls, "ssl", gevent.ssl)

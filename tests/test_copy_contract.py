@@ -8,8 +8,8 @@ In-process, with real sockets (127.0.0.1 TCP, AF_UNIX socketpairs, UDP on
 where the engine is relay.exchange (user space, os.splice, ctypes splice)
 or zerocopy.exchange called directly, or tlscopy.exchange, whose right side
 (and so the target end) is then a TLS stream (tlsstream.TLSStream, tls=1);
-and the two UDP flow engines, whose data
-connection is a socketpair and whose UDP side is a real UDP socket:
+and the two UDP flow engines, whose data connection is a socketpair and whose
+UDP side is a real UDP socket:
 
     client_flow:  server end <-unix-> data [client_flow] target <-UDP-> echo
     ServerFlow:   user <-UDP-> listener [ServerFlow.run] data <-unix-> client end
@@ -22,7 +22,7 @@ import gevent
 import pytest
 from gevent import socket as gsocket
 
-from nodepass_gevent import config, readers, relay, tls, tlscopy, udpflow, zerocopy
+from nodepass_gevent import config, readers, relay, tls, tlscopy, udp, zerocopy
 from nodepass_gevent.stats import Stats
 from nodepass_gevent.tlsstream import client_handshake, server_handshake
 
@@ -191,7 +191,7 @@ class ClientFlowLink:
         self.target = udp_socket()
         self.target.connect(self.echo_socket.getsockname())
         self.stats = Stats()
-        self.engine = gevent.spawn(udpflow.client_flow, self.data, self.target, self.stats,
+        self.engine = gevent.spawn(udp.client_flow, self.data, self.target, self.stats,
                                    65535, 30.0)
 
     def owned(self):
@@ -210,7 +210,7 @@ class ServerFlowLink:
         self.listener = udp_socket()
         self.user = udp_socket()
         self.stats = Stats()
-        self.flow = udpflow.ServerFlow(self.listener, self.user.getsockname(), self.stats,
+        self.flow = udp.ServerFlow(self.listener, self.user.getsockname(), self.stats,
                                        65535, 30.0)
         self.engine = gevent.spawn(self.flow.run, lambda: self.data)
 
@@ -241,7 +241,7 @@ def server_flow():
 def test_client_flow_ends_on_eof_closes_both_and_counts_both_sides(client_flow):
     datagrams = [os.urandom(size) for size in (1, 100, 1400, 9000)]
     for datagram in datagrams:
-        client_flow.server_end.sendall(udpflow.frame(datagram))
+        client_flow.server_end.sendall(udp.frame(datagram))
     replies = read_frames(client_flow.server_end, len(datagrams))
     assert sorted(replies) == sorted(b"re:" + d for d in datagrams)
     client_flow.server_end.shutdown(socket.SHUT_WR)  # the server ends the flow
@@ -253,7 +253,7 @@ def test_client_flow_aborts_both_sides_when_a_reply_cannot_be_written(client_flo
     # The server's end stops reading: the reply's write fails (EPIPE), while
     # nothing ends the data connection's other direction.
     client_flow.server_end.shutdown(socket.SHUT_RD)
-    client_flow.server_end.sendall(udpflow.frame(b"ping"))
+    client_flow.server_end.sendall(udp.frame(b"ping"))
     assert_ended(client_flow, "a failed write did not end the flow")
 
 
@@ -265,7 +265,7 @@ def test_server_flow_ends_on_eof_closes_its_data_and_counts_both_sides(server_fl
     assert read_frames(server_flow.client_end, len(datagrams)) == datagrams
     replies = [b"re:" + d for d in datagrams]
     for reply in replies:
-        server_flow.client_end.sendall(udpflow.frame(reply))
+        server_flow.client_end.sendall(udp.frame(reply))
     server_flow.user.settimeout(WAIT)
     received = [server_flow.user.recv(65536) for _ in replies]
     assert received == replies

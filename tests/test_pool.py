@@ -8,7 +8,7 @@ import pytest
 from nodepass_gevent import pool as pool_module
 from nodepass_gevent.pool import ClientPool, ServerPool
 from nodepass_gevent.protocol import new_connection_id
-from nodepass_gevent.supervisor import Supervisor
+from nodepass_gevent.lifecycle import Supervisor
 
 pytestmark = pytest.mark.matrix  # the core suite, run on every Python
 

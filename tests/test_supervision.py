@@ -16,54 +16,19 @@ import gevent
 import gevent.socket
 import pytest
 
-from nodepass_gevent import client as client_module
-from nodepass_gevent import net
+from nodepass_gevent import listeners, readers
 from nodepass_gevent import pool as pool_module
 from nodepass_gevent.client import Client
 from nodepass_gevent.config import Settings, parse_url
-from nodepass_gevent.log import log
 from nodepass_gevent.pool import ClientPool
 from nodepass_gevent.server import Server
-from nodepass_gevent.supervisor import Supervisor
+from nodepass_gevent.lifecycle import Supervisor
 
 from support import HOST, free_port
 
 pytestmark = pytest.mark.matrix  # the core suite, run on every Python
 
 FAILURE_WAIT = 5.0  # generous: each failure below happens within milliseconds
-
-
-class Records(logging.Handler):
-    """The package log's records, kept for assertions."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def messages(self, level: int = logging.DEBUG):
-        return [record.getMessage() for record in self.records if record.levelno == level]
-
-    def text(self) -> str:
-        return "\n".join(record.getMessage() for record in self.records)
-
-
-@pytest.fixture
-def records():
-    handler, level = Records(), log.level
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
-    yield handler
-    log.removeHandler(handler)
-    log.setLevel(level)
-
-
-@pytest.fixture
-def cooperative_sockets(monkeypatch):
-    for module in (net, client_module):
-        monkeypatch.setattr(module, "socket", gevent.socket)
 
 
 def closed_port() -> int:
@@ -86,7 +51,7 @@ def test_a_crash_fails_the_role_loudly_and_a_kill_does_not(records):
     supervisor.spawn(buggy)
     assert supervisor.failed.wait(FAILURE_WAIT)
     assert "Test: internal failure: RuntimeError('a bug'" in records.text()
-    assert not supervisor._running  # finished greenlets are not kept
+    assert not supervisor._supervised  # finished greenlets are not kept
 
 
 # -- the client pool's manager ---------------------------------------------------------
@@ -156,7 +121,7 @@ def test_client_fails_when_its_pool_manager_crashes(records, cooperative_sockets
     def buggy_read_id(sock):
         raise TypeError("a bug in the data connection handshake")
 
-    monkeypatch.setattr(client_module.readers, "read_id", buggy_read_id)
+    monkeypatch.setattr(readers, "read_id", buggy_read_id)
     server = gevent.spawn(serve_tunnel)
     config = parse_url("client://%s:%d/%s:%d" % (HOST, tunnel.getsockname()[1], HOST,
                                                  closed_port()))
@@ -192,34 +157,32 @@ def test_server_fails_when_its_report_loop_crashes(records, cooperative_sockets,
 
 # -- the UDP receive loop --------------------------------------------------------------
 
-class FlakyReceiver:
-    """A real UDP socket whose recvfrom fails while ``failing`` is set (as when
+class FlakyListener(listeners.UdpListener):
+    """A real UDP listener whose receive fails while ``failing`` is set (as when
     the kernel is out of buffers), counting every call."""
 
-    def __init__(self, sock) -> None:
-        self.sock, self.failing, self.calls = sock, True, 0
+    failing, calls = True, 0
 
-    def recvfrom(self, size: int):
+    def receive(self, size: int):
         self.calls += 1
         if self.failing:
-            gevent.sleep(0)  # a loop that never backs off must not hang the test
             raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
-        return self.sock.recvfrom(size)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
+        return super().receive(size)
 
 
 def test_udp_receive_loop_backs_off_on_repeated_errors_and_recovers(records, monkeypatch):
-    monkeypatch.setattr(net, "RECEIVE_BACKOFF_FIRST", 0.01)
-    monkeypatch.setattr(net, "RECEIVE_BACKOFF_MAX", 0.04)
+    monkeypatch.setattr(listeners, "RECEIVE_BACKOFF_FIRST", 0.01)
+    monkeypatch.setattr(listeners, "RECEIVE_BACKOFF_MAX", 0.04)
     sock = gevent.socket.socket(gevent.socket.AF_INET, gevent.socket.SOCK_DGRAM)
     sock.bind((HOST, 0))
-    listener, received = FlakyReceiver(sock), []
-    loop = gevent.spawn(net.receive_forever, listener, 2048,
-                        lambda _listener, datagram, peer: received.append(datagram), "Target")
+    owner, received = Supervisor("Server"), []
+    listener = FlakyListener(sock, 2048, lambda datagram, peer: received.append(datagram),
+                             owner, "Target")
     sender = gevent.socket.socket(gevent.socket.AF_INET, gevent.socket.SOCK_DGRAM)
     try:
+        listener.start()
+        # A datagram waits, so the socket stays readable while receiving fails.
+        sender.sendto(b"during the storm", sock.getsockname())
         gevent.sleep(0.5)
         # 0.01 + 0.02 + 0.04 + 0.04 ... fit about 14 tries in 0.5 s; a loop
         # without back-off makes thousands.
@@ -230,15 +193,15 @@ def test_udp_receive_loop_backs_off_on_repeated_errors_and_recovers(records, mon
         listener.failing = False
         sender.sendto(b"after the storm", sock.getsockname())
         with gevent.Timeout(FAILURE_WAIT):
-            while not received:
+            while len(received) < 2:
                 gevent.sleep(0.01)
-        assert received == [b"after the storm"]
+        assert received == [b"during the storm", b"after the storm"]
         assert ("Target: UDP receives work again after %d errors" % errors
                 in records.messages(logging.INFO))
-        sock.close()
-        loop.join(timeout=FAILURE_WAIT)
-        assert loop.successful()  # a closed listener ends the loop, without a crash
+        listener.close()
+        gevent.sleep(0.05)
+        assert listener.closed and not owner.failed.is_set()  # closed without a crash
     finally:
-        loop.kill()
+        listener.close()
         sender.close()
         sock.close()

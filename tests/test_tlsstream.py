@@ -24,7 +24,7 @@ import gevent
 import gevent.ssl
 import pytest
 
-from nodepass_gevent import config, protocol, readers, tls, tlscopy, udpflow
+from nodepass_gevent import config, protocol, readers, tls, tlscopy, udp
 from nodepass_gevent.stats import Stats
 from nodepass_gevent.tlsstream import TLSStream, client_handshake, server_handshake
 
@@ -149,7 +149,7 @@ def test_a_frame_reader_works_through_makefile(mode):
     client, server = stream_pair(mode)
     try:
         datagrams = [os.urandom(size) for size in (1, 1400, 40000)]
-        server.sendall(b"".join(udpflow.frame(d) for d in datagrams))
+        server.sendall(b"".join(udp.frame(d) for d in datagrams))
         reader = client.makefile("rb")
         assert [readers.read_frame(reader, 65535) for _ in datagrams] == datagrams
         server.shutdown(socket.SHUT_WR)

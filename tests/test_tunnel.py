@@ -191,23 +191,3 @@ def test_log_levels(nodepass, echo, level, present, absent):
     assert warning[24:29] == "WARN "  # the event carries its level
     stamp = output.splitlines()[0][:23]
     assert stamp[4] == "-" and stamp[19] == "."
-
-
-def test_a_silent_squatter_on_the_tunnel_port_is_replaced_by_the_real_client(nodepass, echo):
-    # v1.0 gives the tunnel to whoever connects first. A peer that takes it and
-    # never dials a data connection must not keep the real client out for long.
-    from support import free_port
-    tunnel_port, port = free_port(), free_port()
-    server = nodepass("server://127.0.0.1:%d/127.0.0.1:%d?log=debug" % (tunnel_port, port))
-    wait_until(lambda: "Server: tunnel" in server.output(), 10, what="server start")
-    squatter = socket.create_connection(("127.0.0.1", tunnel_port), timeout=10)
-    try:
-        assert squatter.recv(100).startswith(b"//")  # it got the tunnel
-        time.sleep(5.5)  # longer than the server's 5 s handshake timeout
-        started = time.monotonic()
-        nodepass("client://127.0.0.1:%d/127.0.0.1:%d" % (tunnel_port, echo.port))
-        wait_until(lambda: echo_works(port), 10, interval=0.1, what="the real client")
-        print("real client serving %.2fs after it started" % (time.monotonic() - started))
-        assert "never opened a data connection; replacing it" in server.output()
-    finally:
-        squatter.close()

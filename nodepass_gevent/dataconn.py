@@ -1,0 +1,122 @@
+"""The data connection, both halves: TLS, the key proof, the id.
+
+The client dials the server's data port ahead of time; the server wraps it
+in TLS (tls=1 or 2), asks for the key proof if there is a shared key
+(auth.py), and writes the connection's id (8 hex characters, protocol.py).
+The connection then waits in a pool (pool.py) until a launch signal names
+its id; from then on it carries one TCP connection, one v1 UDP datagram and
+its reply, or one UDP flow.
+
+    client                                  server (data port)
+      | ---- TCP connect ---------------------> |
+      | <=== TLS handshake (tls=1, 2) =======> |
+      | <--- nonce ---- / ---- MAC ---------->  |  only with a shared key
+      | <--- "<id>" ---------------------------- |  then pooled on both sides
+"""
+
+import socket
+import ssl
+from typing import Callable, Optional
+
+from nodepass_gevent import auth, net, protocol, readers
+from nodepass_gevent.config import Address
+from nodepass_gevent.pool import DataConnection, ServerPool
+from nodepass_gevent.protocol import AUTH_MAC_LENGTH, AUTH_NONCE_LENGTH, HANDSHAKE_TIMEOUT
+from nodepass_gevent.stats import Stats
+
+CONNECT_TIMEOUT = 5.0
+
+
+# -- the server half ---------------------------------------------------------------
+
+class DataPort:
+    """Admits the connected client's data connections into the server's pool
+    (the data listener's handler; the socket is filed, not closed, on success)."""
+
+    def __init__(self, ssl_context: Optional[ssl.SSLContext], key: Optional[bytes],
+                 pool: ServerPool, stats: Stats, log, current_session: Callable) -> None:
+        self.ssl_context, self.key, self.pool = ssl_context, key, pool
+        self.stats, self.log = stats, log
+        self._current_session = current_session
+
+    def handle(self, sock: socket.socket, peer: tuple) -> None:
+        session = self._current_session()
+        if session is None or peer[0] != session.peer_host:
+            self.log.warning("Data: refused %s: not the connected tunnel client",
+                             net.format_address(peer))
+            net.close_quietly(sock)
+            return
+        connection_id = protocol.new_connection_id()
+        sock = self._prove(sock, connection_id, peer)
+        if sock is None:
+            return
+        if sock is False:
+            self.stats.auth_failures += 1
+            self.log.warning("Data: %s failed authentication", session.peer)
+            return
+        session.in_use = True
+        if session.closed or not self.pool.add(connection_id, sock):
+            net.close_quietly(sock)
+            return
+        self.log.debug("Data: connection %s from %s pooled", connection_id, session.peer)
+
+    def _prove(self, sock: socket.socket, connection_id: str, peer: tuple):
+        """TLS, the key proof, the id: the ready socket; None if the handshake
+        failed, False if the key was wrong (both closed)."""
+        try:
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_side=True)
+            if self.key is not None and not self._key_proven(sock):
+                net.close_quietly(sock)
+                return False
+            sock.sendall(connection_id.encode("ascii"))
+            sock.settimeout(None)
+            return sock
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, ssl.SSLError):
+                self.stats.tls_failures += 1
+            self.log.debug("Data: handshake with %s failed: %s", net.format_address(peer), exc)
+            net.close_quietly(sock)  # the TLS socket, once wrapped: it holds the descriptor
+            return None
+
+    def _key_proven(self, sock: socket.socket) -> bool:
+        nonce = auth.new_nonce()
+        sock.sendall(nonce.encode("ascii"))
+        response = readers.recv_exactly(sock, AUTH_MAC_LENGTH)
+        return auth.check_data_response(self.key, nonce, response)
+
+
+# -- the client half ---------------------------------------------------------------
+
+class Dialer:
+    """Dials one data connection of a session (the client pool's ``dial``)."""
+
+    def __init__(self, tunnel: Address, sockaddr: tuple, context: Optional[ssl.SSLContext],
+                 key: Optional[bytes], stats: Stats) -> None:
+        self.tunnel, self.sockaddr, self.context, self.key = tunnel, sockaddr, context, key
+        self.stats = stats
+
+    def __call__(self) -> DataConnection:
+        self.stats.data_dials += 1
+        try:
+            sock = net.dial_tcp(self.tunnel, CONNECT_TIMEOUT, self.sockaddr)
+        except OSError:
+            self.stats.data_dial_failures += 1
+            raise
+        try:
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            if self.context is not None:
+                sock = self.context.wrap_socket(sock, server_hostname=self.tunnel.dial_host)
+            if self.key is not None:
+                nonce = readers.recv_exactly(sock, AUTH_NONCE_LENGTH).decode("ascii", "replace")
+                sock.sendall(auth.data_response(self.key, nonce))
+            connection_id = readers.read_id(sock)
+            sock.settimeout(None)
+            return connection_id, sock
+        except BaseException as exc:
+            self.stats.data_dial_failures += 1
+            if isinstance(exc, ssl.SSLError):
+                self.stats.tls_failures += 1
+            net.close_quietly(sock)  # the TLS socket, once wrapped: it holds the descriptor
+            raise

@@ -1,0 +1,326 @@
+"""UDP users, both halves: v1.0's one data connection per datagram, and flows.
+
+v1.0 (launch kind 2): the server sends each user datagram on a data
+connection of its own and relays the one reply that comes back within
+UDP_READ_TIMEOUT; the client sends it to the target and writes the reply.
+
+    user --datagram--> server ==data connection: datagram / reply==> client --> target
+
+Flows (an extension, launch kind 3): one data connection per user address,
+not per datagram. The first datagram from a user address opens a data
+connection that then carries every datagram of that address both ways,
+framed:
+
+    +----------------+------------------+
+    | length (2, BE) | datagram bytes   |   repeated, in each direction
+    +----------------+------------------+
+
+A flow ends when nothing has passed for FLOW_IDLE_READ_TIMEOUTS x
+UDP_READ_TIMEOUT (60 s by default; the server closes the data connection, the
+client follows). Any number of replies per datagram pass, and none of them
+has to come within UDP_READ_TIMEOUT. The header, the timeout and the launch
+kind are protocol.py's. Switched on by the server (``udp=flow`` in its URL),
+advertised in the tunnel signal's query string, and used only after the
+client acknowledges it on the tunnel (control.py). A v1.0 client never
+acknowledges, so it keeps getting v1.0 datagrams.
+
+Server side, datagrams are handled in the UDP listener's receive callback
+(listeners.py), so that one slow user never holds up another's datagrams: a
+datagram of an open flow is queued to it; one that needs a new data
+connection starts a handler in the semaphore, or, while the semaphore is
+full, waits in a short admission queue (then dropped, as UDP may).
+
+Both count the same way (relay.py's copy contract, point 5): a user
+datagram is one ``udp exchange`` and its bytes ``bytes in``; replies are
+``bytes out``.
+"""
+
+import socket
+import time
+from collections import deque
+from functools import partial
+from typing import Callable, Dict, Optional
+
+import gevent
+import gevent.pool
+from gevent.event import Event
+from gevent.queue import Full, Queue
+
+from nodepass_gevent import net, protocol, readers
+from nodepass_gevent.log import log
+from nodepass_gevent.protocol import FLOW_FRAME_HEADER, FLOW_IDLE_READ_TIMEOUTS
+from nodepass_gevent.stats import Stats
+
+FLOW_QUEUE_SIZE = 256     # datagrams waiting for the data connection; more are dropped
+ADMISSION_QUEUE_SIZE = 1024  # datagrams waiting for a place in the semaphore
+FULL_WARNING_INTERVAL = 5.0  # at most one "semaphore full" warning this often
+
+
+class UdpUsers:
+    """The server's UDP front end: the handler of the UDP listener.
+
+    ``hand_out(kind, who)`` gives an announced data connection or None;
+    ``session_uses_flows()`` says whether the connected client took flows.
+    """
+
+    def __init__(self, listener: socket.socket, users: gevent.pool.Pool, hand_out,
+                 session_uses_flows: Callable[[], bool], stats: Stats, settings, owner) -> None:
+        self.listener = listener  # the gevent socket: flows' replies are sent on it
+        self.users, self.hand_out, self.stats, self.owner = users, hand_out, stats, owner
+        self.session_uses_flows = session_uses_flows
+        self.size, self.read_timeout = settings.udp_data_buf_size, settings.udp_read_timeout
+        self.flows = ServerFlows(stats)
+        self._waiting = deque()  # (function, args) waiting for a place in the semaphore
+        self._place_wanted = Event()
+        self._next_full_warning = 0.0
+
+    def start(self) -> None:
+        self.owner.spawn(self._admit_forever)
+
+    def handle(self, datagram: bytes, peer: tuple) -> None:
+        """One user datagram, in the receive callback: never blocks."""
+        flow = self.flows.get(peer)
+        if flow is not None:
+            flow.offer(datagram)
+        elif self.session_uses_flows():
+            flow = ServerFlow(self.listener, peer, self.stats, self.size, self.read_timeout)
+            flow.offer(datagram)
+            self.flows.add(flow)  # now, so the next datagram finds it
+            self._admit(self.flows.run, flow, partial(
+                self.hand_out, protocol.KIND_UDP_FLOW, "%s:%d" % peer[:2]))
+        else:
+            self._admit(self._exchange_v1, datagram, peer)
+
+    def close(self) -> None:
+        """End every flow (UDP has nothing in flight worth a grace period)."""
+        self._waiting.clear()
+        self.flows.close()
+
+    def _admit(self, function, *args) -> None:
+        if not self._waiting and not self.users.full():
+            self.users.spawn(function, *args)
+            return
+        self.stats.semaphore_waits += 1
+        self.owner.warn_semaphore_full()
+        if len(self._waiting) >= ADMISSION_QUEUE_SIZE:
+            log.debug("Target: admission queue full; UDP datagram dropped")
+            return
+        self._waiting.append((function, args))
+        self._place_wanted.set()
+
+    def _admit_forever(self) -> None:
+        while True:
+            self._place_wanted.wait()
+            self._place_wanted.clear()
+            while self._waiting:
+                function, args = self._waiting.popleft()
+                self.users.spawn(function, *args)  # waits for a free place
+
+    def _exchange_v1(self, datagram: bytes, peer: tuple) -> None:
+        data = self.hand_out(protocol.KIND_UDP, "%s:%d" % peer[:2])
+        if data is None:
+            return
+        try:
+            data.sendall(datagram)
+            self.stats.udp_datagram(len(datagram))
+            reply = readers.read_until_eof(data, self.size, self.read_timeout)
+            if reply:
+                self.listener.sendto(reply, peer)
+                self.stats.count_bytes(len(reply), inbound=False)
+        except OSError as exc:
+            log.debug("Target: UDP exchange for %s failed: %s", peer, exc)
+        finally:
+            net.close_quietly(data)
+
+
+def launch_v1(data: socket.socket, target: net.Target, stats: Stats, settings, log,
+              connection_id: str) -> None:
+    """The client's half of a v1.0 datagram: one datagram to the target, one reply back."""
+    sock = None
+    size, timeout = settings.udp_data_buf_size, settings.udp_read_timeout
+    try:
+        datagram = readers.read_burst(data, size, timeout)
+        sock = target.connect(socket.SOCK_DGRAM, timeout)
+        sock.send(datagram)
+        stats.udp_datagram(len(datagram))
+        reply = sock.recv(size)
+        data.sendall(reply)
+        stats.count_bytes(len(reply), inbound=False)
+    except socket.timeout:
+        log.debug("Client: no UDP reply from %s within %.1fs", target.address, timeout)
+    except (OSError, ValueError) as exc:
+        log.debug("Client: UDP exchange on %s failed: %s", connection_id, net.describe(exc))
+    finally:
+        net.close_quietly(sock)
+        net.close_quietly(data)
+
+
+def launch_flow(data: socket.socket, target: net.Target, stats: Stats, settings, log,
+                flows: set) -> None:
+    """The client's half of a flow: a UDP socket to the target for its life.
+    ``flows`` holds the data connections of open flows (aborted on stop)."""
+    try:
+        sock = target.connect(socket.SOCK_DGRAM, None)
+    except OSError as exc:
+        log.warning("Client: cannot reach UDP target %s: %s", target.address,
+                    net.describe(exc))
+        net.close_quietly(data)
+        return
+    flows.add(data)
+    stats.udp_flows_active += 1
+    try:
+        client_flow(data, sock, stats, settings.udp_data_buf_size, settings.udp_read_timeout)
+    finally:
+        stats.udp_flows_active -= 1
+        flows.discard(data)
+
+
+def frame(datagram: bytes) -> bytes:
+    return FLOW_FRAME_HEADER.pack(len(datagram)) + datagram
+
+
+class ServerFlow:
+    """The datagrams of one user address on the server, over one data connection."""
+
+    def __init__(self, listener: socket.socket, peer: tuple, stats: Stats,
+                 size_limit: int, read_timeout: float) -> None:
+        self.listener, self.peer, self.stats = listener, peer, stats
+        self.size_limit = size_limit
+        self.idle_timeout = read_timeout * FLOW_IDLE_READ_TIMEOUTS
+        self.queue = Queue(FLOW_QUEUE_SIZE)
+        self.last_active = time.monotonic()
+        self._data = None  # type: Optional[socket.socket]
+
+    def offer(self, datagram: bytes) -> None:
+        """Queue a user datagram; drop it if the flow is this far behind (UDP may)."""
+        try:
+            self.queue.put_nowait(datagram)
+            self.last_active = time.monotonic()
+        except Full:
+            log.debug("UDP flow %s: queue full, datagram dropped", self.peer)
+
+    def run(self, take_data: Callable[[], Optional[socket.socket]]) -> None:
+        """Open the flow and carry it until idle or broken.
+
+        Obeys the copy contract (relay.py's module docstring): owns and closes
+        the data connection; the user side is the shared UDP listener, borrowed.
+        """
+        data = self._data = take_data()
+        if data is None:
+            return
+        writer = gevent.spawn(self._write_frames, data)
+        try:
+            self._read_replies(data)
+        except (OSError, ValueError) as exc:
+            log.debug("UDP flow %s ended: %s", self.peer, exc)
+        finally:
+            writer.kill(block=True)
+            net.close_quietly(data)
+
+    def close(self) -> None:
+        """Wake the flow's greenlets so that it ends (on shutdown). Never raises."""
+        if self._data is not None:
+            net.abort(self._data)
+
+    def _write_frames(self, data: socket.socket) -> None:
+        try:
+            while True:
+                datagram = self.queue.get()
+                data.sendall(frame(datagram))
+                self.stats.udp_datagram(len(datagram))
+        except OSError:
+            net.abort(data)  # wakes the reader; run() owns the socket and closes it
+
+    def _read_replies(self, data: socket.socket) -> None:
+        reader = data.makefile("rb")
+        try:
+            while True:
+                data.settimeout(max(0.1, self.last_active + self.idle_timeout - time.monotonic()))
+                try:
+                    reply = readers.read_frame(reader, self.size_limit)
+                except socket.timeout:
+                    if time.monotonic() - self.last_active >= self.idle_timeout:
+                        return  # idle both ways: close the flow
+                    continue
+                if reply is None:
+                    return
+                self.last_active = time.monotonic()
+                self.listener.sendto(reply, self.peer)
+                self.stats.count_bytes(len(reply), inbound=False)
+        finally:
+            reader.close()
+
+
+class ServerFlows:
+    """The open flows of a server, by user address."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+        self._flows = {}  # type: Dict[tuple, ServerFlow]
+
+    def get(self, peer: tuple) -> Optional[ServerFlow]:
+        return self._flows.get(peer)
+
+    def add(self, flow: ServerFlow) -> None:
+        self._flows[flow.peer] = flow
+
+    def close(self) -> None:
+        for flow in list(self._flows.values()):
+            flow.close()
+
+    def run(self, flow: ServerFlow, take_data: Callable[[], Optional[socket.socket]]) -> None:
+        """Run an added ``flow`` in the caller's greenlet; forget it when it ends."""
+        self.stats.udp_flows_active += 1
+        try:
+            flow.run(take_data)
+        finally:
+            self.stats.udp_flows_active -= 1
+            if self._flows.get(flow.peer) is flow:
+                del self._flows[flow.peer]
+
+
+def client_flow(data: socket.socket, target: socket.socket, stats: Stats,
+                size_limit: int, read_timeout: float) -> None:
+    """Carry one flow on the client: frames from data -> target, replies back.
+
+    Obeys the copy contract (relay.py's module docstring): owns and closes both
+    sockets. Ends when the server closes the data connection, when either
+    direction fails (a failed write aborts the data connection, which wakes
+    the other), or when someone aborts it, as the client does when it stops.
+    """
+    replies = gevent.spawn(_send_replies, target, data, stats, size_limit)
+    reader = data.makefile("rb")
+    try:
+        # The server closes an idle flow; this is only a backstop.
+        data.settimeout(read_timeout * FLOW_IDLE_READ_TIMEOUTS * 2)
+        while True:
+            datagram = readers.read_frame(reader, size_limit)
+            if datagram is None:
+                return
+            target.send(datagram)
+            stats.udp_datagram(len(datagram))
+    except (OSError, ValueError) as exc:
+        log.debug("UDP flow to target ended: %s", exc)
+    finally:
+        reader.close()
+        replies.kill(block=True)
+        net.close_quietly(target)
+        net.close_quietly(data)
+
+
+def _send_replies(target: socket.socket, data: socket.socket, stats: Stats,
+                  size_limit: int) -> None:
+    while True:
+        try:
+            reply = target.recv(size_limit)
+        except ConnectionRefusedError:
+            continue  # ICMP port unreachable from the target: UDP goes on
+        except OSError:
+            net.abort(data)  # the target is gone (or the flow is closing): end both ways
+            return
+        try:
+            data.sendall(frame(reply))
+        except OSError:
+            net.abort(data)  # wakes the reader; client_flow owns the socket and closes it
+            return
+        stats.count_bytes(len(reply), inbound=False)

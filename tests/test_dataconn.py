@@ -1,0 +1,111 @@
+"""The data connection, in-process: the server's DataPort and the client's Dialer
+(TLS, key proof, id) over real loopback sockets."""
+
+import gevent
+import gevent.pool
+import pytest
+
+from nodepass_gevent import dataconn, net, tls
+from nodepass_gevent.config import Address, parse_url
+from nodepass_gevent.lifecycle import Supervisor
+from nodepass_gevent.listeners import TcpListener
+from nodepass_gevent.log import TunnelLog
+from nodepass_gevent.pool import ServerPool
+from nodepass_gevent.stats import Stats
+
+from support import HOST, free_port
+
+pytestmark = [pytest.mark.matrix, pytest.mark.usefixtures("cooperative_sockets")]
+
+WAIT = 5.0
+
+
+class Session:
+    """What the data port asks of the control channel: the client's host."""
+
+    peer_host, peer, in_use, closed = HOST, HOST, False, False
+
+
+class DataPort:
+    """A DataPort behind a real data listener; its pool and counters."""
+
+    def __init__(self, tls_mode: int = 0, key: bytes = None) -> None:
+        config = parse_url("server://%s:%d/%s:%d?tls=%d" % (HOST, free_port(), HOST,
+                                                            free_port(), tls_mode))
+        self.pool, self.stats, self.session = ServerPool(8), Stats(), Session()
+        self.port = dataconn.DataPort(tls.server_context(config), key, self.pool, self.stats,
+                                      TunnelLog(), lambda: self.session)
+        self.listener = TcpListener(net.listen_tcp(Address(HOST, 0)), self.port.handle,
+                                    gevent.pool.Pool(8), Supervisor("Server"), "data",
+                                    hands_on=True)
+        self.listener.start()
+
+    def dialer(self, tls_mode: int = 0, key: bytes = None) -> dataconn.Dialer:
+        self.client_stats = Stats()
+        return dataconn.Dialer(Address(HOST, self.listener.port), (HOST, self.listener.port),
+                               tls.client_context(tls_mode), key, self.client_stats)
+
+    def wait_pooled(self, count: int) -> None:
+        with gevent.Timeout(WAIT):
+            while self.pool.idle < count:
+                gevent.sleep(0.01)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.pool.close()
+
+
+@pytest.fixture
+def data_port():
+    ports = []
+
+    def make(**kwargs) -> DataPort:
+        ports.append(DataPort(**kwargs))
+        return ports[-1]
+
+    yield make
+    for port in ports:
+        port.close()
+
+
+@pytest.mark.parametrize("tls_mode", [0, 1])
+@pytest.mark.parametrize("key", [None, b"sesame"])
+def test_both_sides_agree_on_the_id_and_the_connection_carries_bytes(data_port, tls_mode, key):
+    port = data_port(tls_mode=tls_mode, key=key)
+    connection_id, client_side = port.dialer(tls_mode, key)()
+    try:
+        port.wait_pooled(1)
+        taken_id, server_side = port.pool.take(WAIT)
+        assert taken_id == connection_id and port.session.in_use
+        client_side.sendall(b"ping")
+        assert server_side.recv(4) == b"ping"
+        server_side.close()
+    finally:
+        client_side.close()
+    assert port.client_stats.data_dials == 1 and port.client_stats.data_dial_failures == 0
+
+
+def test_a_wrong_key_is_refused_and_counted(data_port):
+    port = data_port(key=b"sesame")
+    with pytest.raises((OSError, ValueError)):
+        port.dialer(key=b"open-up")()
+    with gevent.Timeout(WAIT):
+        while not port.stats.auth_failures:
+            gevent.sleep(0.01)
+    assert port.pool.idle == 0 and port.client_stats.data_dial_failures == 1
+
+
+def test_a_plain_client_cannot_use_a_tls_data_port(data_port):
+    port = data_port(tls_mode=1)
+    with pytest.raises((OSError, ValueError)):
+        port.dialer(tls_mode=0)()  # reads TLS bytes where the id should be
+    assert port.pool.idle == 0
+
+
+def test_connections_from_another_host_are_refused_before_any_byte(data_port, records):
+    port = data_port()
+    port.session.peer_host = "127.0.0.2"  # the tunnel's client is elsewhere
+    with pytest.raises((OSError, ValueError)):
+        port.dialer()()
+    assert "not the connected tunnel client" in records.text()
+    assert port.pool.idle == 0
