@@ -3,10 +3,11 @@
 The readers that take one message off a stream before or instead of a copy
 are readers.py's.
 
-The copy contract. Three engines copy both ways between two sockets:
-exchange() below (user space, or zerocopy.exchange() when splice works) for
-TCP, and udp.ServerFlow.run() / udp.client_flow() for UDP flows.
-Each of them:
+The copy contract. These engines copy both ways between two sockets:
+exchange() below for TCP (zerocopy.exchange() between plain sockets when
+splice works, user space when it does not, tlscopy.exchange() when one side
+is a TLS data connection), and udp.ServerFlow.run() / udp.client_flow() for
+UDP flows. Each of them:
 
 1. owns both sockets it is given and has closed them when it returns (the
    one exception: a server flow's user side is the role's shared UDP
@@ -28,9 +29,10 @@ from typing import Optional, Tuple
 
 import gevent
 
-from nodepass_gevent import net, zerocopy
+from nodepass_gevent import net, tlscopy, zerocopy
 from nodepass_gevent.log import log
 from nodepass_gevent.stats import Stats
+from nodepass_gevent.tlsstream import TLSStream
 
 CHUNK_SIZE = 262144       # one read from a plain socket; TLS writes it as 16 records
 COALESCE_LIMIT = 262144   # decrypted TLS bytes gathered into one send
@@ -43,6 +45,8 @@ def exchange(left: socket.socket, right: socket.socket, stats: Optional[Stats] =
     Returns the bytes moved each way. Obeys the copy contract (module
     docstring); left is the user's side, so left->right counts as bytes in.
     """
+    if isinstance(left, TLSStream) or isinstance(right, TLSStream):  # a TLS data connection
+        return tlscopy.exchange(left, right, _counter(stats, True), _counter(stats, False))
     plain = not isinstance(left, ssl.SSLSocket) and not isinstance(right, ssl.SSLSocket)
     # None: the kernel refuses splice (zerocopy probes once), copy through user space.
     splice = zerocopy.engine() if plain else None

@@ -286,17 +286,23 @@ class TLSStream:
 
 
 def server_handshake(sock: socket.socket, context: ssl.SSLContext) -> TLSStream:
-    """Accept TLS on a connected socket; the stream keeps the socket's timeout."""
-    stream = TLSStream(sock, context, server_side=True)
-    stream.handshake()
-    return stream
+    """Accept TLS on a connected socket; the stream keeps the socket's timeout.
+    On a failure the socket is closed and the error raised."""
+    return _handshaken(TLSStream(sock, context, server_side=True))
 
 
 def client_handshake(sock: socket.socket, context: ssl.SSLContext,
                      server_hostname: Optional[str],
                      session: Optional[ssl.SSLSession] = None) -> TLSStream:
     """Start TLS on a connected socket, offering ``session`` for resumption."""
-    stream = TLSStream(sock, context, server_side=False, server_hostname=server_hostname,
-                       session=session)
-    stream.handshake()
+    return _handshaken(TLSStream(sock, context, server_side=False,
+                                 server_hostname=server_hostname, session=session))
+
+
+def _handshaken(stream: TLSStream) -> TLSStream:
+    try:
+        stream.handshake()
+    except BaseException:
+        stream.close()  # its watchers and the socket
+        raise
     return stream
