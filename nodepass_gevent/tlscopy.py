@@ -4,12 +4,13 @@ The TLS twin of zerocopy.py: no greenlet per direction and no greenlet switch
 per record. Four io watchers (plain readable/writable, TLS readable/writable)
 call into one _Exchange; only the caller's greenlet waits, for the end.
 
-Per wake-up, towards TLS: one recv of up to CHUNK_SIZE plaintext, one
+Towards TLS, per read: one recv of up to CHUNK_SIZE plaintext, one
 SSLObject.write (OpenSSL cuts it into 16 KB records), one send of all the
-records. From TLS: every byte that has arrived goes into the incoming BIO,
-every complete record is decrypted into one buffer (up to CLEAR_SIZE), and
-that buffer goes out in one send. Where a send would block, the direction
-keeps what is left, stops reading, and waits for room.
+records; a few reads per wake-up while the socket keeps filling them. From
+TLS: every byte that has arrived goes into the incoming BIO, every complete
+record is decrypted into one buffer (CLEAR_SIZE at a time), and each buffer
+goes out in one send. Where a send would block, the direction keeps what is
+left, stops reading, and waits for room.
 
 The socket reads and decryption use two module-wide buffers: a callback never
 yields, so the exchanges of a process can share them, and a connection holds
@@ -32,8 +33,11 @@ from gevent.event import Event
 from nodepass_gevent.log import log
 from nodepass_gevent.tlsstream import TLSStream
 
-CHUNK_SIZE = 262144      # plaintext read from the plain socket per recv (16 records)
-CLEAR_SIZE = 262144      # decrypted bytes gathered into one send towards the plain socket
+# 64 KB rather than 256 KB: the other end of the tunnel starts on the first
+# records sooner (scripts/bench tls=1 bulk: 6.9 against 5.5 Gbit/s, one stream)
+# at the same CPU per GB.
+CHUNK_SIZE = 65536       # plaintext read from the plain socket per recv (4 records)
+CLEAR_SIZE = 65536       # decrypted bytes gathered into one send towards the plain socket
 CIPHER_READS = 4         # recvs of CHUNK_SIZE from the TLS socket per wake-up at most
 PLAIN_READS = 4          # recvs from the plain socket per wake-up at most (fairness)
 _READ, _WRITE = 1, 2     # libev event masks

@@ -294,7 +294,8 @@ def server_handshake(sock: socket.socket, context: ssl.SSLContext) -> TLSStream:
 def client_handshake(sock: socket.socket, context: ssl.SSLContext,
                      server_hostname: Optional[str],
                      session: Optional[ssl.SSLSession] = None) -> TLSStream:
-    """Start TLS on a connected socket, offering ``session`` for resumption."""
+    """Start TLS on a connected socket, offering ``session`` for resumption.
+    On a failure the socket is closed and the error raised."""
     return _handshaken(TLSStream(sock, context, server_side=False,
                                  server_hostname=server_hostname, session=session))
 
