@@ -263,6 +263,11 @@ class _Exchange:
                 self.tls_eof = True
                 break
             size += got
+            if not self.incoming.pending:
+                # Nothing left to decrypt (a record only partly read fills the
+                # buffer, which ends the loop anyway): skip the read that would
+                # only raise SSLWantReadError, an exception per small message.
+                break
         if self.stream.eof and size < CLEAR_SIZE:
             self.tls_eof = True  # no more bytes will come (an incomplete record is dropped)
         return size
