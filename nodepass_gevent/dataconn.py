@@ -5,7 +5,8 @@ in TLS (tls=1 or 2), asks for the key proof if there is a shared key
 (auth.py), and writes the connection's id (8 hex characters, protocol.py).
 The connection then waits in a pool (pool.py) until a launch signal names
 its id; from then on it carries one TCP connection, one v1 UDP datagram and
-its reply, or one UDP flow.
+its reply, or one UDP flow. Under TLS it is a tlsstream.TLSStream (OpenSSL on
+memory BIOs), which the TCP exchange copies with tlscopy.py's engine.
 
     client                                  server (data port)
       | ---- TCP connect ---------------------> |
@@ -18,7 +19,7 @@ import socket
 import ssl
 from typing import Callable, Optional
 
-from nodepass_gevent import auth, net, protocol, readers
+from nodepass_gevent import auth, net, protocol, readers, tlsstream
 from nodepass_gevent.config import Address
 from nodepass_gevent.pool import DataConnection, ServerPool
 from nodepass_gevent.protocol import AUTH_MAC_LENGTH, AUTH_NONCE_LENGTH, HANDSHAKE_TIMEOUT
@@ -66,7 +67,7 @@ class DataPort:
         try:
             sock.settimeout(HANDSHAKE_TIMEOUT)
             if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_side=True)
+                sock = tlsstream.server_handshake(sock, self.ssl_context)
             if self.key is not None and not self._key_proven(sock):
                 net.close_quietly(sock)
                 return False
@@ -77,7 +78,7 @@ class DataPort:
             if isinstance(exc, ssl.SSLError):
                 self.stats.tls_failures += 1
             self.log.debug("Data: handshake with %s failed: %s", net.format_address(peer), exc)
-            net.close_quietly(sock)  # the TLS socket, once wrapped: it holds the descriptor
+            net.close_quietly(sock)  # the TLS stream, once made: it holds the descriptor
             return None
 
     def _key_proven(self, sock: socket.socket) -> bool:
@@ -107,7 +108,7 @@ class Dialer:
         try:
             sock.settimeout(HANDSHAKE_TIMEOUT)
             if self.context is not None:
-                sock = self.context.wrap_socket(sock, server_hostname=self.tunnel.dial_host)
+                sock = tlsstream.client_handshake(sock, self.context, self.tunnel.dial_host)
             if self.key is not None:
                 nonce = readers.recv_exactly(sock, AUTH_NONCE_LENGTH).decode("ascii", "replace")
                 sock.sendall(auth.data_response(self.key, nonce))
@@ -118,5 +119,5 @@ class Dialer:
             self.stats.data_dial_failures += 1
             if isinstance(exc, ssl.SSLError):
                 self.stats.tls_failures += 1
-            net.close_quietly(sock)  # the TLS socket, once wrapped: it holds the descriptor
+            net.close_quietly(sock)  # the TLS stream, once made: it holds the descriptor
             raise

@@ -89,7 +89,8 @@ def read_burst(sock: socket.socket, limit: int, timeout: float) -> bytes:
 
 
 def _tls_pending(sock: socket.socket) -> int:
-    return sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+    pending = getattr(sock, "pending", None)  # TLSStream (and SSLSocket): bytes read ahead
+    return pending() if pending is not None else 0
 
 def read_frame(reader, limit: int) -> Optional[bytes]:
     """The next datagram from a buffered reader; None at a clean end."""

@@ -3,10 +3,11 @@
 The readers that take one message off a stream before or instead of a copy
 are readers.py's.
 
-The copy contract. Three engines copy both ways between two sockets:
-exchange() below (user space, or zerocopy.exchange() when splice works) for
-TCP, and udp.ServerFlow.run() / udp.client_flow() for UDP flows.
-Each of them:
+The copy contract. These engines copy both ways between two sockets:
+exchange() below for TCP (zerocopy.exchange() between plain sockets when
+splice works, user space when it does not, tlscopy.exchange() when one side
+is a TLS data connection), and udp.ServerFlow.run() / udp.client_flow() for
+UDP flows. Each of them:
 
 1. owns both sockets it is given and has closed them when it returns (the
    one exception: a server flow's user side is the role's shared UDP
@@ -35,10 +36,11 @@ import gevent
 from gevent.event import AsyncResult
 from gevent.socket import wait_read
 
-from nodepass_gevent import net, zerocopy
+from nodepass_gevent import net, tlscopy, zerocopy
 from nodepass_gevent.log import log
 from nodepass_gevent.ratelimit import TokenBucket, TunnelRate
 from nodepass_gevent.stats import Stats
+from nodepass_gevent.tlsstream import TLSStream
 
 CHUNK_SIZE = 262144       # one read from a plain socket; TLS writes it as 16 records
 COALESCE_LIMIT = 262144   # decrypted TLS bytes gathered into one send
@@ -52,9 +54,15 @@ def exchange(left: socket.socket, right: socket.socket, stats: Optional[Stats] =
     docstring); left is the user's side, so left->right counts as bytes in
     (and draws on ``rate.inbound``, if a rate is given).
     """
+    tls_stream = isinstance(left, TLSStream) or isinstance(right, TLSStream)
+    if tls_stream and rate is None:  # a TLS data connection, no rate= to keep
+        return tlscopy.exchange(left, right, _counter(stats, True), _counter(stats, False))
+    # With rate=, TLS streams take the user-space pumps below (blocking-style
+    # calls, like any socket), which draw on the buckets.
     forward_bucket = rate.inbound if rate is not None else None
     backward_bucket = rate.outbound if rate is not None else None
-    plain = not isinstance(left, ssl.SSLSocket) and not isinstance(right, ssl.SSLSocket)
+    plain = not tls_stream and not isinstance(left, ssl.SSLSocket) \
+        and not isinstance(right, ssl.SSLSocket)
     # None: the kernel refuses splice (zerocopy probes once), copy through user space.
     splice = zerocopy.engine() if plain else None
     if splice is not None:  # the same contract: it closes both sockets itself

@@ -6,8 +6,10 @@ In-process, with real sockets (127.0.0.1 TCP, AF_UNIX socketpairs, UDP on
     user end <-TCP-> left [engine] right <-TCP-> target end
 
 where the engine is relay.exchange (user space, os.splice, ctypes splice)
-or zerocopy.exchange called directly; and the two UDP flow engines, whose data
-connection is a socketpair and whose UDP side is a real UDP socket:
+or zerocopy.exchange called directly, or tlscopy.exchange, whose right side
+(and so the target end) is then a TLS stream (tlsstream.TLSStream, tls=1);
+and the two UDP flow engines, whose data connection is a socketpair and whose
+UDP side is a real UDP socket:
 
     client_flow:  server end <-unix-> data [client_flow] target <-UDP-> echo
     ServerFlow:   user <-UDP-> listener [ServerFlow.run] data <-unix-> client end
@@ -20,8 +22,9 @@ import gevent
 import pytest
 from gevent import socket as gsocket
 
-from nodepass_gevent import readers, relay, udp, udplink, zerocopy
+from nodepass_gevent import config, readers, relay, tls, tlscopy, udp, udplink, zerocopy
 from nodepass_gevent.stats import Stats
+from nodepass_gevent.tlsstream import client_handshake, server_handshake
 
 from test_zerocopy import read_to_eof, tcp_pair
 
@@ -61,12 +64,32 @@ def _zerocopy_direct(left, right, stats):
                              zerocopy.libc_splice())
 
 
+def _tlscopy_direct(left, right, stats):
+    return tlscopy.exchange(left, right, stats.counter(True), stats.counter(False))
+
+
+_tlscopy_direct.over_tls = True  # TcpLink: the right side speaks TLS
+
+
 TCP_ENGINES = {
     "relay, user space": lambda: _relay(None),
     "relay, os.splice": lambda: _relay(os.splice) if hasattr(os, "splice") else None,
     "relay, ctypes splice": lambda: _relay(zerocopy.libc_splice()),
     "zerocopy.exchange": lambda: _zerocopy_direct,
+    "tlscopy.exchange": lambda: _tlscopy_direct,
 }
+
+
+def tls_pair():
+    """(server-side TLSStream, client-side TLSStream) over loopback TCP, tls=1."""
+    server_context = tls.server_context(
+        config.parse_url("server://127.0.0.1:1/127.0.0.1:2?tls=1"))
+    near, far = tcp_pair()
+    for sock in (near, far):
+        sock.settimeout(WAIT)
+    client = gevent.spawn(client_handshake, near, tls.client_context(1), None)
+    server = server_handshake(far, server_context)
+    return server, client.get(timeout=WAIT)
 
 
 @pytest.fixture(params=sorted(TCP_ENGINES))
@@ -81,7 +104,7 @@ def tcp_engine(request, monkeypatch):
 class TcpLink:
     def __init__(self, run) -> None:
         self.user, self.left = tcp_pair()
-        self.right, self.target = tcp_pair()
+        self.right, self.target = tls_pair() if getattr(run, "over_tls", False) else tcp_pair()
         self.stats = Stats()
         self.engine = gevent.spawn(run, self.left, self.right, self.stats)
 
