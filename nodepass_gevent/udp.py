@@ -279,16 +279,11 @@ class ServerFlow:
             net.abort(data)  # wakes the reader; run() owns the socket and closes it
 
     def _read_replies(self, data: socket.socket) -> None:
+        watchdog = gevent.spawn(self._end_when_idle, data)
         reader = data.makefile("rb")
         try:
             while True:
-                data.settimeout(max(0.1, self.last_active + self.idle_timeout - time.monotonic()))
-                try:
-                    reply = readers.read_frame(reader, self.size_limit)
-                except socket.timeout:
-                    if time.monotonic() - self.last_active >= self.idle_timeout:
-                        return  # idle both ways: close the flow
-                    continue
+                reply = readers.read_frame(reader, self.size_limit)
                 if reply is None:
                     return
                 self.last_active = time.monotonic()
@@ -297,7 +292,19 @@ class ServerFlow:
                 self.listener.sendto(reply, self.peer)
                 self.stats.count_bytes(len(reply), inbound=False)
         finally:
+            watchdog.kill(block=False)
             reader.close()
+
+    def _end_when_idle(self, data: socket.socket) -> None:
+        """Abort the data connection once nothing has passed either way for the
+        idle timeout. (Not a read timeout: a buffered reader whose read timed
+        out refuses every later read, which ended flows that only sent.)"""
+        while True:
+            left = self.last_active + self.idle_timeout - time.monotonic()
+            if left <= 0:
+                net.abort(data)  # the reader ends; run() owns the socket and closes it
+                return
+            gevent.sleep(left)
 
 
 class ServerFlows:

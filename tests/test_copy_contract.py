@@ -289,3 +289,26 @@ def test_server_flow_aborts_both_sides_when_a_datagram_cannot_be_written(server_
     gevent.sleep(0.05)  # the flow has taken its data connection
     server_flow.flow.offer(b"ping")
     assert_ended(server_flow, "a failed write did not end the flow")
+
+
+@pytest.mark.timeout(30)
+def test_server_flow_lives_while_only_the_user_sends_and_ends_when_idle(flow_engine):
+    # Regression (greenlet engine): its reader's first timeout ended a flow that
+    # carried datagrams one way only.
+    data, client_end = gsocket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener, user, stats = udp_socket(), udp_socket(), Stats()
+    flow = udp.ServerFlow(listener, user.getsockname(), stats, 65535, 0.05)  # idle: 0.6 s
+    engine = gevent.spawn(flow.run, lambda: data)
+    try:
+        for _ in range(8):  # 1.6 s of datagrams, none answered
+            flow.offer(b"one-way")
+            gevent.sleep(0.2)
+        assert not engine.dead, "the flow ended while datagrams still came"
+        assert read_frames(client_end, 8) == [b"one-way"] * 8
+        engine.join(timeout=WAIT)  # now idle both ways
+        assert engine.dead and closed(data)
+        assert stats.udp_total == 8
+    finally:
+        engine.kill(block=True, timeout=WAIT)
+        for sock in (client_end, listener, user, data):
+            sock.close()
