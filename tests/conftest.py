@@ -57,11 +57,11 @@ class Tunnel:
         self.client = self.start_client()
 
     def start_server(self) -> NodepassProcess:
-        self.server = self._start(self.server_url, self.env)
+        self.server = self._start(self.server_url, self.env, status=True)
         return self.server
 
     def start_client(self) -> NodepassProcess:
-        self.client = self._start(self.client_url, self.env)
+        self.client = self._start(self.client_url, self.env, status=True)
         return self.client
 
     def wait_ready(self, timeout: float = 15) -> None:

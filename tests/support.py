@@ -7,6 +7,7 @@ wait has a deadline. Fixtures in conftest.py make sure what starts is stopped.
 import datetime
 import glob
 import hashlib
+import json
 import ipaddress
 import os
 import shutil
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from typing import Callable, Dict, List, Optional, Sequence
 
 HOST = "127.0.0.1"
@@ -61,9 +63,14 @@ class NodepassProcess:
     """
 
     def __init__(self, url, env: Optional[Dict[str, str]] = None,
-                 prefix: Sequence[str] = ()) -> None:
+                 prefix: Sequence[str] = (), status: bool = False) -> None:
+        """``status``: serve --metrics on a loopback port of its own, so that
+        ``status()`` reads the role's figures instead of its log."""
         self.url = url
         arguments = [url] if isinstance(url, str) else list(url)
+        self.status_port = free_port() if status else None
+        if status:
+            arguments = ["--metrics=%s:%d" % (HOST, self.status_port)] + arguments
         self._log = tempfile.NamedTemporaryFile(prefix="nodepass-", suffix=".log", delete=False)
         full_env = dict(os.environ)
         full_env.update(env or {})
@@ -82,6 +89,29 @@ class NodepassProcess:
     def output(self) -> str:
         with open(self._log.name, "r", errors="replace") as log:
             return log.read()
+
+    def status(self, timeout: float = 10) -> dict:
+        """The lone tunnel's status() (the /status endpoint), once it answers."""
+        assert self.status_port is not None, "started without status=True"
+        url = "http://%s:%d/status" % (HOST, self.status_port)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as reply:
+                    return json.loads(reply.read().decode("utf-8"))["tunnels"][0]
+            except (OSError, ValueError, IndexError):
+                if time.monotonic() > deadline or not self.alive():
+                    raise AssertionError("no /status from %s:\n%s"
+                                         % (self.url, self.output()[-3000:])) from None
+                time.sleep(0.05)
+
+    def wait_for_status(self, predicate: Callable[[dict], bool], timeout: float = 10,
+                        what: str = "status") -> dict:
+        """The status once ``predicate`` holds for it."""
+        found = []
+        wait_until(lambda: predicate(self.status()) and not found.append(self.status()),
+                   timeout, interval=0.05, what=what)
+        return found[-1]
 
     def wait_for_output(self, text: str, timeout: float = 10) -> None:
         wait_until(lambda: text in self.output(), timeout, what="%r in the log" % text)

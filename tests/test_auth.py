@@ -18,8 +18,9 @@ def start_pair(nodepass, echo, server_key, client_key, tls=0, client_tls=0, env=
     tunnel_port, port = free_port(), free_port()
     key_part = lambda key: "" if key is None else key.replace(" ", "%20") + "@"  # noqa: E731
     server = nodepass("server://%s%s:%d/%s:%d?log=debug&tls=%d"
-                      % (key_part(server_key), HOST, tunnel_port, HOST, port, tls), env)
-    wait_until(lambda: "Server: tunnel" in server.output(), 10, what="server start")
+                      % (key_part(server_key), HOST, tunnel_port, HOST, port, tls), env,
+                      status=True)
+    server.wait_for_status(lambda status: status["data_port"], what="server start")
     client = nodepass("client://%s%s:%d/%s:%d?log=debug&tls=%d"
                       % (key_part(client_key), HOST, tunnel_port, HOST, echo.port, client_tls),
                       env)
@@ -83,7 +84,7 @@ def test_unauthenticated_peer_learns_nothing(nodepass, echo):
         first = peer.makefile("rb").readline()
         challenge = protocol.parse_signal(first)
         assert challenge.host == "0" and protocol.is_auth_challenge(challenge)
-        data_port = server.output().split("data port ")[1].split(",")[0]
+        data_port = str(server.status()["data_port"])
         # The nonce is random hex and may hold the port's digits by chance
         # (it did, once in a few thousand runs): look everywhere else.
         nonce = challenge.query["nonce"].encode()
@@ -113,7 +114,7 @@ def test_replayed_handshake_is_refused(nodepass, echo):
 def test_data_port_refuses_a_connection_without_the_key(nodepass, echo):
     server, client, _, port = start_pair(nodepass, echo, KEY, KEY)
     wait_until(lambda: echo_works(port), 15, what="authenticated traffic")
-    data_port = int(server.output().split("data port ")[1].split(",")[0])
+    data_port = server.status()["data_port"]
     with socket.create_connection((HOST, data_port), timeout=10) as intruder:
         nonce = intruder.recv(protocol.AUTH_NONCE_LENGTH)
         assert auth.is_nonce(nonce.decode())

@@ -72,7 +72,10 @@ def rss_kb(process) -> int:
 
 
 def pool_idle(process) -> Optional[int]:
-    """Idle pooled data connections, from the traffic line SIGUSR1 makes it log."""
+    """Idle pooled data connections: the role's status, or (a process started
+    without it) the traffic line SIGUSR1 makes it log."""
+    if process.status_port is not None:
+        return process.status()["pool_idle"]
     seen = len(process.output())
     process.send_signal(signal.SIGUSR1)
     try:
@@ -128,6 +131,9 @@ def assert_survived(process, *log_texts: str) -> None:
 
 
 def data_port_of(server) -> int:
+    if server.status_port is not None:
+        return server.wait_for_status(lambda status: status["data_port"], what="a data port"
+                                      )["data_port"]
     server.wait_for_output("data port", timeout=10)
     return int(DATA_PORT_LINE.search(server.output()).group(1))
 

@@ -302,7 +302,7 @@ def results_of(process: NsProcess) -> Dict[str, dict]:
 
 # --------------------------------------------------------------------- tunnel
 
-class Tunnel:
+class NamespaceTunnel:
     """A nodepass server in `public` and client in `private`, restartable,
     each run by its own Python (the test run's own unless given)."""
 
@@ -419,18 +419,18 @@ def legacy_pythons(tmp_path_factory) -> Dict[str, Interpreter]:
 
 
 @pytest.fixture
-def make_tunnel(topology, services, pki, request):
-    tunnels: List[Tunnel] = []
+def make_ns_tunnel(topology, services, pki, request):
+    tunnels: List[NamespaceTunnel] = []
 
     def make(tls: int = 0, pythons: str = SAME,
-             client_settings: Optional[Dict[str, str]] = None) -> Tunnel:
+             client_settings: Optional[Dict[str, str]] = None) -> NamespaceTunnel:
         """`pythons`: SAME, or a LEGACY_PAIRS key saying which side runs which Python;
         `client_settings`: environment variables for the client on top of NODEPASS_ENV."""
         sides = [None, None]
         if pythons != SAME:
             venvs = request.getfixturevalue("legacy_pythons")
             sides = [venvs[minor] for minor in LEGACY_PAIRS[pythons]]
-        tunnel = Tunnel(topology, services, tls, pki, *sides, client_settings=client_settings)
+        tunnel = NamespaceTunnel(topology, services, tls, pki, *sides, client_settings=client_settings)
         tunnels.append(tunnel)
         seconds = tunnel.wait_ready(START_DEADLINE)
         tunnel.check_pythons()
@@ -465,8 +465,8 @@ def test_firewall_blocks_direct_connections(topology, services):
 
 
 @pytest.mark.parametrize("tls, pythons", with_legacy_pairs([0, 1, 2]))
-def test_http_get_upload_download_by_hash(make_tunnel, topology, tls, pythons):
-    tunnel = make_tunnel(tls, pythons)
+def test_http_get_upload_download_by_hash(make_ns_tunnel, topology, tls, pythons):
+    tunnel = make_ns_tunnel(tls, pythons)
     results = check(topology, topology.public, ["get", "upload", "download"], tunnel.target,
                     "--size", str(TRANSFER_SIZE), "--seed", "tls%d" % tls)
     for name in ("upload", "download"):
@@ -476,14 +476,14 @@ def test_http_get_upload_download_by_hash(make_tunnel, topology, tls, pythons):
 
 
 @pytest.mark.parametrize("tls, pythons", with_legacy_pairs([0, 1]))
-def test_udp_request_reply(make_tunnel, topology, tls, pythons):
-    tunnel = make_tunnel(tls, pythons)
+def test_udp_request_reply(make_ns_tunnel, topology, tls, pythons):
+    tunnel = make_ns_tunnel(tls, pythons)
     check(topology, topology.public, ["udp"], tunnel.target, "--datagrams", "50",
           "--udp-max", "4096", "--seed", "udp%d" % tls)
 
 
-def test_200_concurrent_sessions(make_tunnel, topology):
-    tunnel = make_tunnel(0)
+def test_200_concurrent_sessions(make_ns_tunnel, topology):
+    tunnel = make_ns_tunnel(0)
     results = check(topology, topology.public, ["concurrent"], tunnel.target,
                     "--sessions", "200", "--session-bytes", "65536")
     assert results["concurrent"]["sessions"] == 200
@@ -554,12 +554,12 @@ def tcp_counters(namespace: str) -> Dict[str, int]:
     return {name: int(value) for name, value in zip(rows[0][1:], rows[1][1:])}
 
 
-def tunnels_opened(tunnel: "Tunnel") -> int:
+def tunnels_opened(tunnel: "NamespaceTunnel") -> int:
     """Tunnels the client has opened so far, by its log (1 means: never reconnected)."""
     return tunnel.client.log_path.read_text(errors="replace").count("Client: tunnel to ")
 
 
-def wait_for_pool(tunnel: "Tunnel", size: int, timeout: float = 15.0) -> None:
+def wait_for_pool(tunnel: "NamespaceTunnel", size: int, timeout: float = 15.0) -> None:
     """Until the client holds `size` data connections (all but the tunnel's)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -586,12 +586,12 @@ def link_echo(topology):
 
 
 @pytest.mark.parametrize("impairment", list(IMPAIRMENTS))
-def test_impaired_link_keeps_bytes_exact_and_tunnel_up(make_tunnel, topology, link_echo,
+def test_impaired_link_keeps_bytes_exact_and_tunnel_up(make_ns_tunnel, topology, link_echo,
                                                        impairment):
     """Loss and/or a 2 Mbit/s bottleneck on the router's public link: every TCP
     byte arrives exact, the tunnel never reconnects (its heartbeats still get
     through), UDP through the tunnel loses no more than the link does."""
-    tunnel = make_tunnel(0, client_settings={"MIN_POOL_CAPACITY": str(IMPAIRED_POOL)})
+    tunnel = make_ns_tunnel(0, client_settings={"MIN_POOL_CAPACITY": str(IMPAIRED_POOL)})
     wait_for_pool(tunnel, IMPAIRED_POOL)
     control_before = tunnel.control_connection()
     opened_before = tunnels_opened(tunnel)
@@ -664,9 +664,9 @@ LINK_CUT_CASES = [pytest.param(cut, 0, SAME, id=cut) for cut in ("link-down", "b
 
 
 @pytest.mark.parametrize("cut, tls, pythons", LINK_CUT_CASES)
-def test_link_cut_recovers_by_itself(make_tunnel, topology, cut, tls, pythons):
+def test_link_cut_recovers_by_itself(make_ns_tunnel, topology, cut, tls, pythons):
     """The router's public link dies silently for CUT_SECONDS, then comes back."""
-    tunnel = make_tunnel(tls, pythons)
+    tunnel = make_ns_tunnel(tls, pythons)
     tunnel_before = tunnel.control_connection()
     if cut == "link-down":
         sever = ["ip", "link", "set", "wan", "down"]
@@ -696,8 +696,8 @@ def test_link_cut_recovers_by_itself(make_tunnel, topology, cut, tls, pythons):
 RESTART_BOUND = 2 * SERVICE_COOLDOWN + 4
 
 
-def test_kill9_client_then_server(make_tunnel, topology):
-    tunnel = make_tunnel(0)
+def test_kill9_client_then_server(make_ns_tunnel, topology):
+    tunnel = make_ns_tunnel(0)
 
     tunnel.client.signal(signal.SIGKILL)
     assert tunnel.client.wait(5) == -signal.SIGKILL
@@ -724,10 +724,10 @@ PACED_RATE = 4 * 1000 * 1000  # the download lasts about 2s, well inside SHUTDOW
 
 
 @pytest.mark.parametrize("role", ["server", "client"])
-def test_sigterm_during_transfer(make_tunnel, topology, role):
+def test_sigterm_during_transfer(make_ns_tunnel, topology, role):
     """SIGTERM drains: a transfer that fits the grace period ends intact, an idle
     session is cut at SHUTDOWN_TIMEOUT, the process exits 0, nothing is left."""
-    tunnel = make_tunnel(0)
+    tunnel = make_ns_tunnel(0)
     download = start_check(topology, topology.public, ["download"], tunnel.target,
                            "--size", str(PACED_SIZE), "--rate", str(PACED_RATE),
                            "--seed", "sigterm")
@@ -823,7 +823,7 @@ def test_vagrant_client_vm_layout(vagrant_layout, tmp_path):
     services = start_services(layout)
     check(layout, layout.public, ["firewall"], None, "--private", services.address,
           "--blocked-timeout", "1")
-    tunnel = Tunnel(layout, services.address, 2, dict(server_pki, ca=client_pki["ca"]))
+    tunnel = NamespaceTunnel(layout, services.address, 2, dict(server_pki, ca=client_pki["ca"]))
     seconds = tunnel.wait_ready(START_DEADLINE)
     print("  vagrant layout: tls=2 tunnel ready in %.2fs" % seconds)
     check(layout, layout.public, ["get", "udp", "download"], tunnel.target,
