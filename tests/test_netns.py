@@ -430,7 +430,8 @@ def make_ns_tunnel(topology, services, pki, request):
         if pythons != SAME:
             venvs = request.getfixturevalue("legacy_pythons")
             sides = [venvs[minor] for minor in LEGACY_PAIRS[pythons]]
-        tunnel = NamespaceTunnel(topology, services, tls, pki, *sides, client_settings=client_settings)
+        tunnel = NamespaceTunnel(topology, services, tls, pki, *sides,
+                                 client_settings=client_settings)
         tunnels.append(tunnel)
         seconds = tunnel.wait_ready(START_DEADLINE)
         tunnel.check_pythons()
