@@ -30,6 +30,7 @@ from typing import Callable, Tuple
 from gevent import get_hub
 from gevent.event import Event
 
+from nodepass_gevent import net
 from nodepass_gevent.log import log
 from nodepass_gevent.tlsstream import TLSStream
 
@@ -72,11 +73,8 @@ def exchange(left, right, count_forward: Counter, count_backward: Counter) -> Tu
     finally:
         if run is not None:
             run.stop()  # the watchers go before the descriptors they watch
-        for sock in (plain, stream):
-            try:
-                sock.close()
-            except OSError:
-                pass
+        net.close_quietly(plain)
+        net.close_quietly(stream)
 
 
 class _Exchange:

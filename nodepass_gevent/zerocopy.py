@@ -34,6 +34,7 @@ from typing import Callable, List, Optional, Tuple
 from gevent import get_hub
 from gevent.event import Event
 
+from nodepass_gevent import net
 from nodepass_gevent.log import log
 from nodepass_gevent.ratelimit import TokenBucket
 
@@ -262,11 +263,8 @@ def exchange(left: socket.socket, right: socket.socket,
     finally:
         for direction in directions:
             direction.stop()  # the watchers go before the descriptors they watch
-        for sock in (left, right):
-            try:
-                sock.close()
-            except OSError:
-                pass
+        net.close_quietly(left)
+        net.close_quietly(right)
 
 
 class _Direction:
