@@ -53,7 +53,6 @@ from nodepass_gevent.stats import Stats
 
 FLOW_QUEUE_SIZE = 256     # datagrams waiting for the data connection; more are dropped
 ADMISSION_QUEUE_SIZE = 1024  # datagrams waiting for a place in the semaphore
-FULL_WARNING_INTERVAL = 5.0  # at most one "semaphore full" warning this often
 
 
 class UdpUsers:
@@ -75,7 +74,6 @@ class UdpUsers:
         self.flows = ServerFlows(stats)
         self._waiting = deque()  # (function, args) waiting for a place in the semaphore
         self._place_wanted = Event()
-        self._next_full_warning = 0.0
 
     def start(self) -> None:
         self.owner.spawn(self._admit_forever)
