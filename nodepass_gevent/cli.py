@@ -64,7 +64,8 @@ Options:
                      crt/key), print them, and exit.
   --config=<file>    Run the tunnels listed in <file>.
   --metrics=<addr>   Serve /metrics (Prometheus), /status (JSON) and /healthz
-                     (200 while every tunnel is up) on host:port.
+                     (200 while every tunnel is up) on host:port (port 0:
+                     any free port, named in the log).
   -h --help          Show this text.
   --version          Show the version.
 
@@ -195,7 +196,7 @@ def _show(value) -> str:
 
 def _metrics_address(text: str):
     from nodepass_gevent.config import parse_address
-    address = parse_address(text, "--metrics address")
+    address = parse_address(text, "--metrics address", lowest_port=0)
     try:
         import prometheus_client  # noqa: F401 (only needed with --metrics)
     except ImportError:

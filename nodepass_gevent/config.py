@@ -307,8 +307,11 @@ def without_key(url: str) -> str:
     return scheme + sep + netloc.rpartition("@")[2] + rest[netloc_end:]
 
 
-def parse_address(text: str, what: str) -> Address:
-    """Parse ``host:port``, ``:port``, ``[v6]:port`` or ``name:port``."""
+def parse_address(text: str, what: str, lowest_port: int = 1) -> Address:
+    """Parse ``host:port``, ``:port``, ``[v6]:port`` or ``name:port``.
+
+    ``lowest_port=0`` also takes port 0, "any free port", for a listener whose
+    address is logged once it is bound (--metrics)."""
     if not text:
         raise ConfigError("missing %s (expected host:port)" % what)
     if text.startswith("["):
@@ -320,7 +323,7 @@ def parse_address(text: str, what: str) -> Address:
                               % (what, text, host + rest))
         if not _is_ipv6(host):
             raise ConfigError("bad %s %r: %r is not an IPv6 address" % (what, text, host))
-        return Address(host, _port(rest[1:], what, text))
+        return Address(host, _port(rest[1:], what, text, lowest_port))
     host, colon, port = text.rpartition(":")
     if not colon:
         raise ConfigError("bad %s %r: missing :port" % (what, text))
@@ -330,7 +333,7 @@ def parse_address(text: str, what: str) -> Address:
         raise ConfigError("bad %s %r: %r is not a host name or address" % (what, text, host))
     if _DIGITS_AND_DOTS.match(host) and not _is_ipv4(host):
         raise ConfigError("bad %s %r: %r is not an IPv4 address" % (what, text, host))
-    return Address(host, _port(port, what, text))
+    return Address(host, _port(port, what, text, lowest_port))
 
 
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
@@ -370,9 +373,10 @@ def _is_ipv6(host: str) -> bool:
     return True
 
 
-def _port(text: str, what: str, whole: str) -> int:
-    if not _ASCII_DIGITS.match(text) or not 1 <= int(text) <= 65535:
-        raise ConfigError("bad %s %r: port must be a number from 1 to 65535" % (what, whole))
+def _port(text: str, what: str, whole: str, lowest: int = 1) -> int:
+    if not _ASCII_DIGITS.match(text) or not lowest <= int(text) <= 65535:
+        raise ConfigError("bad %s %r: port must be a number from %d to 65535"
+                          % (what, whole, lowest))
     return int(text)
 
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +24,7 @@ import urllib.request
 from typing import Callable, Dict, List, Optional, Sequence
 
 HOST = "127.0.0.1"
+METRICS_LINE = re.compile(r"Metrics: http://127\.0\.0\.1:(\d+)/metrics")
 FAST_ENV = {  # short intervals so recovery tests take seconds
     "REPORT_INTERVAL": "1s",
     "SERVICE_COOLDOWN": "500ms",
@@ -68,9 +70,12 @@ class NodepassProcess:
         ``status()`` reads the role's figures instead of its log."""
         self.url = url
         arguments = [url] if isinstance(url, str) else list(url)
-        self.status_port = free_port() if status else None
+        self._status, self._status_port = status, None
         if status:
-            arguments = ["--metrics=%s:%d" % (HOST, self.status_port)] + arguments
+            # Port 0: the process binds a port the OS picks and logs it. A port
+            # picked here and bound later by the child could be taken in between
+            # by another of the suites running at once.
+            arguments = ["--metrics=%s:0" % HOST] + arguments
         self._log = tempfile.NamedTemporaryFile(prefix="nodepass-", suffix=".log", delete=False)
         full_env = dict(os.environ)
         full_env.update(env or {})
@@ -89,6 +94,25 @@ class NodepassProcess:
     def output(self) -> str:
         with open(self._log.name, "r", errors="replace") as log:
             return log.read()
+
+    @property
+    def status_port(self) -> Optional[int]:
+        """The --metrics port the process logged (None if started without status=True)."""
+        if self._status and self._status_port is None:
+            found = []
+            wait_until(lambda: self._logged_metrics_port(found) or not self.alive(), 20,
+                       what="the metrics address in the log")
+            if not found:
+                raise AssertionError("%s exited before serving metrics:\n%s"
+                                     % (self.url, self.output()[-3000:]))
+            self._status_port = found[0]
+        return self._status_port
+
+    def _logged_metrics_port(self, found: List[int]) -> bool:
+        match = METRICS_LINE.search(self.output())
+        if match:
+            found.append(int(match.group(1)))
+        return bool(match)
 
     def status(self, timeout: float = 10) -> dict:
         """The lone tunnel's status() (the /status endpoint), once it answers."""

@@ -50,12 +50,24 @@ def test_check_a_tunnels_file(tmp_path):
     (["client://k@a:1/b:2", "client://a:3/b:4"], 2, ["tunnel URL 1", "NODEPASS_KEY"]),
     (["--config", "/nonexistent/tunnels"], 2, ["cannot read tunnels file"]),
     (["--metrics", "nowhere", "client://a:1/b:2"], 2, ["bad --metrics address"]),
+    (["--metrics", "127.0.0.1:65536", "client://a:1/b:2"], 2, ["from 0 to 65535"]),
+    (["server://127.0.0.1:0/b:2"], 2, ["from 1 to 65535"]),
     (["client://a:1/b:2?min=0"], 2, ["bad min='0'"]),
     (["server://a:1/b:2?min=3"], 2, ["'min' is for client:// tunnels only"]),
     (["server://:1/:2", "server://:3/:2"], 2, ["target port 2 is already the target port"]),
 ])
 def test_bad_input_is_one_line(args, status, words):
     assert_one_line_failure(run_nodepass(args), status, *words)
+
+
+def test_metrics_on_port_0_takes_a_free_port_and_logs_it():
+    process = NodepassProcess("server://%s:%d/%s:%d" % (HOST, free_port(), HOST, free_port()),
+                              status=True)
+    try:
+        assert process.status_port > 0
+        assert http_get(process.status_port, "/healthz")[0] in (200, 503)
+    finally:
+        process.cleanup()
 
 
 def test_a_taken_metrics_port_is_a_start_failure():
@@ -69,10 +81,10 @@ def test_a_taken_metrics_port_is_a_start_failure():
 
 
 def test_a_key_in_a_lone_url_leaves_the_command_line_with_the_options_kept():
-    metrics = free_port()
     url = "server://secret-key@%s:%d/%s:%d" % (HOST, free_port(), HOST, free_port())
-    process = NodepassProcess(["--metrics", "%s:%d" % (HOST, metrics), url])
+    process = NodepassProcess(url, status=True)
     try:
+        metrics = process.status_port
         wait_until(lambda: http_get(metrics, "/status")[0] == 200, 30, interval=0.2,
                    what="the metrics endpoint")
         with open("/proc/%d/cmdline" % process.pid, "rb") as cmdline:

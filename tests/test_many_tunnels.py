@@ -14,7 +14,7 @@ import pytest
 
 from multi_support import (NotifySocket, PacedTransfer, http_get, pem_to_der, port_refuses,
                            served_certificate, statuses, tunnel_ports, wait_states)
-from support import (HOST, EchoServer, echo_works, free_port, make_test_ca, sha256,
+from support import (HOST, EchoServer, echo_works, make_test_ca, sha256,
                      tcp_exchange, wait_until)
 
 
@@ -59,10 +59,11 @@ def wait_echo(port, timeout=20):
 
 
 def test_urls_and_a_file_run_named_tunnels_in_one_process_each(nodepass, echoes, tmp_path):
-    ports, targets, metrics = tunnel_ports(3), echoes(3), free_port()
+    ports, targets = tunnel_ports(3), echoes(3)
     config = write(tmp_path / "servers", [server_line("web", ports[0]), server_line("db", ports[1]),
                                           server_line("", ports[2]).strip()])
-    server = nodepass(["--config", config, "--metrics", "%s:%d" % (HOST, metrics)])
+    server = nodepass(["--config", config], status=True)
+    metrics = server.status_port
     client = nodepass(["client://%s:%d/%s:%d" % (HOST, p["tunnel"], HOST, t.port)
                        for p, t in zip(ports, targets)])
     unnamed = "server-%d-%d" % (ports[2]["tunnel"], ports[2]["target"])
@@ -91,13 +92,14 @@ def test_a_bad_tunnel_refuses_the_whole_set_before_anything_listens(nodepass, tm
 
 def test_reload_keeps_an_unchanged_tunnel_drains_a_removed_one_and_replaces_a_changed_one(
         nodepass, echoes, tmp_path):
-    ports, targets, metrics = tunnel_ports(4), echoes(4), free_port()
+    ports, targets = tunnel_ports(4), echoes(4)
     a, b, c, d = ports
     servers = tmp_path / "servers"
     write(servers, [server_line("a", a), server_line("b", b), server_line("c", c)])
     clients = write(tmp_path / "clients", [client_line(n, p, t) for n, p, t in
                                            zip("abcd", ports, targets)])
-    server = nodepass(["--config", str(servers), "--metrics", "%s:%d" % (HOST, metrics)])
+    server = nodepass(["--config", str(servers)], status=True)
+    metrics = server.status_port
     client = nodepass(["--config", clients])
     wait_states(metrics, {"a": "up", "b": "up", "c": "up"})
     for tunnel in (a, b, c):
@@ -150,11 +152,12 @@ def test_reload_keeps_an_unchanged_tunnel_drains_a_removed_one_and_replaces_a_ch
 
 def test_a_tunnel_that_cannot_listen_is_retried_while_the_others_serve(nodepass, echoes,
                                                                        tmp_path):
-    ports, targets, metrics = tunnel_ports(2), echoes(2), free_port()
+    ports, targets = tunnel_ports(2), echoes(2)
     good, blocked = ports
     servers = tmp_path / "servers"
     write(servers, [server_line("good", good)])
-    server = nodepass(["--config", str(servers), "--metrics", "%s:%d" % (HOST, metrics)])
+    server = nodepass(["--config", str(servers)], status=True)
+    metrics = server.status_port
     client = nodepass(["--config", write(tmp_path / "clients", [
         client_line(n, p, t) for n, p, t in zip(["good", "late"], ports, targets)])])
     wait_states(metrics, {"good": "up"})
@@ -187,10 +190,11 @@ def test_a_renewed_certificate_is_served_to_new_data_connections(nodepass, echoe
     shutil.copy(first["key"], live["key"])
     bundle = tmp_path / "cas.pem"
     bundle.write_text(open(first["ca"]).read() + open(second["ca"]).read())
-    [ports], [target], metrics = tunnel_ports(1), echoes(1), free_port()
+    [ports], [target] = tunnel_ports(1), echoes(1)
     query = "?tls=2&crt=%s&key=%s" % (live["crt"], live["key"])
-    server = nodepass(["--config", write(tmp_path / "servers", [server_line("sec", ports, query)]),
-                       "--metrics", "%s:%d" % (HOST, metrics)], env={"RELOAD_INTERVAL": "1s"})
+    server = nodepass(["--config", write(tmp_path / "servers", [server_line("sec", ports, query)])],
+                      env={"RELOAD_INTERVAL": "1s"}, status=True)
+    metrics = server.status_port
     client = nodepass(["client://%s:%d/%s:%d?tls=2" % (HOST, ports["tunnel"], HOST, target.port)],
                       env={"SSL_CERT_FILE": str(bundle), "MIN_POOL_CAPACITY": "2"})
     wait_states(metrics, {"sec": "up"}, processes=(server, client))

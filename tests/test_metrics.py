@@ -95,7 +95,7 @@ def scraped():
     """Two tunnels (web, db) on a server process and a client process, both scraped."""
     echo = EchoServer()
     ports = tunnel_ports(2)
-    metrics = {"server": free_port(), "client": free_port()}
+    metrics = {}
     folder = tempfile.mkdtemp(prefix="nodepass-metrics-")
     files = {}
     for role in ("server", "client"):
@@ -112,9 +112,9 @@ def scraped():
     prometheus = None
     try:
         for role in ("server", "client"):
-            processes.append(NodepassProcess(
-                ["--config", files[role], "--metrics", "%s:%d" % (HOST, metrics[role])],
-                dict(FAST_ENV)))
+            processes.append(NodepassProcess(["--config", files[role]], dict(FAST_ENV),
+                                             status=True))
+            metrics[role] = processes[-1].status_port
         prometheus = Prometheus(metrics.values())
         for role, process in zip(("server", "client"), processes):
             wait_states(metrics[role], {"web": "up", "db": "up"}, processes=[process])
