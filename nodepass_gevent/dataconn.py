@@ -15,6 +15,7 @@ memory BIOs), which the TCP exchange copies with tlscopy.py's engine.
       | <--- "<id>" ---------------------------- |  then pooled on both sides
 """
 
+import logging
 import socket
 import ssl
 from typing import Callable, Optional
@@ -69,7 +70,8 @@ class DataPort:
         if session.closed or not self.pool.add(connection_id, sock):
             net.close_quietly(sock)
             return
-        self.log.debug("Data: connection %s from %s pooled", connection_id, session.peer)
+        if self.log.isEnabledFor(logging.DEBUG):  # once per data connection
+            self.log.debug("Data: connection %s from %s pooled", connection_id, session.peer)
 
     def _prove(self, sock: socket.socket, connection_id: str, peer: tuple):
         """TLS, the key proof, the id: the ready socket; None if the handshake

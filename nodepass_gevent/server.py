@@ -14,6 +14,7 @@ go with it. User TCP connections and UDP exchanges share the semaphore
 (SEMAPHORE_LIMIT), drained for SHUTDOWN_TIMEOUT on stop.
 """
 
+import logging
 import random
 import socket
 import ssl
@@ -151,8 +152,9 @@ class Server(Component):
         if not session.send(protocol.encode_launch_signal(connection_id, kind)):
             net.close_quietly(data)
             return None
-        self.log.debug("Target: %s user %s -> data connection %s",
-                       protocol.KIND_NAMES[kind], _User(peer), connection_id)
+        if self.log.isEnabledFor(logging.DEBUG):  # once per user: no arguments made for nothing
+            self.log.debug("Target: %s user %s -> data connection %s",
+                           protocol.KIND_NAMES[kind], _User(peer), connection_id)
         return data
 
     def _serve_user(self, user: socket.socket, peer: tuple) -> None:
