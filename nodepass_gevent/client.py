@@ -113,7 +113,7 @@ class Client(Component):
         self._opened = True
         dialer = dataconn.Dialer(server, session.data_sockaddr,
                                  tls.client_context(session.tls_mode), self.config.auth_key,
-                                 self.stats, tls.resumes_sessions(session.tls_mode))
+                                 self.stats)
         self.pool = ClientPool(dialer, self.settings.min_pool_capacity,
                                self.settings.max_pool_capacity, self)
         self.pool.start()

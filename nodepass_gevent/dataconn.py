@@ -120,19 +120,12 @@ class DataPort:
 # -- the client half ---------------------------------------------------------------
 
 class Dialer:
-    """Dials one data connection of a session (the client pool's ``dial``).
-
-    With ``resume`` (tls.resumes_sessions) each TLS handshake offers the TLS
-    session of the last data connection dialed; a server that issues no
-    tickets, or forgot them, makes it a full handshake.
-    """
+    """Dials one data connection of a session (the client pool's ``dial``)."""
 
     def __init__(self, tunnel: Address, sockaddr: tuple, context: Optional[ssl.SSLContext],
-                 key: Optional[bytes], stats: Stats, resume: bool = False) -> None:
+                 key: Optional[bytes], stats: Stats) -> None:
         self.tunnel, self.sockaddr, self.context, self.key = tunnel, sockaddr, context, key
         self.stats = stats
-        self.resume = resume
-        self._session = None  # type: Optional[ssl.SSLSession]
 
     def __call__(self) -> DataConnection:
         self.stats.data_dials += 1
@@ -144,14 +137,11 @@ class Dialer:
         try:
             sock.settimeout(HANDSHAKE_TIMEOUT)
             if self.context is not None:
-                sock = tlsstream.client_handshake(sock, self.context, self.tunnel.dial_host,
-                                                  self._session)
+                sock = tlsstream.client_handshake(sock, self.context, self.tunnel.dial_host)
             if self.key is not None:
                 nonce = readers.recv_exactly(sock, AUTH_NONCE_LENGTH).decode("ascii", "replace")
                 sock.sendall(auth.data_response(self.key, nonce))
             connection_id = readers.read_id(sock)
-            if self.resume:  # the ticket came before the id
-                self._session = sock.session
             sock.settimeout(None)
             return connection_id, sock
         except BaseException as exc:

@@ -47,7 +47,7 @@ def server_context(config: Config) -> Optional[ssl.SSLContext]:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _require_tls_1_2(context)
     context.options |= _HALF_CLOSE_OPTIONS
-    _issue_session_tickets(context, 1 if resumes_sessions(config.tls_mode) else 0)
+    _issue_no_session_tickets(context)
     if config.tls_mode == TLS_SELF_SIGNED:
         _load_pem_pair(context, *self_signed_pem())
     else:
@@ -69,26 +69,14 @@ def client_context(tls_mode: int) -> Optional[ssl.SSLContext]:
     return context
 
 
-def resumes_sessions(tls_mode: int) -> bool:
-    """tls=1 data connections resume TLS sessions: the server issues one TLS 1.3
-    session ticket per handshake, and this project's client offers the last data
-    connection's session on its next one (dataconn.Dialer). A resumed handshake
-    skips the certificate and its signature: the client's handshake CPU halves
-    (about 450 -> 240 us here, OpenSSL 3.0), the server's stays the same (the
-    ticket costs what the signature saved); on churn each user costs one data
-    connection, so one handshake. tls=1 checks no certificate, so nothing is
-    skipped that was checked. tls=2 keeps a full handshake, and its certificate
-    check, on every data connection."""
-    return tls_mode == TLS_SELF_SIGNED
-
-
-def _issue_session_tickets(context: ssl.SSLContext, count: int) -> None:
-    """``count`` TLS 1.3 session tickets per handshake (OpenSSL's default is two).
-    With none, nothing is spent on tickets: neither v1.0's client (Go, no session
-    cache) nor ours under tls=2 resumes. Pythons before 3.8 cannot say so; they
-    keep sending two."""
+def _issue_no_session_tickets(context: ssl.SSLContext) -> None:
+    """No TLS 1.3 session tickets: neither this project's client nor v1.0's (Go,
+    no session cache) resumes a session, and the two tickets OpenSSL sends
+    after every handshake cost about a third of a data connection's TLS CPU
+    (scripts/tls-ab --handshakes). Pythons before 3.8 cannot say so; they
+    keep sending them."""
     if hasattr(context, "num_tickets"):
-        context.num_tickets = count
+        context.num_tickets = 0
 
 
 def _require_tls_1_2(context: ssl.SSLContext) -> None:

@@ -35,17 +35,15 @@ class DataPort:
         self.pool, self.stats, self.session = ServerPool(8), Stats(), Session()
         self.port = dataconn.DataPort(tls.server_context(config), key, self.pool, self.stats,
                                       TunnelLog(), lambda: self.session)
-        # As server.py wires it: tls=0 without a key in the accept callback.
         self.listener = TcpListener(net.listen_tcp(Address(HOST, 0)), self.port.handle,
-                                    None if self.port.at_once else gevent.pool.Pool(8),
-                                    Supervisor("Server"), "data", hands_on=True)
+                                    gevent.pool.Pool(8), Supervisor("Server"), "data",
+                                    hands_on=True)
         self.listener.start()
 
     def dialer(self, tls_mode: int = 0, key: bytes = None) -> dataconn.Dialer:
         self.client_stats = Stats()
         return dataconn.Dialer(Address(HOST, self.listener.port), (HOST, self.listener.port),
-                               tls.client_context(tls_mode), key, self.client_stats,
-                               tls.resumes_sessions(tls_mode))
+                               tls.client_context(tls_mode), key, self.client_stats)
 
     def wait_pooled(self, count: int) -> None:
         with gevent.Timeout(WAIT):
@@ -85,18 +83,6 @@ def test_both_sides_agree_on_the_id_and_the_connection_carries_bytes(data_port, 
     finally:
         client_side.close()
     assert port.client_stats.data_dials == 1 and port.client_stats.data_dial_failures == 0
-
-
-def test_a_tls1_data_connection_resumes_the_session_of_the_last_one(data_port):
-    """tls.resumes_sessions: after the first, handshakes skip the certificate."""
-    port = data_port(tls_mode=1)
-    dial = port.dialer(tls_mode=1)
-    connections = [dial()[1] for _ in range(3)]
-    try:
-        assert [sock.session_reused for sock in connections] == [False, True, True]
-    finally:
-        for sock in connections:
-            sock.close()
 
 
 def test_a_wrong_key_is_refused_and_counted(data_port):
