@@ -1,7 +1,9 @@
 """Socket plumbing shared by both roles: listen, dial, check, close.
 
 All of it is plain blocking socket code; gevent's monkey-patching (done by the
-CLI before anything else) turns each blocking call into a greenlet switch.
+CLI before anything else) turns each blocking call into a greenlet switch. The
+one exception, a TCP connect, waits on the gevent socket's own watcher itself
+(_connect_stream): gevent's connect() costs two system calls more.
 """
 
 import fcntl
