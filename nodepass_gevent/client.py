@@ -14,6 +14,7 @@ pauses failover.ServerOrder decides.
 """
 
 import dataclasses
+import logging
 import ssl
 import time
 from typing import Optional
@@ -134,8 +135,9 @@ class Client(Component):
     # -- launches ----------------------------------------------------------
 
     def _launch(self, pool: ClientPool, signal: protocol.Signal) -> None:
-        self.log.debug("Client: launch %s for data connection %s",
-                       protocol.KIND_NAMES[signal.kind], signal.host)
+        if self.log.isEnabledFor(logging.DEBUG):  # once per launch
+            self.log.debug("Client: launch %s for data connection %s",
+                           protocol.KIND_NAMES[signal.kind], signal.host)
         self.launches.spawn(self._run_launch, pool, signal.kind, signal.host)
 
     def _run_launch(self, pool: ClientPool, kind: str, connection_id: str) -> None:

@@ -15,6 +15,7 @@ memory BIOs), which the TCP exchange copies with tlscopy.py's engine.
       | <--- "<id>" ---------------------------- |  then pooled on both sides
 """
 
+import logging
 import socket
 import ssl
 from typing import Callable, Optional
@@ -32,13 +33,20 @@ CONNECT_TIMEOUT = 5.0
 
 class DataPort:
     """Admits the connected client's data connections into the server's pool
-    (the data listener's handler; the socket is filed, not closed, on success)."""
+    (the data listener's handler; the socket is filed, not closed, on success).
+
+    With tls=0 and no key (``at_once``) the whole handshake is the id, which the
+    empty send buffer of a socket just accepted takes without waiting: the
+    listener then runs ``handle`` in its accept callback, no greenlet per
+    connection. Otherwise each handshake needs a greenlet of its own.
+    """
 
     def __init__(self, ssl_context: Optional[ssl.SSLContext], key: Optional[bytes],
                  pool: ServerPool, stats: Stats, log, current_session: Callable) -> None:
         self.ssl_context, self.key, self.pool = ssl_context, key, pool
         self.stats, self.log = stats, log
         self._current_session = current_session
+        self.at_once = ssl_context is None and key is None
 
     def handle(self, sock: socket.socket, peer: tuple) -> None:
         session = self._current_session()
@@ -48,7 +56,10 @@ class DataPort:
             net.close_quietly(sock)
             return
         connection_id = protocol.new_connection_id()
-        sock = self._prove(sock, connection_id, peer)
+        if self.at_once:
+            sock = self._send_id_at_once(sock, connection_id, peer)
+        else:
+            sock = self._prove(sock, connection_id, peer)
         if sock is None:
             return
         if sock is False:
@@ -59,7 +70,8 @@ class DataPort:
         if session.closed or not self.pool.add(connection_id, sock):
             net.close_quietly(sock)
             return
-        self.log.debug("Data: connection %s from %s pooled", connection_id, session.peer)
+        if self.log.isEnabledFor(logging.DEBUG):  # once per data connection
+            self.log.debug("Data: connection %s from %s pooled", connection_id, session.peer)
 
     def _prove(self, sock: socket.socket, connection_id: str, peer: tuple):
         """TLS, the key proof, the id: the ready socket; None if the handshake
@@ -80,6 +92,23 @@ class DataPort:
             self.log.debug("Data: handshake with %s failed: %s", net.format_address(peer), exc)
             net.close_quietly(sock)  # the TLS stream, once made: it holds the descriptor
             return None
+
+    def _send_id_at_once(self, sock: socket.socket, connection_id: str, peer: tuple
+                         ) -> Optional[socket.socket]:
+        """tls=0, no key, in the accept callback (which must never wait): the id,
+        written whole by one send; None (closed) if the peer is gone already."""
+        try:
+            sock.settimeout(0)
+            sent = sock.send(connection_id.encode("ascii"))
+            sock.settimeout(None)
+            if sent == protocol.ID_LENGTH:
+                return sock
+            failure = "the id was cut short"  # cannot happen on an empty buffer
+        except OSError as exc:
+            failure = str(exc)
+        self.log.debug("Data: handshake with %s failed: %s", net.format_address(peer), failure)
+        net.close_quietly(sock)
+        return None
 
     def _key_proven(self, sock: socket.socket) -> bool:
         nonce = auth.new_nonce()

@@ -9,7 +9,9 @@ is added here:
 - errors are ours to report: running out of descriptors or buffers backs off
   (doubling, capped) with one warning, never a traceback; anything else fails
   the owner (lifecycle.Component.fail);
-- accepted TCP sockets get TCP_NODELAY;
+- accepted TCP sockets get TCP_NODELAY: Linux copies it from the listening
+  socket, which is checked on the first one accepted and then trusted (no
+  setsockopt(2) per connection; elsewhere each accepted socket is set);
 - a listener may hand its sockets on (the data port pools them), so that the
   handler's return does not close them;
 - UDP datagrams are handled in the receive callback itself, so a handler must
@@ -49,7 +51,8 @@ class _Pausing:
 
 class TcpListener(_Pausing, StreamServer):
     """Accepts TCP connections and runs ``handle(sock, peer)`` through ``spawn``
-    (a gevent Pool bounds them; a callable decides itself).
+    (a gevent Pool bounds them; a callable decides itself; None runs it in the
+    accept callback, so it must never wait).
 
     ``owner`` is the component whose ``fail`` hears of a fatal accept error
     and whose ``log`` takes the warnings; ``name`` starts those lines.
@@ -61,6 +64,8 @@ class TcpListener(_Pausing, StreamServer):
         self.owner, self.name = owner, name
         self._hands_on = hands_on
         self._backoff = net.Backoff(ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_MAX)
+        net.set_nodelay(sock)  # for the accepted sockets to inherit
+        self._nodelay_inherited = False  # until the first accepted socket shows it
 
     @property
     def port(self) -> int:
@@ -74,7 +79,10 @@ class TcpListener(_Pausing, StreamServer):
             return None
         if accepted:
             self._backoff.reset()
-            net.set_nodelay(accepted[0])
+            if not self._nodelay_inherited:
+                self._nodelay_inherited = net.has_nodelay(accepted[0])
+                if not self._nodelay_inherited:
+                    net.set_nodelay(accepted[0])
         return accepted
 
     def do_close(self, sock, *args) -> None:

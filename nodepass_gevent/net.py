@@ -1,16 +1,21 @@
 """Socket plumbing shared by both roles: listen, dial, check, close.
 
 All of it is plain blocking socket code; gevent's monkey-patching (done by the
-CLI before anything else) turns each blocking call into a greenlet switch.
+CLI before anything else) turns each blocking call into a greenlet switch. The
+one exception, a TCP connect, waits on the gevent socket's own watcher itself
+(_connect_stream): gevent's connect() costs two system calls more.
 """
 
 import fcntl
+import os
 import socket
 import ssl
 import struct
 import termios
 from typing import Optional, Tuple
 
+import gevent
+from gevent import get_hub
 from gevent.monkey import get_original
 
 from nodepass_gevent.config import Address
@@ -105,13 +110,36 @@ def connect(sockaddr: tuple, kind: int, timeout: Optional[float]) -> socket.sock
     """A socket of ``kind`` connected to a resolved address (IPv4 or IPv6)."""
     family = socket.AF_INET6 if len(sockaddr) == 4 else socket.AF_INET
     sock = socket.socket(family, kind)
-    sock.settimeout(timeout)
     try:
-        sock.connect(sockaddr)
+        if kind == socket.SOCK_STREAM:
+            _connect_stream(sock, sockaddr, timeout)
+        else:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _connect_stream(sock: socket.socket, sockaddr: tuple, timeout: Optional[float]) -> None:
+    """connect(2), a wait for the handshake, one look at its outcome; the socket is
+    left with ``timeout``.
+
+    gevent's connect() makes two system calls more (it asks SO_ERROR before it
+    starts, and connects again to learn that it is connected), twice for each
+    tunneled connection on the client: its data connection and its target.
+    """
+    sock.settimeout(0)
+    try:
+        sock.connect(sockaddr)
+    except BlockingIOError:  # EINPROGRESS: the handshake is under way
+        with gevent.Timeout(timeout, socket.timeout("timed out")):
+            get_hub().wait(sock._write_event)  # the gevent socket's own watcher
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            raise OSError(code, os.strerror(code))
+    sock.settimeout(timeout)
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -119,6 +147,13 @@ def set_nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass
+
+
+def has_nodelay(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+    except OSError:
+        return False
 
 
 def set_user_timeout(sock: socket.socket, seconds: float) -> None:
@@ -177,6 +212,15 @@ def _bytes_waiting(fileno: int) -> int:
         return struct.unpack("i", fcntl.ioctl(fileno, termios.FIONREAD, b"\0\0\0\0"))[0]
     except OSError:
         return 0
+
+
+def send_message(sock: socket.socket, message: bytes) -> None:
+    """sendall() for a short message: one send(2) when the send buffer has room,
+    as it nearly always has; sendall() for what it did not take. (gevent's
+    sendall() asks for SO_SNDBUF, a getsockopt(2), on every call.)"""
+    sent = sock.send(message)
+    if sent < len(message):
+        sock.sendall(message[sent:])
 
 
 def abort(sock: socket.socket) -> None:

@@ -6,6 +6,12 @@ Client side: connections dialed ahead of time, looked up by the id named in a
 launch signal; refilled as soon as one is used, sized by the v1.0 rule
 (about once a second: fewer than 20% of capacity created -> shrink by one,
 more than 80% -> grow by one, within MIN/MAX_POOL_CAPACITY).
+
+The client refills from the take that used a connection and from each dial
+that ends, at once: a refill that waited for the manager greenlet could miss
+its wake-up (a dial's greenlet still counted as dialing when its wake-up ran)
+and leave every user waiting on the server's empty pool until the next
+capacity round, a second later.
 """
 
 import socket
@@ -108,7 +114,8 @@ class ClientPool:
         self.capacity = min_capacity
         self._idle = OrderedDict()  # type: OrderedDict[str, socket.socket]
         self._waiters = {}  # type: Dict[str, AsyncResult]
-        self._dialers = gevent.pool.Pool(MAX_PARALLEL_DIALS)
+        self._dialers = gevent.pool.Group()  # bounded by _dialing, which never waits
+        self._dialing = 0   # dials in flight (exact: a finished dial is out before it refills)
         self._wakeup = Event()
         self._created = 0   # since the last capacity adjustment
         self._misses = deque()  # when each recent miss happened (monotonic seconds)
@@ -128,13 +135,13 @@ class ClientPool:
     def take(self, connection_id: str) -> Optional[socket.socket]:
         """The connection filed under ``connection_id``, or None if it never comes."""
         sock = self._idle.pop(connection_id, None)
-        if sock is None and len(self._dialers) > 0 and not self.closed:
+        if sock is None and self._dialing > 0 and not self.closed:
             # The server may signal an id before we finished reading it off
             # its connection (docs/protocol.md, "Signal before id"): wait briefly.
             waiter = self._waiters.setdefault(connection_id, AsyncResult())
             sock = waiter.wait(timeout=ID_ARRIVAL_WAIT)
             self._waiters.pop(connection_id, None)
-        self._wakeup.set()
+        self._refill()
         if sock is None:
             self._given_up[connection_id] = None
             while len(self._given_up) > GIVEN_UP_REMEMBERED:
@@ -201,25 +208,35 @@ class ClientPool:
     def _top_up(self) -> None:
         """Start dials until idle plus dialing connections reach capacity.
 
-        Each dial wakes the manager when it ends, so the pool refills one
+        Called as each dial ends (and each take), so the pool refills one
         connection at a time as dials finish: a slow one (a SYN lost on a bad
         link costs a second) holds up only itself, not a whole batch.
         """
-        missing = self.capacity - len(self._idle) - len(self._dialers)
-        for index in range(min(missing, self._dialers.free_count())):
-            self._dialers.spawn(self._dial_and_wake, index)
+        missing = self.capacity - len(self._idle) - self._dialing
+        for _ in range(min(missing, MAX_PARALLEL_DIALS - self._dialing)):
+            self._dialing += 1
+            self._dialers.spawn(self._dial_and_refill)
 
-    def _dial_and_wake(self, index: int) -> None:
+    def _refill(self) -> None:
+        """Replace what a take used or a dial ended, at once; after a failed dial
+        (or a bug) the manager decides instead, with its back-off."""
+        if self._failures or self._bug is not None or self.closed:
+            self._wakeup.set()
+        else:
+            self._top_up()
+
+    def _dial_and_refill(self) -> None:
         try:
-            self._dial_one(index)
+            self._dial_one()
         except gevent.GreenletExit:
             raise
         except BaseException as exc:  # noqa: B902 - not a dial failure: a bug
             self._bug = exc
         finally:
-            self._wakeup.set()
+            self._dialing -= 1
+            self._refill()
 
-    def _dial_one(self, _index: int) -> bool:
+    def _dial_one(self) -> bool:
         try:
             connection_id, sock = self._dial()
         except DIAL_FAILURES as exc:  # retried by the manager

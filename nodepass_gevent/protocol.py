@@ -40,7 +40,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from nodepass_gevent.urls import hostname, query_pairs, split_url
 
@@ -103,9 +103,17 @@ class Signal:
     query: Dict[str, str]
 
 
+IDS_PER_DRAW = 256  # ids made from one os.urandom() call (one getrandom(2) per id otherwise)
+_drawn_ids = []  # type: List[str]
+
+
 def new_connection_id() -> str:
     """A fresh data connection id: 8 lowercase hex characters (4 random bytes)."""
-    return binascii.hexlify(os.urandom(ID_LENGTH // 2)).decode("ascii")
+    if not _drawn_ids:
+        text = binascii.hexlify(os.urandom(IDS_PER_DRAW * ID_LENGTH // 2)).decode("ascii")
+        _drawn_ids.extend(text[start:start + ID_LENGTH]
+                          for start in range(0, len(text), ID_LENGTH))
+    return _drawn_ids.pop()
 
 
 def is_connection_id(text: str) -> bool:

@@ -14,6 +14,7 @@ go with it. User TCP connections and UDP exchanges share the semaphore
 (SEMAPHORE_LIMIT), drained for SHUTDOWN_TIMEOUT on stop.
 """
 
+import logging
 import random
 import socket
 import ssl
@@ -100,7 +101,8 @@ class Server(Component):
                                       self, self.edge if self.edge.filters_udp else None)
         self._listeners = [
             TcpListener(tunnel, self.control.handle, self.control.spawn, self, "tunnel"),
-            TcpListener(data, data_port.handle, self._handshakes, self, "data",
+            TcpListener(data, data_port.handle,
+                        None if data_port.at_once else self._handshakes, self, "data",
                         hands_on=True),
             _UserListener(target_tcp, self._serve_user, self.users, self, "target",
                           admit=self.edge.admit_tcp if self.edge.admits_tcp else None),
@@ -150,8 +152,9 @@ class Server(Component):
         if not session.send(protocol.encode_launch_signal(connection_id, kind)):
             net.close_quietly(data)
             return None
-        self.log.debug("Target: %s user %s -> data connection %s",
-                       protocol.KIND_NAMES[kind], _User(peer), connection_id)
+        if self.log.isEnabledFor(logging.DEBUG):  # once per user: no arguments made for nothing
+            self.log.debug("Target: %s user %s -> data connection %s",
+                           protocol.KIND_NAMES[kind], _User(peer), connection_id)
         return data
 
     def _serve_user(self, user: socket.socket, peer: tuple) -> None:

@@ -49,9 +49,16 @@ class Stats:
         else:
             self.bytes_out += size
 
+    def count_inbound(self, size: int) -> None:
+        self.bytes_in += size
+
+    def count_outbound(self, size: int) -> None:
+        self.bytes_out += size
+
     def counter(self, inbound: bool):
-        """A callable counting bytes one way (what the copy engines call per write)."""
-        return lambda size: self.count_bytes(size, inbound)
+        """A callable counting bytes one way (what the copy engines call per write):
+        a bound method, one call per write and nothing made per connection."""
+        return self.count_inbound if inbound else self.count_outbound
 
     def tcp_opened(self) -> None:
         """A TCP connection starts (active until tcp_closed(); a plain call, not a

@@ -41,7 +41,7 @@ def serve_user(user: socket.socket, peer: tuple, hand_out, stats: Stats,
 def _send_header(data: socket.socket, header: bytes, peer: tuple) -> bool:
     """Write the PROXY header; on failure close the data connection, False."""
     try:
-        data.sendall(header)
+        net.send_message(data, header)
         return True
     except OSError as exc:
         log.debug("Target: PROXY header for %s not sent: %s", net.format_address(peer), exc)

@@ -35,9 +35,10 @@ class DataPort:
         self.pool, self.stats, self.session = ServerPool(8), Stats(), Session()
         self.port = dataconn.DataPort(tls.server_context(config), key, self.pool, self.stats,
                                       TunnelLog(), lambda: self.session)
+        # As server.py wires it: tls=0 without a key in the accept callback.
         self.listener = TcpListener(net.listen_tcp(Address(HOST, 0)), self.port.handle,
-                                    gevent.pool.Pool(8), Supervisor("Server"), "data",
-                                    hands_on=True)
+                                    None if self.port.at_once else gevent.pool.Pool(8),
+                                    Supervisor("Server"), "data", hands_on=True)
         self.listener.start()
 
     def dialer(self, tls_mode: int = 0, key: bytes = None) -> dataconn.Dialer:

@@ -67,6 +67,27 @@ def test_client_pool_fills_to_capacity_and_refills_at_once_when_used(dialer, sup
         pool.close()
 
 
+def test_client_pool_keeps_refilling_while_each_connection_is_taken_as_it_arrives(supervisor):
+    """A busy server hands each connection out as soon as it is pooled: a take
+    right as a dial files its connection must not cost that dial's refill (the
+    pool would shrink until the next 1 s round, every user waiting meanwhile)."""
+    dialer = Dialer(delay=0.002)
+    pool = ClientPool(dialer, min_capacity=4, max_capacity=4, supervisor=supervisor)
+    pool.start()
+    try:
+        wait_for(lambda: pool.idle == 4)
+        taken = 0
+        with gevent.Timeout(0.8):  # within one capacity round (ADJUST_INTERVAL)
+            while taken < 40:
+                for connection_id in list(pool._idle):
+                    taken += pool.take(connection_id) is not None
+                gevent.sleep(0.001)
+        wait_for(lambda: pool.idle == 4, timeout=0.3)
+    finally:
+        pool.close()
+        dialer.close()
+
+
 def test_capacity_rule_grows_above_80_percent_and_shrinks_below_20(dialer, supervisor):
     pool = ClientPool(dialer, min_capacity=10, max_capacity=12, supervisor=supervisor)
     # (connections that had to be created in a round, capacity after the round)
