@@ -7,14 +7,17 @@ call into one _Exchange; only the caller's greenlet waits, for the end.
 Towards TLS, per read: one recv of up to CHUNK_SIZE plaintext, one
 SSLObject.write (OpenSSL cuts it into 16 KB records), one send of all the
 records; a few reads per wake-up while the socket keeps filling them. From
-TLS: every byte that has arrived goes into the incoming BIO, every complete
-record is decrypted into one buffer (CLEAR_SIZE at a time), and each buffer
-goes out in one send. Where a send would block, the direction keeps what is
-left, stops reading, and waits for room.
+TLS, per read: one recv of up to CHUNK_SIZE ciphertext into the incoming BIO,
+every complete record in it decrypted into one buffer, one send of that
+buffer; as many reads per wake-up. Where a send would block, the direction
+keeps what is left, stops reading, and waits for room.
 
 The socket reads and decryption use two module-wide buffers: a callback never
-yields, so the exchanges of a process can share them, and a connection holds
-no buffer while idle (only what a full sink leaves unsent is kept, as a copy).
+yields, so the exchanges of a process can share them. A connection that has
+never moved more than a few records at once holds almost no buffer; one that
+has carried a bulk transfer keeps, until it closes, the room its two memory
+BIOs grew to (about CHUNK_SIZE each: OpenSSL never shrinks them), plus what a
+full sink leaves unsent, as a copy.
 
 Obeys the copy contract (relay.py's module docstring): both sockets are owned
 and closed; EOF from either side becomes a half-close of the other (towards
@@ -36,7 +39,7 @@ from nodepass_gevent.tlsstream import TLSStream
 
 # 256 KB reads and sends: against 64 KB, a quarter of the system calls,
 # wake-ups of the peer and passes through these callbacks per GB (tunnel CPU
-# per GB about 15% lower, scripts/bench tls=1 bulk).
+# per GB 5-15% lower in scripts/bench tls=1 bulk, throughput within its noise).
 CHUNK_SIZE = 262144      # plaintext read from the plain socket per recv (16 records)
 CLEAR_SIZE = 262144      # decrypted bytes gathered into one send towards the plain socket
 CIPHER_READS = 4         # recvs of CHUNK_SIZE from the TLS socket per wake-up at most
