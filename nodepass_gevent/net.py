@@ -9,7 +9,6 @@ one exception, a TCP connect, waits on the gevent socket's own watcher itself
 import fcntl
 import os
 import socket
-import ssl
 import struct
 import termios
 from typing import Optional, Tuple
@@ -229,16 +228,10 @@ def abort(sock: socket.socket) -> None:
 
 
 def shutdown(sock: socket.socket, how: int) -> None:
-    """shutdown(2) on the TCP socket, also under TLS; never raises.
-
-    ssl.SSLSocket.shutdown() drops the TLS session, which would leave the
-    other direction unreadable: the plain socket method underneath is used.
-    """
+    """shutdown(2) on the TCP socket, also under TLS (a TLSStream's is the TCP
+    socket's, relay.half_close says why); never raises."""
     try:
-        if isinstance(sock, ssl.SSLSocket):
-            super(ssl.SSLSocket, sock).shutdown(how)
-        else:
-            sock.shutdown(how)
+        sock.shutdown(how)
     except (OSError, ValueError):
         pass
 

@@ -29,7 +29,6 @@ turn.
 """
 
 import socket
-import ssl
 from typing import Optional, Tuple
 
 import gevent
@@ -43,7 +42,6 @@ from nodepass_gevent.stats import Stats
 from nodepass_gevent.tlsstream import TLSStream
 
 CHUNK_SIZE = 262144       # one read from a plain socket; TLS writes it as 16 records
-COALESCE_LIMIT = 262144   # decrypted TLS bytes gathered into one send
 
 
 def exchange(left: socket.socket, right: socket.socket, stats: Optional[Stats] = None,
@@ -61,10 +59,8 @@ def exchange(left: socket.socket, right: socket.socket, stats: Optional[Stats] =
     # calls, like any socket), which draw on the buckets.
     forward_bucket = rate.inbound if rate is not None else None
     backward_bucket = rate.outbound if rate is not None else None
-    plain = not tls_stream and not isinstance(left, ssl.SSLSocket) \
-        and not isinstance(right, ssl.SSLSocket)
     # None: the kernel refuses splice (zerocopy probes once), copy through user space.
-    splice = zerocopy.engine() if plain else None
+    splice = None if tls_stream else zerocopy.engine()
     if splice is not None:  # the same contract: it closes both sockets itself
         return zerocopy.exchange(left, right, _counter(stats, True), _counter(stats, False),
                                  splice, forward_bucket, backward_bucket)
@@ -107,10 +103,10 @@ def _copy(source: socket.socket, sink: socket.socket, count,
         # recv() allocates its buffer only while bytes are waiting, so an
         # idle connection holds no buffer at all.
         if bucket is None:
-            chunk = _recv_coalesced(source)
+            chunk = source.recv(CHUNK_SIZE)
         else:
             grant = _grant(source, bucket)
-            chunk = _recv_coalesced(source, grant)
+            chunk = source.recv(min(grant, CHUNK_SIZE))
             bucket.give_back(grant - len(chunk))
         if not chunk:
             return moved
@@ -140,33 +136,6 @@ def _grant(source: socket.socket, bucket: TokenBucket) -> int:
         if turn.ready():
             bucket.give_back(turn.value)
         raise
-
-
-def _recv_coalesced(source: socket.socket, limit: int = CHUNK_SIZE) -> bytes:
-    """One recv, plus, from TLS, the records that have already arrived behind it.
-
-    An SSL read returns at most one record (16 KB). Reading on, without
-    waiting, until OpenSSL wants more from the network gathers a burst into
-    one send and saves a round through the event loop per record. (gevent's
-    own SSLSocket.read calls the SSL object the same way.)
-    """
-    chunk = source.recv(min(limit, CHUNK_SIZE))
-    tls_object = getattr(source, "_sslobj", None)
-    if not chunk or tls_object is None:
-        return chunk
-    parts, size = [chunk], len(chunk)
-    limit = min(limit, COALESCE_LIMIT)
-    while size < limit:
-        try:
-            more = tls_object.read(limit - size)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLZeroReturnError,
-                ssl.SSLEOFError):
-            break  # nothing more yet, or the end: the next recv() tells which
-        if not more:
-            break
-        parts.append(more)
-        size += len(more)
-    return b"".join(parts)
 
 
 def half_close(sock: socket.socket) -> None:
