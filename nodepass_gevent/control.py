@@ -69,7 +69,7 @@ class ServerSession:
             return False
         with self._write_lock:  # signal lines must never interleave
             try:
-                self.control.sendall(signal)
+                net.send_small(self.control, signal)
                 return True
             except OSError as exc:
                 self.log.warning("Tunnel: write to client %s failed: %s", self.peer, exc)
