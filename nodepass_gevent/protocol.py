@@ -114,7 +114,7 @@ def is_connection_id(text: str) -> bool:
 
 def is_lower_hex(text: str, length: int) -> bool:
     """Ids, nonces and MACs: exactly ``length`` lowercase hex characters."""
-    return len(text) == length and all(c in "0123456789abcdef" for c in text)
+    return len(text) == length and not text.strip("0123456789abcdef")
 
 
 def is_tls_mode(text: str) -> bool:

@@ -101,7 +101,7 @@ class Server(Component):
         self._listeners = [
             TcpListener(tunnel, self.control.handle, self.control.spawn, self, "tunnel"),
             TcpListener(data, data_port.handle, self._handshakes, self, "data",
-                        hands_on=True),
+                        hands_on=True, handle_now=data_port.handle_now),
             _UserListener(target_tcp, self._serve_user, self.users, self, "target",
                           admit=self.edge.admit_tcp if self.edge.admits_tcp else None),
             UdpListener(target_udp, self.settings.udp_data_buf_size, self.udp_users.handle,
