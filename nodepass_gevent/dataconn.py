@@ -8,6 +8,11 @@ its id; from then on it carries one TCP connection, one v1 UDP datagram and
 its reply, or one UDP flow. Under TLS it is a tlsstream.TLSStream (OpenSSL on
 memory BIOs), which the TCP exchange copies with tlscopy.py's engine.
 
+Without TLS and without a key the id is all there is to it, and neither
+side spends a greenlet on it (v1.0 UDP uses a data connection per datagram):
+the server writes the id from the accept callback (DataPort.handle_now), the
+client dials and reads it from event-loop callbacks (PlainDial).
+
     client                                  server (data port)
       | ---- TCP connect ---------------------> |
       | <=== TLS handshake (tls=1, 2) =======> |
