@@ -142,7 +142,8 @@ def offers_udp_flow(signal: "Signal") -> bool:
 
 
 def encode_launch_signal(connection_id: str, kind: str) -> bytes:
-    return _encode_signal(connection_id, kind)
+    """_encode_signal's bytes without fields, formatted directly: one per user."""
+    return ("//%s#%s\n" % (connection_id, kind)).encode("ascii")
 
 
 def encode_auth_challenge(server_nonce: str) -> bytes:
