@@ -115,7 +115,7 @@ class Client(Component):
                                  tls.client_context(session.tls_mode), self.config.auth_key,
                                  self.stats)
         self.pool = ClientPool(dialer, self.settings.min_pool_capacity,
-                               self.settings.max_pool_capacity, self)
+                               self.settings.max_pool_capacity, self, dialer.start)
         self.pool.start()
         if protocol.KIND_UDP_FLOW in session.launch_kinds:
             self.log.info("Client: using UDP flows (one data connection per user address)")

@@ -8,6 +8,11 @@ its id; from then on it carries one TCP connection, one v1 UDP datagram and
 its reply, or one UDP flow. Under TLS it is a tlsstream.TLSStream (OpenSSL on
 memory BIOs), which the TCP exchange copies with tlscopy.py's engine.
 
+Without TLS and without a key the id is all there is to it, and neither
+side spends a greenlet on it (v1.0 UDP uses a data connection per datagram):
+the server writes the id from the accept callback (DataPort.handle_now), the
+client dials and reads it from event-loop callbacks (PlainDial).
+
     client                                  server (data port)
       | ---- TCP connect ---------------------> |
       | <=== TLS handshake (tls=1, 2) =======> |
@@ -16,9 +21,12 @@ memory BIOs), which the TCP exchange copies with tlscopy.py's engine.
 """
 
 import logging
+import os
 import socket
 import ssl
 from typing import Callable, Optional
+
+import gevent
 
 from nodepass_gevent import auth, net, protocol, readers, tlsstream
 from nodepass_gevent.config import Address
@@ -27,6 +35,7 @@ from nodepass_gevent.protocol import AUTH_MAC_LENGTH, AUTH_NONCE_LENGTH, HANDSHA
 from nodepass_gevent.stats import Stats
 
 CONNECT_TIMEOUT = 5.0
+_READ = 1  # libev's EV_READ
 
 
 # -- the server half ---------------------------------------------------------------
@@ -35,10 +44,10 @@ class DataPort:
     """Admits the connected client's data connections into the server's pool
     (the data listener's handler; the socket is filed, not closed, on success).
 
-    With tls=0 and no key (``at_once``) the whole handshake is the id, which the
-    empty send buffer of a socket just accepted takes without waiting: the
-    listener then runs ``handle`` in its accept callback, no greenlet per
-    connection. Otherwise each handshake needs a greenlet of its own.
+    With tls=0 and no key the whole handshake is the id, which the empty send
+    buffer of a socket just accepted takes without waiting: the listener then
+    tries ``handle_now`` in its accept callback, no greenlet per connection.
+    Otherwise each handshake needs a greenlet of its own (``handle``).
     """
 
     def __init__(self, ssl_context: Optional[ssl.SSLContext], key: Optional[bytes],
@@ -46,26 +55,61 @@ class DataPort:
         self.ssl_context, self.key, self.pool = ssl_context, key, pool
         self.stats, self.log = stats, log
         self._current_session = current_session
-        self.at_once = ssl_context is None and key is None
 
     def handle(self, sock: socket.socket, peer: tuple) -> None:
-        session = self._current_session()
-        if session is None or peer[0] != session.peer_host:
-            self.log.warning("Data: refused %s: not the connected tunnel client",
-                             net.format_address(peer))
-            net.close_quietly(sock)
+        session = self._session_of(sock, peer)
+        if session is None:
             return
         connection_id = protocol.new_connection_id()
-        if self.at_once:
-            sock = self._send_id_at_once(sock, connection_id, peer)
-        else:
-            sock = self._prove(sock, connection_id, peer)
+        sock = self._prove(sock, connection_id, peer)
         if sock is None:
             return
         if sock is False:
             self.stats.auth_failures += 1
             self.log.warning("Data: %s failed authentication", session.peer)
             return
+        self._file(session, connection_id, sock)
+
+    def handle_now(self, sock: socket.socket, peer: tuple) -> bool:
+        """handle() in the accept callback, for a plain data port without a key:
+        the id is all there is to write, and a fresh connection's empty send
+        buffer takes it at once, so no greenlet is needed (v1.0 UDP makes a
+        data connection per datagram). False: not such a port, or the id did
+        not go out at once; handle() then runs as usual."""
+        if self.ssl_context is not None or self.key is not None:
+            return False
+        session = self._session_of(sock, peer)
+        if session is None:
+            return True
+        connection_id = protocol.new_connection_id()
+        encoded = connection_id.encode("ascii")
+        try:
+            written = os.write(sock.fileno(), encoded)  # the socket underneath is non-blocking
+        except BlockingIOError:
+            return False  # nothing written: handle() can start afresh
+        except OSError as exc:
+            self.log.debug("Data: handshake with %s failed: %s", net.format_address(peer), exc)
+            net.close_quietly(sock)
+            return True
+        if written < len(encoded):
+            self.log.debug("Data: handshake with %s failed: id cut short",
+                           net.format_address(peer))
+            net.close_quietly(sock)
+            return True
+        self._file(session, connection_id, sock)
+        return True
+
+    def _session_of(self, sock: socket.socket, peer: tuple):
+        """The session ``peer`` belongs to; None (``sock`` closed, logged) if none."""
+        session = self._current_session()
+        if session is None or peer[0] != session.peer_host:
+            self.log.warning("Data: refused %s: not the connected tunnel client",
+                             net.format_address(peer))
+            net.close_quietly(sock)
+            return None
+        return session
+
+    def _file(self, session, connection_id: str, sock: socket.socket) -> None:
         session.in_use = True
         if session.closed or not self.pool.add(connection_id, sock):
             net.close_quietly(sock)
@@ -83,7 +127,7 @@ class DataPort:
             if self.key is not None and not self._key_proven(sock):
                 net.close_quietly(sock)
                 return False
-            sock.sendall(connection_id.encode("ascii"))
+            net.send_message(sock, connection_id.encode("ascii"))
             sock.settimeout(None)
             return sock
         except (OSError, ValueError) as exc:
@@ -92,23 +136,6 @@ class DataPort:
             self.log.debug("Data: handshake with %s failed: %s", net.format_address(peer), exc)
             net.close_quietly(sock)  # the TLS stream, once made: it holds the descriptor
             return None
-
-    def _send_id_at_once(self, sock: socket.socket, connection_id: str, peer: tuple
-                         ) -> Optional[socket.socket]:
-        """tls=0, no key, in the accept callback (which must never wait): the id,
-        written whole by one send; None (closed) if the peer is gone already."""
-        try:
-            sock.settimeout(0)
-            sent = sock.send(connection_id.encode("ascii"))
-            sock.settimeout(None)
-            if sent == protocol.ID_LENGTH:
-                return sock
-            failure = "the id was cut short"  # cannot happen on an empty buffer
-        except OSError as exc:
-            failure = str(exc)
-        self.log.debug("Data: handshake with %s failed: %s", net.format_address(peer), failure)
-        net.close_quietly(sock)
-        return None
 
     def _key_proven(self, sock: socket.socket) -> bool:
         nonce = auth.new_nonce()
@@ -130,12 +157,11 @@ class Dialer:
     def __call__(self) -> DataConnection:
         self.stats.data_dials += 1
         try:
-            sock = net.dial_tcp(self.tunnel, CONNECT_TIMEOUT, self.sockaddr)
+            sock = self._connect()
         except OSError:
             self.stats.data_dial_failures += 1
             raise
         try:
-            sock.settimeout(HANDSHAKE_TIMEOUT)
             if self.context is not None:
                 sock = tlsstream.client_handshake(sock, self.context, self.tunnel.dial_host)
             if self.key is not None:
@@ -150,3 +176,93 @@ class Dialer:
                 self.stats.tls_failures += 1
             net.close_quietly(sock)  # the TLS stream, once made: it holds the descriptor
             raise
+
+    def start(self, on_done: Callable) -> Optional["PlainDial"]:
+        """Dial from event-loop callbacks when there is nothing to do but read
+        the id (no TLS, no key): the dial under way, which calls
+        ``on_done(dial, connection, error)`` once (one of the last two is
+        None); OSError if it cannot even start. None: not such a session,
+        call the dialer (in a greenlet) instead."""
+        if self.context is not None or self.key is not None:
+            return None
+        self.stats.data_dials += 1
+        try:
+            return PlainDial(self.sockaddr, self.stats, on_done)
+        except OSError:
+            self.stats.data_dial_failures += 1
+            raise
+
+    def _connect(self) -> socket.socket:
+        """The TCP connection, its handshake timeout set. Without TLS the server
+        speaks first (the id, or the key's nonce), so the connect is not
+        waited for on its own: the first read waits for both, within
+        HANDSHAKE_TIMEOUT (one wake-up fewer per data connection, and v1.0
+        UDP spends one per datagram)."""
+        if self.context is None:
+            sock = net.start_tcp_dial(self.sockaddr)
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+        else:
+            sock = net.dial_tcp(self.tunnel, CONNECT_TIMEOUT, self.sockaddr)
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+        return sock
+
+
+class PlainDial:
+    """One plain data connection without a key, from event-loop callbacks:
+    connect, read the id, hand it over; no greenlet (v1.0 UDP spends a data
+    connection per datagram). Fails as Dialer does: OSError (a refused
+    connect, a timeout) or ProtocolError (a bad id)."""
+
+    def __init__(self, sockaddr: tuple, stats: Stats, on_done: Callable) -> None:
+        self.stats, self.on_done = stats, on_done
+        self.sock = net.start_tcp_dial(sockaddr)
+        self._fileno = self.sock.fileno()
+        self._received = b""
+        loop = gevent.get_hub().loop
+        self._readable = loop.io(self._fileno, _READ)
+        self._deadline = loop.timer(HANDSHAKE_TIMEOUT)
+        self._readable.start(self._on_readable)
+        self._deadline.start(self._on_deadline)
+
+    def cancel(self) -> None:
+        """Stop and close, without a word to ``on_done`` (the pool is closing). Never raises."""
+        self._stop()
+        net.close_quietly(self.sock)
+
+    def _on_readable(self) -> None:
+        try:
+            connection_id = self._read()
+        except BlockingIOError:
+            return
+        except BaseException as exc:  # noqa: B902 - on_done tells failures from bugs
+            self._fail(exc)
+            return
+        if connection_id is not None:
+            self._stop()
+            self.sock.settimeout(None)
+            self.on_done(self, (connection_id, self.sock), None)
+
+    def _read(self) -> Optional[str]:
+        """The id once all of it is there, None before; raises as Dialer does
+        (a failed connect is this read's error)."""
+        chunk = os.read(self._fileno, protocol.ID_LENGTH - len(self._received))
+        if not chunk:
+            raise ConnectionError("closed after %d of %d bytes"
+                                  % (len(self._received), protocol.ID_LENGTH))
+        self._received += chunk
+        if len(self._received) < protocol.ID_LENGTH:
+            return None
+        return readers.check_id(self._received)
+
+    def _on_deadline(self) -> None:
+        self._fail(socket.timeout("timed out"))
+
+    def _fail(self, error: BaseException) -> None:
+        self.stats.data_dial_failures += 1
+        self.cancel()
+        self.on_done(self, None, error)
+
+    def _stop(self) -> None:
+        for watcher in (self._readable, self._deadline):
+            watcher.stop()
+            watcher.close()

@@ -59,10 +59,14 @@ class TcpListener(_Pausing, StreamServer):
     """
 
     def __init__(self, sock: socket.socket, handle: Callable, spawn, owner, name: str,
-                 hands_on: bool = False) -> None:
+                 hands_on: bool = False,
+                 handle_now: Optional[Callable[[socket.socket, tuple], bool]] = None) -> None:
         super().__init__(sock, handle, spawn=spawn)
         self.owner, self.name = owner, name
         self._hands_on = hands_on
+        # Tried first, in the accept callback (it must not block); True: it dealt
+        # with the socket, no greenlet needed. False: ``handle`` gets it.
+        self._handle_now = handle_now
         self._backoff = net.Backoff(ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_MAX)
         net.set_nodelay(sock)  # for the accepted sockets to inherit
         self._nodelay_inherited = False  # until the first accepted socket shows it
@@ -84,6 +88,10 @@ class TcpListener(_Pausing, StreamServer):
                 if not self._nodelay_inherited:
                     net.set_nodelay(accepted[0])
         return accepted
+
+    def do_handle(self, sock, peer) -> None:
+        if self._handle_now is None or not self._handle_now(sock, peer):
+            super().do_handle(sock, peer)
 
     def do_close(self, sock, *args) -> None:
         if not self._hands_on:  # else the handler has filed it somewhere, or closed it

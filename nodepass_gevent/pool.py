@@ -103,11 +103,20 @@ class ServerPool:
 
 class ClientPool:
     """Pre-dialed data connections on the client, looked up by id; its manager
-    greenlet runs under the owner's ``supervisor`` (and logs through it)."""
+    greenlet runs under the owner's ``supervisor`` (and logs through it).
+
+    ``dial()`` dials one connection, in a greenlet of its own. ``start_dial``,
+    if given, is tried first: ``start_dial(on_done)`` starts a dial driven
+    from event-loop callbacks (dataconn.Dialer.start) and returns it, or
+    returns None when it cannot (then ``dial`` runs).
+    """
 
     def __init__(self, dial: Callable[[], DataConnection], min_capacity: int,
-                 max_capacity: int, supervisor: Component) -> None:
+                 max_capacity: int, supervisor: Component,
+                 start_dial: Optional[Callable] = None) -> None:
         self._dial = dial
+        self._start_dial = start_dial
+        self._loop_dials = set()  # dials under way in callbacks (start_dial's)
         self._supervisor = supervisor
         self.log = supervisor.log
         self.min_capacity, self.max_capacity = min_capacity, max_capacity
@@ -117,6 +126,7 @@ class ClientPool:
         self._dialers = gevent.pool.Group()  # bounded by _dialing, which never waits
         self._dialing = 0   # dials in flight (exact: a finished dial is out before it refills)
         self._wakeup = Event()
+        self._loop = gevent.get_hub().loop
         self._created = 0   # since the last capacity adjustment
         self._misses = deque()  # when each recent miss happened (monotonic seconds)
         self._given_up = OrderedDict()  # type: OrderedDict[str, None]  (see GIVEN_UP_REMEMBERED)
@@ -135,13 +145,13 @@ class ClientPool:
     def take(self, connection_id: str) -> Optional[socket.socket]:
         """The connection filed under ``connection_id``, or None if it never comes."""
         sock = self._idle.pop(connection_id, None)
-        if sock is None and self._dialing > 0 and not self.closed:
+        if sock is None and self._dials_under_way() > 0 and not self.closed:
             # The server may signal an id before we finished reading it off
             # its connection (docs/protocol.md, "Signal before id"): wait briefly.
             waiter = self._waiters.setdefault(connection_id, AsyncResult())
             sock = waiter.wait(timeout=ID_ARRIVAL_WAIT)
             self._waiters.pop(connection_id, None)
-        self._refill()
+        self._loop.run_callback(self._refill)  # once this launch waits: not before it
         if sock is None:
             self._given_up[connection_id] = None
             while len(self._given_up) > GIVEN_UP_REMEMBERED:
@@ -155,6 +165,9 @@ class ClientPool:
         if self._manager is not None:
             self._manager.kill(block=False)
         self._dialers.kill(block=False)
+        for dial in list(self._loop_dials):
+            dial.cancel()
+        self._loop_dials.clear()
         self.flush()
 
     def flush(self) -> None:
@@ -205,17 +218,64 @@ class ClientPool:
                 self._adjust()
                 next_adjust = time.monotonic() + ADJUST_INTERVAL
 
+    def _dials_under_way(self) -> int:
+        return self._dialing + len(self._loop_dials)
+
     def _top_up(self) -> None:
         """Start dials until idle plus dialing connections reach capacity.
 
-        Called as each dial ends (and each take), so the pool refills one
-        connection at a time as dials finish: a slow one (a SYN lost on a bad
-        link costs a second) holds up only itself, not a whole batch.
+        Called as each dial ends (and after each take), so the pool refills
+        one connection at a time as dials finish: a slow one (a SYN lost on a
+        bad link costs a second) holds up only itself, not a whole batch.
         """
-        missing = self.capacity - len(self._idle) - self._dialing
-        for _ in range(min(missing, MAX_PARALLEL_DIALS - self._dialing)):
-            self._dialing += 1
-            self._dialers.spawn(self._dial_and_refill)
+        if self.closed:
+            return
+        under_way, failures = self._dials_under_way(), self._failures
+        missing = self.capacity - len(self._idle) - under_way
+        for _ in range(min(missing, MAX_PARALLEL_DIALS - under_way)):
+            if not self._start_loop_dial():
+                self._dialing += 1
+                self._dialers.spawn(self._dial_and_refill)
+            if self._failures > failures or self._bug is not None:
+                return  # could not even start one: the manager retries after its back-off
+
+    def _start_loop_dial(self) -> bool:
+        """A dial from callbacks, if ``start_dial`` can; False: use a greenlet."""
+        if self._start_dial is None:
+            return False
+        try:
+            dial = self._start_dial(self._loop_dial_done)
+        except DIAL_FAILURES as exc:
+            self._dial_failed(exc)
+            self._wakeup.set()
+            return True
+        except BaseException as exc:  # noqa: B902 - not a dial failure: a bug
+            self._bug = exc  # raised by the manager (this may be an event-loop callback)
+            self._wakeup.set()
+            return True
+        if dial is None:
+            return False
+        self._loop_dials.add(dial)
+        return True
+
+    def _loop_dial_done(self, dial, connection: Optional[DataConnection],
+                        error: Optional[BaseException]) -> None:
+        """A callback dial ended (in an event-loop callback: must not block)."""
+        self._loop_dials.discard(dial)
+        if connection is None and not isinstance(error, DIAL_FAILURES):
+            self._bug = error  # a bug in the dial: the manager raises it
+            self._wakeup.set()
+            return
+        try:
+            if connection is None:
+                self._dial_failed(error)
+                self._wakeup.set()  # the manager retries after its back-off
+                return
+            self._dial_succeeded(*connection)
+            self._top_up()  # short still (a connection came too late): dial again
+        except BaseException as exc:  # noqa: B902 - not a dial failure: a bug
+            self._bug = exc
+            self._wakeup.set()
 
     def _refill(self) -> None:
         """Replace what a take used or a dial ended, at once; after a failed dial
@@ -240,18 +300,24 @@ class ClientPool:
         try:
             connection_id, sock = self._dial()
         except DIAL_FAILURES as exc:  # retried by the manager
-            self._failures += 1
-            if self._failures == 1:  # the first of a streak is news; the rest are noise
-                self.log.warning("Pool: data connection failed: %s (retrying with backoff)", exc)
-            else:
-                self.log.debug("Pool: data connection failed: %s", exc)
+            self._dial_failed(exc)
             return False
+        self._dial_succeeded(connection_id, sock)
+        return True
+
+    def _dial_failed(self, exc: BaseException) -> None:
+        self._failures += 1
+        if self._failures == 1:  # the first of a streak is news; the rest are noise
+            self.log.warning("Pool: data connection failed: %s (retrying with backoff)", exc)
+        else:
+            self.log.debug("Pool: data connection failed: %s", exc)
+
+    def _dial_succeeded(self, connection_id: str, sock: socket.socket) -> None:
         if self._failures:
             self.log.info("Pool: data connections work again after %d failures", self._failures)
             self._failures = 0
         self._created += 1
         self._file(connection_id, sock)
-        return True
 
     def _drop_dead(self) -> None:
         """Close idle connections the server (or a firewall timing out) closed,

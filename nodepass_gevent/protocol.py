@@ -122,7 +122,7 @@ def is_connection_id(text: str) -> bool:
 
 def is_lower_hex(text: str, length: int) -> bool:
     """Ids, nonces and MACs: exactly ``length`` lowercase hex characters."""
-    return len(text) == length and all(c in "0123456789abcdef" for c in text)
+    return len(text) == length and not text.strip("0123456789abcdef")
 
 
 def is_tls_mode(text: str) -> bool:
@@ -150,7 +150,8 @@ def offers_udp_flow(signal: "Signal") -> bool:
 
 
 def encode_launch_signal(connection_id: str, kind: str) -> bytes:
-    return _encode_signal(connection_id, kind)
+    """_encode_signal's bytes without fields, formatted directly: one per user."""
+    return ("//%s#%s\n" % (connection_id, kind)).encode("ascii")
 
 
 def encode_auth_challenge(server_nonce: str) -> bytes:

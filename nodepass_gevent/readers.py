@@ -41,7 +41,11 @@ def recv_line(sock: socket.socket, limit: int) -> bytes:
 
 def read_id(sock: socket.socket) -> str:
     """Exactly ID_LENGTH bytes: the id the server filed this connection under."""
-    received = recv_exactly(sock, protocol.ID_LENGTH)
+    return check_id(recv_exactly(sock, protocol.ID_LENGTH))
+
+
+def check_id(received: bytes) -> str:
+    """The id in the ID_LENGTH bytes ``received``; ProtocolError if they are not one."""
     connection_id = received.decode("ascii", "replace")
     if not protocol.is_connection_id(connection_id):
         raise protocol.ProtocolError("bad data connection id %r" % received)
@@ -89,8 +93,10 @@ def read_burst(sock: socket.socket, limit: int, timeout: float) -> bytes:
 
 
 def _tls_pending(sock: socket.socket) -> int:
-    pending = getattr(sock, "pending", None)  # TLSStream (and SSLSocket): bytes read ahead
-    return pending() if pending is not None else 0
+    # TLSStream (and SSLSocket): bytes read ahead. Looked up on the class: a
+    # gevent socket's __getattr__ would raise and catch AttributeError twice.
+    pending = getattr(type(sock), "pending", None)
+    return pending(sock) if pending is not None else 0
 
 def read_frame(reader, limit: int) -> Optional[bytes]:
     """The next datagram from a buffered reader; None at a clean end."""

@@ -101,9 +101,8 @@ class Server(Component):
                                       self, self.edge if self.edge.filters_udp else None)
         self._listeners = [
             TcpListener(tunnel, self.control.handle, self.control.spawn, self, "tunnel"),
-            TcpListener(data, data_port.handle,
-                        None if data_port.at_once else self._handshakes, self, "data",
-                        hands_on=True),
+            TcpListener(data, data_port.handle, self._handshakes, self, "data",
+                        hands_on=True, handle_now=data_port.handle_now),
             _UserListener(target_tcp, self._serve_user, self.users, self, "target",
                           admit=self.edge.admit_tcp if self.edge.admits_tcp else None),
             UdpListener(target_udp, self.settings.udp_data_buf_size, self.udp_users.handle,

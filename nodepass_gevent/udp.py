@@ -128,7 +128,7 @@ class UdpUsers:
         if data is None:
             return
         try:
-            data.sendall(datagram)
+            net.send_message(data, datagram)
             self.stats.udp_datagram(len(datagram))
             reply = readers.read_until_eof(data, self.size, self.read_timeout)
             if reply and self._pass_reply(len(reply)):
@@ -151,15 +151,15 @@ def launch_v1(data: socket.socket, target: net.Target, stats: Stats, settings, l
         sock.send(datagram)
         stats.udp_datagram(len(datagram))
         reply = sock.recv(size)
-        data.sendall(reply)
+        net.send_message(data, reply)
         stats.count_bytes(len(reply), inbound=False)
     except socket.timeout:
         log.debug("Client: no UDP reply from %s within %.1fs", target.address, timeout)
     except (OSError, ValueError) as exc:
         log.debug("Client: UDP exchange on %s failed: %s", connection_id, net.describe(exc))
     finally:
+        net.close_quietly(data)  # first: the server passes the reply on at this EOF
         net.close_quietly(sock)
-        net.close_quietly(data)
 
 
 def launch_flow(data: socket.socket, target: net.Target, stats: Stats, settings, log,

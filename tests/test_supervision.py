@@ -118,11 +118,20 @@ def test_client_fails_when_its_pool_manager_crashes(records, cooperative_sockets
         controls.append(control)
         control.sendall(b"//%d#0\n" % data.getsockname()[1])
 
-    def buggy_read_id(sock):
+    def serve_data():
+        while True:
+            connection, _ = data.accept()
+            controls.append(connection)
+            connection.sendall(b"0123abcd")  # an id, for the dial to read
+
+    def buggy_read_id(*args):
         raise TypeError("a bug in the data connection handshake")
 
+    # Both ways of reading the id: a greenlet's dial, and a plain one from callbacks.
     monkeypatch.setattr(readers, "read_id", buggy_read_id)
+    monkeypatch.setattr(readers, "check_id", buggy_read_id)
     server = gevent.spawn(serve_tunnel)
+    data_server = gevent.spawn(serve_data)
     config = parse_url("client://%s:%d/%s:%d" % (HOST, tunnel.getsockname()[1], HOST,
                                                  closed_port()))
     client = Client(config, Settings(min_pool_capacity=2, max_pool_capacity=2))
@@ -134,6 +143,7 @@ def test_client_fails_when_its_pool_manager_crashes(records, cooperative_sockets
     finally:
         client.stop(0.1)
         server.kill()
+        data_server.kill()
         for sock in controls + [tunnel, data]:
             sock.close()
 

@@ -56,6 +56,28 @@ def test_udp_datagram_gets_its_reply(make_tunnel, test_ca, tls):
         assert udp_exchange(tunnel.port, payload) == payload
 
 
+@pytest.mark.parametrize("tls", [0, 1])
+def test_concurrent_udp_senders_each_get_their_own_replies_in_order(make_tunnel, tls):
+    # v1.0 UDP: a data connection per datagram, dialed (tls=0: from callbacks)
+    # and filed (tls=0: in the accept callback) as fast as senders use them up.
+    tunnel = make_tunnel(tls=tls)
+    senders, rounds = 16, 10
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(senders)]
+    try:
+        for sock in socks:
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", tunnel.port))
+        for round_number in range(rounds):
+            sent = [b"%d;%d;" % (index, round_number) + os.urandom(32)
+                    for index in range(senders)]
+            for sock, payload in zip(socks, sent):
+                sock.send(payload)
+            assert [sock.recv(65535) for sock in socks] == sent
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def test_many_concurrent_connections_all_correct(make_tunnel):
     tunnel = make_tunnel(tls=0)
     results, errors = {}, []
