@@ -2,12 +2,15 @@
 
 import logging
 import os
+import subprocess
 import sys
+import time
 from typing import Dict, Optional
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from support import (FAST_ENV, HOST, EchoServer, NodepassProcess, echo_works,  # noqa: E402
                      free_port, make_test_ca, stop_all, wait_until)
@@ -39,6 +42,21 @@ def echo():
 @pytest.fixture(scope="session")
 def test_ca(tmp_path_factory) -> Dict[str, str]:
     return make_test_ca(str(tmp_path_factory.mktemp("ca")))
+
+
+@pytest.fixture(scope="session")
+def pyz_build(tmp_path_factory):
+    """(path of a nodepass.pyz for every Python, what build-pyz printed): built
+    once per session for test_pyz.py and test_service_script.py (20-30 s)."""
+    output = tmp_path_factory.mktemp("pyz") / "nodepass.pyz"
+    started = time.monotonic()
+    build = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "build-pyz"),
+                            "--output", str(output)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           universal_newlines=True, timeout=280)
+    assert build.returncode == 0, build.stdout[-3000:]
+    print("build-pyz took %.1fs:\n%s" % (time.monotonic() - started, build.stdout))
+    return output, build.stdout
 
 
 class Tunnel:

@@ -213,6 +213,9 @@ class _ThreadingUDPServer(socketserver.ThreadingUDPServer):
     max_packet_size = 65535
 
 
+ECHO_POLL_INTERVAL = 0.05  # seconds; see EchoServer
+
+
 class EchoServer:
     """TCP and UDP echo on one port, in threads of the test process."""
 
@@ -221,7 +224,11 @@ class EchoServer:
         self.tcp = _ThreadingTCPServer((host, port), _EchoHandler)
         self.udp = _ThreadingUDPServer((host, port), _UdpEchoHandler)
         self.port = port
-        self._threads = [threading.Thread(target=server.serve_forever, daemon=True)
+        # shutdown() waits for serve_forever to look at its flag, which it does
+        # once a poll interval (0.5 s by default): 1 s of every test's teardown.
+        self._threads = [threading.Thread(target=server.serve_forever,
+                                          kwargs={"poll_interval": ECHO_POLL_INTERVAL},
+                                          daemon=True)
                          for server in (self.tcp, self.udp)]
         for thread in self._threads:
             thread.start()

@@ -61,15 +61,15 @@ def test_client_without_the_key_is_refused_clearly_on_both_sides(nodepass, echo,
 
 def test_wrong_key_backs_off_instead_of_storming(nodepass, echo):
     server, client, _, _ = start_pair(nodepass, echo, KEY, "wrong", env={
-        "SERVICE_COOLDOWN": "200ms"})
+        "SERVICE_COOLDOWN": "100ms"})
     client.wait_for_output("rejected our shared key", timeout=15)
     first = client.output().count("rejected our shared key")
-    time.sleep(3)
+    time.sleep(1.5)
     attempts = client.output().count("rejected our shared key") - first
-    # 200ms cooldown doubled per failure (0.4, 0.8, 1.6, 3.2 s): at most 3 more
-    # tries in 3 s, where a fixed cooldown would make 15.
+    # 100ms cooldown doubled per failure (0.2, 0.4, 0.8, 1.6 s): at most 3 more
+    # tries in 1.5 s, where a fixed cooldown would make 15.
     assert attempts <= 3
-    assert "reconnecting in 0.8s" in client.output() or "reconnecting in 1.6s" in client.output()
+    assert "reconnecting in 0.4s" in client.output() or "reconnecting in 0.8s" in client.output()
 
 
 def test_keyed_client_refuses_an_unkeyed_server(nodepass, echo):

@@ -83,6 +83,25 @@ def processes_left_in(directory):
     return left
 
 
+def run_bench(tmp_path, args, timeout=140):
+    """scripts/bench --smoke ARGS, run in tmp_path (every process it starts
+    inherits that directory: processes_left_in finds any it left)."""
+    return subprocess.run([sys.executable, BENCH, "--smoke"] + list(args), cwd=str(tmp_path),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+
+
+def smoke_report(tmp_path, args=()):
+    """The report of a bench run that must succeed, with no cell FAILED."""
+    report_path = tmp_path / "bench.md"
+    done = run_bench(tmp_path, list(args) + ["--output", str(report_path)])
+    stderr = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 0, "bench --smoke %s failed:\n%s" % (" ".join(args),
+                                                                  stderr[-4000:])
+    report = report_path.read_text(encoding="utf-8")
+    assert "FAILED" not in report
+    return report
+
+
 @pytest.fixture
 def tools_present():
     missing = [tool for tool in TOOLS if not shutil.which(tool)]
@@ -93,19 +112,7 @@ def tools_present():
 
 @pytest.mark.timeout(150)
 def test_smoke_run_reports_every_workload(tools_present, tmp_path):
-    report_path = tmp_path / "bench.md"
-    done = subprocess.run(
-        [sys.executable, BENCH, "--smoke", "--output", str(report_path)],
-        cwd=str(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        timeout=140,
-    )
-    stderr = done.stderr.decode("utf-8", "replace")
-    assert done.returncode == 0, "bench --smoke failed:\n%s" % stderr[-4000:]
-    report = report_path.read_text(encoding="utf-8")
-    assert "FAILED" not in report
-
+    report = smoke_report(tmp_path)
     rows = results_rows(report)
     assert sorted(rows) == sorted(EXPECTED_ROWS)
     for label in EXPECTED_ROWS:
@@ -135,36 +142,10 @@ def test_smoke_variants_tunnels_and_rate(tools_present, tmp_path):
     """--compare-query/--compare-client-query measure a variant beside its base mode;
     workload 8 (N tunnels, one process vs N processes) and 9 (rate=) report figures, or
     say they were skipped when this build lacks multi-URL, rate= or --metrics."""
-    report_path = tmp_path / "bench.md"
-    done = subprocess.run(
-        [
-            sys.executable,
-            BENCH,
-            "--smoke",
-            "--only",
-            "latency,tunnels,rate",
-            "--modes",
-            "direct,tls0",
-            "--compare-query",
-            "udp=flow",
-            "--compare-client-query",
-            "log=warn",
-            "--client-query",
-            "tls=0",
-            "--scrape-metrics",
-            "--output",
-            str(report_path),
-        ],
-        cwd=str(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        timeout=140,
-    )
-    stderr = done.stderr.decode("utf-8", "replace")
-    assert done.returncode == 0, "bench failed:\n%s" % stderr[-4000:]
-    report = report_path.read_text(encoding="utf-8")
-    assert "FAILED" not in report
-
+    report = smoke_report(tmp_path, [
+        "--only", "latency,tunnels,rate", "--modes", "direct,tls0",
+        "--compare-query", "udp=flow", "--compare-client-query", "log=warn",
+        "--client-query", "tls=0", "--scrape-metrics"])
     variant = "nodepass tls=0, server +udp=flow, client +log=warn"
     rows = results_rows(report)
     assert sorted(rows) == ["1-byte ping-pong, p50", "1-byte ping-pong, p99"]
@@ -193,14 +174,8 @@ def test_smoke_variants_tunnels_and_rate(tools_present, tmp_path):
 
 
 def test_refused_query_is_one_line_and_status_2(tmp_path):
-    done = subprocess.run(
-        [sys.executable, BENCH, "--smoke", "--only", "latency", "--modes", "direct,tls0",
-         "--compare-query", "no_such_option=1"],
-        cwd=str(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        timeout=60,
-    )
+    done = run_bench(tmp_path, ["--only", "latency", "--modes", "direct,tls0",
+                                "--compare-query", "no_such_option=1"], timeout=60)
     lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
     assert done.returncode == 2
     assert len(lines) == 1 and "refuses the server query 'no_such_option=1'" in lines[0], lines
@@ -211,25 +186,9 @@ def test_refused_query_is_one_line_and_status_2(tmp_path):
 def test_smoke_failure_is_reported_by_exit_status(tmp_path):
     """A route that cannot come up makes the bench exit non-zero (here: nodepass
     given an environment it refuses), and the report says which cell failed."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            BENCH,
-            "--smoke",
-            "--only",
-            "latency",
-            "--modes",
-            "direct,tls0",
-            "--nodepass-env",
-            "SEMAPHORE_LIMIT=not-a-number",
-            "--output",
-            str(tmp_path / "bench.md"),
-        ],
-        cwd=str(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        timeout=60,
-    )
+    done = run_bench(tmp_path, ["--only", "latency", "--modes", "direct,tls0",
+                                "--nodepass-env", "SEMAPHORE_LIMIT=not-a-number",
+                                "--output", str(tmp_path / "bench.md")], timeout=60)
     assert done.returncode == 1, done.stderr.decode("utf-8", "replace")[-2000:]
     report = (tmp_path / "bench.md").read_text(encoding="utf-8")
     assert "FAILED" in report

@@ -684,10 +684,10 @@ class HostileServer:
 class HostileSetup:
     """Our client against a HostileServer, serving, with its descriptor baseline."""
 
-    def __init__(self, nodepass, echo, fake: HostileServer) -> None:
+    def __init__(self, nodepass, echo, fake: HostileServer, env=None) -> None:
         self.fake = fake
         self.client = nodepass("client://%s:%d/%s:%d?log=debug" % (
-            HOST, fake.tunnel_port, HOST, echo.port))
+            HOST, fake.tunnel_port, HOST, echo.port), env)
         self.wait_serving()
         time.sleep(0.3)  # let the pool refill after the first launch
         self.baseline = FdBaseline(self.client, "client")
@@ -717,8 +717,9 @@ def hostile_server():
 
 @pytest.fixture
 def hostile(nodepass, echo, hostile_server):
-    """``hostile()`` -> HostileSetup: our client serving a fake server, an echo target."""
-    return lambda: HostileSetup(nodepass, echo, hostile_server())
+    """``hostile(env=None)`` -> HostileSetup: our client serving a fake server, an
+    echo target."""
+    return lambda env=None: HostileSetup(nodepass, echo, hostile_server(), env)
 
 
 GARBAGE_LINES = [
@@ -783,7 +784,7 @@ BAD_TUNNEL_SIGNALS = [b"//0#0\n", b"//70000#0\n", b"//abc#0\n", b"//1234#7\n", b
 
 @MATRIX
 def test_client_refuses_bad_tunnel_signals_and_reconnects(hostile):
-    setup = hostile()
+    setup = hostile(env={"SERVICE_COOLDOWN": "100ms"})  # a reconnect per bad signal
     setup.fake.tunnel_signals.extend(BAD_TUNNEL_SIGNALS)
     setup.fake.hang_up()  # the client reconnects, and meets each bad signal in turn
     lost = "Client: tunnel to 127.0.0.1:%d lost" % setup.fake.tunnel_port

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -125,16 +124,9 @@ class PyzProcess(NodepassProcess):
 # -- the build -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(pyz_build):
     """(path of the pyz, what build-pyz printed), built once for the whole matrix."""
-    output = tmp_path_factory.mktemp("pyz") / "nodepass.pyz"
-    started = time.monotonic()
-    build = subprocess.run([sys.executable, str(BUILD_PYZ), "--output", str(output)],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           universal_newlines=True, timeout=280)
-    assert build.returncode == 0, build.stdout[-3000:]
-    print("build-pyz took %.1fs:\n%s" % (time.monotonic() - started, build.stdout))
-    return output, build.stdout
+    return pyz_build
 
 
 @pytest.fixture(scope="module")

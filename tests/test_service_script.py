@@ -558,15 +558,9 @@ PYZ_TEMPLATE_LINES = ("CacheDirectory=nodepass-gevent\n",
 
 
 @pytest.fixture(scope="module")
-def pyz_file(tmp_path_factory) -> Path:
-    """A nodepass.pyz for this Python only (the whole matrix is tests/test_pyz.py's)."""
-    output = tmp_path_factory.mktemp("pyz") / "nodepass.pyz"
-    build = subprocess.run([sys.executable, str(REPO / "scripts" / "build-pyz"), "--output",
-                            str(output), "--pythons", "%d.%d" % sys.version_info[:2]],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           universal_newlines=True, timeout=240)
-    assert build.returncode == 0, build.stdout[-3000:]
-    return output
+def pyz_file(pyz_build) -> Path:
+    """The nodepass.pyz of the session (for every Python: test_pyz.py tests those)."""
+    return pyz_build[0]
 
 
 def pyz_service(root: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:

@@ -498,6 +498,44 @@ def settle() -> None:
 
 # ------------------------------------------------------------------- storms
 
+def storm(cycle, quiet_figures, last_cycle_is_quiet: bool = False):
+    """WARMUP_CYCLES, the figures at a quiet moment, CYCLES, the figures again:
+    (start, end, seconds). With ``last_cycle_is_quiet`` the last cycle of each
+    run is ``quiet_figures(number)``'s own (it cycles into the quiet moment)."""
+    last = 1 if last_cycle_is_quiet else 0
+    started = time.monotonic()
+    for number in range(WARMUP_CYCLES - last):
+        cycle(number)
+    start = quiet_figures(WARMUP_CYCLES - last)
+    for number in range(CYCLES - last):
+        cycle(number)
+    end = quiet_figures(CYCLES - last)
+    return start, end, time.monotonic() - started
+
+
+def restarted_side_carries_a_transfer(launcher: Launcher, url: str, log_path: str,
+                                      user_port: int, seed: int) -> None:
+    """After the storm the restarted side, started once more, carries 1 MB (and
+    a datagram) through the long-lived one, and stops cleanly on SIGTERM."""
+    pid = launcher.start(url, log_path)
+    wait_served(user_port)
+    transfer_works(user_port, 1000 * 1000, seed)
+    assert launcher.stop(pid, signal.SIGTERM) == 0, tail(log_path)
+
+
+def tunnel_open_then_traffic_or_a_pause(client_watch: LogWatch, user_port: int, number: int,
+                                        rng: random.Random) -> None:
+    """A cycle's middle, once the long-lived client has opened its tunnel: every
+    TRAFFIC_EVERY-th cycle a transfer through it, else a random pause (the
+    cycle's cut or kill then lands during or after the pool fill)."""
+    client_watch.next_line(r"Client: tunnel to .* open")
+    if number % TRAFFIC_EVERY == TRAFFIC_AT:
+        wait_served(user_port)
+        transfer_works(user_port, 65536, number)
+    else:
+        time.sleep(rng.uniform(0, 0.03))
+
+
 def urls(echo_port: int, tunnel_host: str = HOST):
     tunnel_port, user_port = free_port(), free_port()
     server = "server://%s:%d/%s:%d?log=info" % (HOST, tunnel_port, HOST, user_port)
@@ -527,29 +565,18 @@ def test_client_killed_and_restarted_300_times(tmp_path, echo, launcher, long_li
         assert launcher.stop(pid) == -signal.SIGKILL
         client_watch.skip_to_end()
 
-    def quiet_figures() -> Dict[str, int]:
+    def quiet_figures(_number: int) -> Dict[str, int]:
         sessions.wait_none()
         settle()
         return server.figures()
 
-    started = time.monotonic()
-    for number in range(WARMUP_CYCLES):
-        client_cycle(number)
-    start = quiet_figures()
-    for number in range(CYCLES):
-        client_cycle(number)
-    end = quiet_figures()
-    seconds = time.monotonic() - started
+    start, end, seconds = storm(client_cycle, quiet_figures)
     with open(server.log_path) as log:
         connected = log.read().count("Tunnel: client connected from")
     print("  %d client kills in %.1fs; the server saw %d tunnels"
           % (CYCLES + WARMUP_CYCLES, seconds, connected))
     assert_bounded("server (300 client kills)", start, end)
-
-    pid = launcher.start(client_url, client_log)
-    wait_served(user_port)
-    transfer_works(user_port, 1000 * 1000, 1)
-    assert launcher.stop(pid, signal.SIGTERM) == 0
+    restarted_side_carries_a_transfer(launcher, client_url, client_log, user_port, 1)
     assert server.proc.poll() is None
 
 
@@ -567,19 +594,14 @@ def test_network_cut_300_times(tmp_path, echo, forwarder, long_lived):
 
     def cut_cycle(number: int) -> None:
         nonlocal silent_cuts
-        client.watch.next_line(r"Client: tunnel to .* open")
-        if number % TRAFFIC_EVERY == TRAFFIC_AT:
-            wait_served(user_port)
-            transfer_works(user_port, 65536, number)
-        else:
-            time.sleep(rng.uniform(0, 0.03))
+        tunnel_open_then_traffic_or_a_pause(client.watch, user_port, number, rng)
         if number % BLACKHOLE_EVERY == BLACKHOLE_EVERY - 1:
             forwarder.blackhole()
             silent_cuts += 1
         else:
             forwarder.cut()
 
-    def quiet_figures() -> Dict[str, Dict[str, int]]:
+    def quiet_figures(_number: int) -> Dict[str, Dict[str, int]]:
         forwarder.refuse(True)
         forwarder.cut()
         sessions.wait_none()
@@ -588,14 +610,7 @@ def test_network_cut_300_times(tmp_path, echo, forwarder, long_lived):
         forwarder.refuse(False)
         return figures
 
-    started = time.monotonic()
-    for number in range(WARMUP_CYCLES):
-        cut_cycle(number)
-    start = quiet_figures()
-    for number in range(CYCLES):
-        cut_cycle(number)
-    end = quiet_figures()
-    seconds = time.monotonic() - started
+    start, end, seconds = storm(cut_cycle, quiet_figures)
     print("  %d cuts (%d silent) in %.1fs; %d connections crossed the forwarder"
           % (CYCLES + WARMUP_CYCLES, silent_cuts, seconds, forwarder.connections))
     assert_bounded("server (300 network cuts)", start["server"], end["server"])
@@ -615,12 +630,7 @@ def test_server_restarted_300_times(tmp_path, echo, launcher, long_lived):
     def server_cycle(number: int, stay_down: bool = False) -> None:
         nonlocal graceful
         pid = launcher.start(server_url, server_log)
-        client.watch.next_line(r"Client: tunnel to .* open")
-        if number % TRAFFIC_EVERY == TRAFFIC_AT:
-            wait_served(user_port)
-            transfer_works(user_port, 65536, number)
-        else:
-            time.sleep(rng.uniform(0, 0.03))
+        tunnel_open_then_traffic_or_a_pause(client.watch, user_port, number, rng)
         if number % SIGTERM_EVERY == SIGTERM_EVERY - 1:
             assert launcher.stop(pid, signal.SIGTERM) == 0, tail(server_log)
             graceful += 1
@@ -635,20 +645,9 @@ def test_server_restarted_300_times(tmp_path, echo, launcher, long_lived):
         settle()
         return client.figures()
 
-    started = time.monotonic()
-    for number in range(WARMUP_CYCLES - 1):
-        server_cycle(number)
-    start = quiet_figures(WARMUP_CYCLES - 1)
-    for number in range(CYCLES - 1):
-        server_cycle(number)
-    end = quiet_figures(CYCLES - 1)
-    seconds = time.monotonic() - started
+    start, end, seconds = storm(server_cycle, quiet_figures, last_cycle_is_quiet=True)
     print("  %d server restarts (%d by SIGTERM) in %.1fs"
           % (CYCLES + WARMUP_CYCLES, graceful, seconds))
     assert_bounded("client (300 server restarts)", start, end)
-
-    pid = launcher.start(server_url, server_log)
-    wait_served(user_port)
-    transfer_works(user_port, 1000 * 1000, 3)
-    assert launcher.stop(pid, signal.SIGTERM) == 0
+    restarted_side_carries_a_transfer(launcher, server_url, server_log, user_port, 3)
     assert client.proc.poll() is None

@@ -122,59 +122,58 @@ def close_all(*socks) -> None:
         sock.close()
 
 
+@pytest.fixture
+def streams(mode):
+    """stream_pair(mode): (client, server), closed after the test."""
+    client, server = stream_pair(mode)
+    yield client, server
+    close_all(client, server)
+
+
 # --------------------------------------------------------------------------
 # The stream before the copy: handshake, readers, certificate checks.
 
 @pytest.mark.timeout(30)
-def test_handshake_then_the_auth_and_id_exchange_run_on_the_readers(mode):
-    client, server = stream_pair(mode)
-    try:
-        assert client.version() == server.version() and client.version() in ("TLSv1.2",
-                                                                              "TLSv1.3")
-        nonce, connection_id = "n" * protocol.AUTH_NONCE_LENGTH, protocol.new_connection_id()
-        server.sendall(nonce.encode("ascii"))
-        assert readers.recv_exactly(client, protocol.AUTH_NONCE_LENGTH).decode() == nonce
-        client.sendall(b"m" * protocol.AUTH_MAC_LENGTH)
-        assert readers.recv_exactly(server, protocol.AUTH_MAC_LENGTH) == b"m" * 64
-        server.sendall(connection_id.encode("ascii") + b"line one\n")
-        assert readers.read_id(client) == connection_id
-        assert readers.recv_line(client, 100) == b"line one\n"
-        assert client.getpeername() == server.getsockname()
-    finally:
-        close_all(client, server)
+def test_handshake_then_the_auth_and_id_exchange_run_on_the_readers(streams):
+    client, server = streams
+    assert client.version() == server.version() and client.version() in ("TLSv1.2",
+                                                                          "TLSv1.3")
+    nonce, connection_id = "n" * protocol.AUTH_NONCE_LENGTH, protocol.new_connection_id()
+    server.sendall(nonce.encode("ascii"))
+    assert readers.recv_exactly(client, protocol.AUTH_NONCE_LENGTH).decode() == nonce
+    client.sendall(b"m" * protocol.AUTH_MAC_LENGTH)
+    assert readers.recv_exactly(server, protocol.AUTH_MAC_LENGTH) == b"m" * 64
+    server.sendall(connection_id.encode("ascii") + b"line one\n")
+    assert readers.read_id(client) == connection_id
+    assert readers.recv_line(client, 100) == b"line one\n"
+    assert client.getpeername() == server.getsockname()
 
 
 @pytest.mark.timeout(30)
-def test_a_frame_reader_works_through_makefile(mode):
-    client, server = stream_pair(mode)
-    try:
-        datagrams = [os.urandom(size) for size in (1, 1400, 40000)]
-        server.sendall(b"".join(udp.frame(d) for d in datagrams))
-        reader = client.makefile("rb")
-        assert [readers.read_frame(reader, 65535) for _ in datagrams] == datagrams
-        server.shutdown(socket.SHUT_WR)
-        assert readers.read_frame(reader, 65535) is None  # a bare FIN is the clean end
-        reader.close()
-    finally:
-        close_all(client, server)
+def test_a_frame_reader_works_through_makefile(streams):
+    client, server = streams
+    datagrams = [os.urandom(size) for size in (1, 1400, 40000)]
+    server.sendall(b"".join(udp.frame(d) for d in datagrams))
+    reader = client.makefile("rb")
+    assert [readers.read_frame(reader, 65535) for _ in datagrams] == datagrams
+    server.shutdown(socket.SHUT_WR)
+    assert readers.read_frame(reader, 65535) is None  # a bare FIN is the clean end
+    reader.close()
 
 
 @pytest.mark.timeout(30)
-def test_a_read_times_out_and_close_wakes_a_waiting_reader(mode):
-    client, server = stream_pair(mode)
-    try:
-        client.settimeout(0.2)
-        with pytest.raises(socket.timeout):
-            client.recv(10)
-        client.settimeout(None)
-        reader = gevent.spawn(_result, client.recv, 10)
-        gevent.sleep(0.05)
-        client.close()
-        woke = reader.get(timeout=WAIT)
-        assert isinstance(woke, OSError) and woke.errno == errno.EBADF
-        assert client.fileno() == -1
-    finally:
-        close_all(client, server)
+def test_a_read_times_out_and_close_wakes_a_waiting_reader(streams):
+    client, server = streams
+    client.settimeout(0.2)
+    with pytest.raises(socket.timeout):
+        client.recv(10)
+    client.settimeout(None)
+    reader = gevent.spawn(_result, client.recv, 10)
+    gevent.sleep(0.05)
+    client.close()
+    woke = reader.get(timeout=WAIT)
+    assert isinstance(woke, OSError) and woke.errno == errno.EBADF
+    assert client.fileno() == -1
 
 
 @pytest.mark.timeout(30)
@@ -253,17 +252,14 @@ def test_a_peer_closing_during_the_handshake_fails_it_at_once(modes):
 
 
 @pytest.mark.timeout(30)
-def test_the_servers_context_sends_no_session_tickets(mode):
+def test_the_servers_context_sends_no_session_tickets(streams):
     """Nobody resumes (tls._issue_no_session_tickets): from Python 3.8 on, the
     server spends nothing on tickets."""
-    client, server = stream_pair(mode)
-    try:
-        server.sendall(b"12345678")
-        assert readers.recv_exactly(client, 8) == b"12345678"  # tickets would come before
-        if sys.version_info >= (3, 8):
-            assert not client.session.has_ticket
-    finally:
-        close_all(client, server)
+    client, server = streams
+    server.sendall(b"12345678")
+    assert readers.recv_exactly(client, 8) == b"12345678"  # tickets would come before
+    if sys.version_info >= (3, 8):
+        assert not client.session.has_ticket
 
 
 @pytest.mark.timeout(30)
@@ -486,10 +482,10 @@ def test_garbage_instead_of_records_aborts_both_sides_cleanly(mode, capfd):
 
 
 @pytest.mark.timeout(60)
-def test_bytes_the_stream_read_behind_the_id_are_relayed(mode):
+def test_bytes_the_stream_read_behind_the_id_are_relayed(streams):
     """The id and the first user bytes can arrive in one read: the engine must
     start with what the stream already holds, the socket will not say it again."""
-    client, server = stream_pair(mode)
+    client, server = streams
     user, plain = tcp_pair()
     try:
         server.sendall(b"0123abcd" + b"first bytes")
@@ -503,7 +499,7 @@ def test_bytes_the_stream_read_behind_the_id_are_relayed(mode):
         user.shutdown(socket.SHUT_WR)
         assert engine.get(timeout=WAIT) == (11, 0)
     finally:
-        close_all(client, server, user, plain)
+        close_all(user, plain)
 
 
 @pytest.mark.timeout(60)

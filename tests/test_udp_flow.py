@@ -1,6 +1,7 @@
 """The UDP flow extension: one data connection per user address, framed datagrams."""
 
 import os
+import re
 import socket
 import threading
 import time
@@ -110,7 +111,9 @@ def test_idle_flow_closes_and_a_new_one_opens(nodepass, echo):
         user.settimeout(5)
         user.sendto(b"one", (HOST, port))
         assert user.recvfrom(100)[0] == b"one"
-        time.sleep(12 * 0.2 + 1.5)  # IDLE_READ_TIMEOUTS x UDP_READ_TIMEOUT, and some
+        # The server ends it after IDLE_READ_TIMEOUTS x UDP_READ_TIMEOUT (2.4 s) of silence.
+        wait_until(lambda: re.search(r"UDP flow .* ended", server.output()), 12 * 0.2 + 15,
+                   what="the server to end the idle flow")
         user.sendto(b"two", (HOST, port))
         assert user.recvfrom(100)[0] == b"two"
     assert server.output().count("udp flow user") == 2
