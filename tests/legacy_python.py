@@ -9,11 +9,6 @@ newest, so that both directions of the version gap cross the NAT.
 Interpreters are looked up under `pyenv root`, else $PYENV_ROOT, else
 /root/.pyenv (versions/3.X.N/bin/python, the highest N). A missing one is a
 test failure with a one-line reason, never a silent skip.
-
-NODEPASS_LEGACY_VENVS=DIR: take DIR/python3.X, a venv built the same way by
-`scripts/test-matrix --venvs-in DIR` earlier in the same CI run, where it
-passes the same import check, instead of building it again (20 s or more of
-pip); a missing or failing one is built as usual.
 """
 import os
 import re
@@ -37,7 +32,6 @@ FOREIGN_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV")
 COPY_IGNORE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__",
                                      ".pytest_cache", ".hypothesis", "*.pyz", ".vagrant")
 STEP_TIMEOUT = 600.0
-PREBUILT_VARIABLE = "NODEPASS_LEGACY_VENVS"
 
 
 class LegacyPythonError(Exception):
@@ -150,28 +144,9 @@ def build_venv(minor: str, directory: Path) -> Interpreter:
     return Interpreter(minor, python, home=str(venv))
 
 
-def prebuilt_venv(minor: str) -> Optional[Interpreter]:
-    """The venv NODEPASS_LEGACY_VENVS holds for Python `minor`, if it imports its
-    own installed package from its own directory; else None."""
-    if not os.environ.get(PREBUILT_VARIABLE):
-        return None
-    venv = Path(os.environ[PREBUILT_VARIABLE]) / ("python" + minor)
-    python = venv / "bin" / "python"
-    if not os.access(str(python), os.X_OK):
-        return None
-    env = {key: value for key, value in os.environ.items() if key not in FOREIGN_ENV}
-    check = subprocess.run([str(python), "-c", IMPORT_CHECK], cwd=str(venv), env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           stdin=subprocess.DEVNULL, timeout=60)
-    return Interpreter(minor, str(python), home=str(venv)) if check.returncode == 0 else None
-
-
 def build_venvs(minors: Sequence[str], directory: Path) -> Dict[str, Interpreter]:
-    """Venvs for several Pythons at once (mostly waiting on pip and the disk),
-    or the prebuilt ones of NODEPASS_LEGACY_VENVS."""
-    def venv_for(minor: str) -> Interpreter:
-        return prebuilt_venv(minor) or build_venv(minor, directory / ("python" + minor))
-
+    """Venvs for several Pythons at once (mostly waiting on pip and the disk)."""
     with ThreadPoolExecutor(max_workers=len(minors)) as pool:
-        futures = {minor: pool.submit(venv_for, minor) for minor in minors}
+        futures = {minor: pool.submit(build_venv, minor, directory / ("python" + minor))
+                   for minor in minors}
         return {minor: future.result() for minor, future in futures.items()}
