@@ -31,6 +31,7 @@ import select
 import socket
 from typing import Callable, List, Optional, Tuple
 
+from gevent import get_hub
 from gevent.event import Event
 
 from nodepass_gevent import net
@@ -272,13 +273,10 @@ class _Direction:
     def __init__(self, source: socket.socket, sink: socket.socket,
                  count: Callable[[int], None], finished: Event, splice: Splice,
                  bucket: Optional[TokenBucket] = None) -> None:
+        loop = self._loop = get_hub().loop
         self.source, self.sink = source, sink
-        # The gevent sockets' own watchers, idle while the exchange runs (no
-        # greenlet waits on these sockets): a new watcher would cost an
-        # fcntl(F_GETFD) check of its descriptor, four per exchange, and the
-        # sockets' close() closes these once they are stopped.
-        self._readable = source._read_event
-        self._writable = sink._write_event
+        self._readable = loop.io(source.fileno(), _READ)
+        self._writable = loop.io(sink.fileno(), _WRITE)
         self._count, self._finished = count, finished
         # File descriptors read once: the watchers above hold the same numbers,
         # and the sockets stay open until the exchange has stopped them.
@@ -301,6 +299,8 @@ class _Direction:
         """Stop watching and give back (or drop) the pipe. Never raises."""
         self._readable.stop()
         self._writable.stop()
+        self._readable.close()
+        self._writable.close()
         if self._queued:
             self._bucket.cancel(self._on_granted)
         if self._granted:
