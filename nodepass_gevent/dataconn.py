@@ -200,10 +200,9 @@ class Dialer:
         UDP spends one per datagram)."""
         if self.context is None:
             sock = net.start_tcp_dial(self.sockaddr)
-            sock.settimeout(HANDSHAKE_TIMEOUT)
         else:
             sock = net.dial_tcp(self.tunnel, CONNECT_TIMEOUT, self.sockaddr)
-            sock.settimeout(HANDSHAKE_TIMEOUT)
+        sock.settimeout(HANDSHAKE_TIMEOUT)
         return sock
 
 

@@ -51,8 +51,8 @@ class _Pausing:
 
 class TcpListener(_Pausing, StreamServer):
     """Accepts TCP connections and runs ``handle(sock, peer)`` through ``spawn``
-    (a gevent Pool bounds them; a callable decides itself; None runs it in the
-    accept callback, so it must never wait).
+    (a gevent Pool bounds them; a callable decides itself). ``handle_now``, if
+    given, is tried first in the accept callback itself (see __init__).
 
     ``owner`` is the component whose ``fail`` hears of a fatal accept error
     and whose ``log`` takes the warnings; ``name`` starts those lines.
