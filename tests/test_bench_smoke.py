@@ -130,6 +130,11 @@ def test_smoke_run_reports_every_workload(tools_present, tmp_path):
     assert "scripts/bench --smoke --output" in report
     assert "## Machine" in report and "## Targets of issue 4" in report
     assert "## Targets of issue 11" in report
+    # Where the CPU goes: the relays' user and system time per request, the load's beside it.
+    cpu = report.split("## Where the CPU goes, per operation", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"\| request/response \| µs/request \| nodepass tls=0 \| [0-9,.]+ \| "
+                     r"[0-9,.]+ \| \d+% \| [0-9,.]+ \| \d+% \|", cpu), cpu
+    assert re.search(r"\| churn \| µs/request \| direct \| — \| — \| — \| [0-9,.]+ \|", cpu), cpu
     assert processes_left_in(tmp_path) == []
 
 
