@@ -69,14 +69,15 @@ class FrameLink:
     """One flow's data connection: ``on_datagram(view)`` for each frame that
     arrives (a memoryview of its datagram, valid only during the call: pass it
     on or copy it); ``send_frame(framed)`` writes one the other way.
-    ``finished`` is set when the link has ended, for whatever reason (``why``
-    says it)."""
+    ``open`` is False once the link has ended, for whatever reason (``why``
+    says it), and ``finished`` is set then, for a greenlet to wait on."""
 
     def __init__(self, data: socket.socket, size_limit: int,
                  on_datagram: Callable[[memoryview], None]) -> None:
         self.data, self.size_limit, self.on_datagram = data, size_limit, on_datagram
         self.fileno = data.fileno()
         self._recv_into = data._sock.recv_into  # non-blocking: gevent keeps its sockets so
+        self.open = True  # what the callbacks check: an attribute, not Event.is_set()
         self.finished = Event()
         self.why = ""
         self.last_active = time.monotonic()
@@ -93,7 +94,7 @@ class FrameLink:
         """Write one frame (``udp.frame(datagram)``, or a view of one) now if there
         is room, else buffer it; False if it was dropped (the link is this far
         behind, or ended)."""
-        if self.finished.is_set():
+        if not self.open:
             return False
         self.last_active = time.monotonic()
         if self._outgoing:
@@ -115,8 +116,9 @@ class FrameLink:
 
     def end(self, why: str, abort: bool = True) -> None:
         """Stop both directions and close the data connection. Never raises."""
-        if self.finished.is_set():
+        if not self.open:
             return
+        self.open = False
         self.why = why
         for watcher in (self._readable, self._writable):
             watcher.stop()
@@ -156,7 +158,7 @@ class FrameLink:
                 break
             self.on_datagram(_frames_view[start:end])
             position = end
-            if self.finished.is_set():
+            if not self.open:
                 return
         self._incoming = _frames_in[position:size] if position < size else b""
 
@@ -231,7 +233,7 @@ class TargetSide:
         _pack_length_into(_reply_frame, 0, size)
         if self.link.send_frame(_reply_view[:_HEADER + size]):
             self.count_reply(size)
-        elif not self.link.finished.is_set():
+        elif self.link.open:
             log.debug("UDP flow to target: link backed up, reply dropped")
 
 
