@@ -212,6 +212,7 @@ class ServerFlow:
         drop it if the flow is this far behind (UDP may)."""
         link = self._link
         if link is not None:  # plain data connection: written from this callback
+            # frame(datagram), without the call: this runs for every datagram
             if link.send_frame(_pack_length(len(datagram)) + datagram):
                 self.stats.udp_datagram(len(datagram))
             else:
