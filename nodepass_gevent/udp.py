@@ -72,6 +72,8 @@ class UdpUsers:
         self.session_uses_flows = session_uses_flows
         self.size, self.read_timeout = settings.udp_data_buf_size, settings.udp_read_timeout
         self.flows = ServerFlows(stats)
+        # What a flow asks before it passes a reply on (rate=); None: nothing to ask.
+        self._flow_reply_gate = None if edge is None else edge.pass_reply
         self._waiting = deque()  # (function, args) waiting for a place in the semaphore
         self._place_wanted = Event()
 
@@ -87,7 +89,7 @@ class UdpUsers:
             flow.offer(datagram)
         elif self.session_uses_flows():
             flow = ServerFlow(self.listener, peer, self.stats, self.size, self.read_timeout,
-                              self._pass_reply)
+                              self._flow_reply_gate)
             flow.offer(datagram)
             self.flows.add(flow)  # now, so the next datagram finds it
             self._admit(self.flows.run, flow, partial(self.hand_out, protocol.KIND_UDP_FLOW,
@@ -182,8 +184,11 @@ def launch_flow(data: socket.socket, target: net.Target, stats: Stats, settings,
         flows.discard(data)
 
 
+_pack_length = FLOW_FRAME_HEADER.pack
+
+
 def frame(datagram: bytes) -> bytes:
-    return FLOW_FRAME_HEADER.pack(len(datagram)) + datagram
+    return _pack_length(len(datagram)) + datagram
 
 
 class ServerFlow:
@@ -191,9 +196,10 @@ class ServerFlow:
 
     def __init__(self, listener: socket.socket, peer: tuple, stats: Stats,
                  size_limit: int, read_timeout: float,
-                 pass_reply: Callable[[int], bool] = lambda size: True) -> None:
+                 pass_reply: Optional[Callable[[int], bool]] = None) -> None:
         self.listener, self.peer, self.stats = listener, peer, stats
-        self.pass_reply = pass_reply  # False: over the server's rate=, drop the reply
+        # False: over the server's rate=, drop the reply; None: every reply passes.
+        self.pass_reply = pass_reply
         self.size_limit = size_limit
         self.idle_timeout = read_timeout * FLOW_IDLE_READ_TIMEOUTS
         self.queue = Queue(FLOW_QUEUE_SIZE)  # until the data connection is there, or TLS
@@ -206,7 +212,8 @@ class ServerFlow:
         drop it if the flow is this far behind (UDP may)."""
         link = self._link
         if link is not None:  # plain data connection: written from this callback
-            if link.send(datagram):
+            # frame(datagram), without the call: this runs for every datagram
+            if link.send_frame(_pack_length(len(datagram)) + datagram):
                 self.stats.udp_datagram(len(datagram))
             else:
                 log.debug("UDP flow %s: backed up, datagram dropped", self.peer)
@@ -246,18 +253,12 @@ class ServerFlow:
             net.abort(self._data)
 
     def _run_link(self, data: socket.socket) -> None:
-        sendto = udplink.raw_sendto(self.listener)
-        count_reply = self.stats.counter(inbound=False)
-
-        def reply(datagram: bytes) -> None:
-            if self.pass_reply(len(datagram)):
-                sendto(datagram, self.peer)
-                count_reply(len(datagram))
-
+        reply = udplink.reply_sender(self.listener, self.peer,
+                                     self.stats.counter(inbound=False), self.pass_reply)
         link = udplink.FrameLink(data, self.size_limit, reply)
         while not self.queue.empty():  # what came while the connection was taken
             datagram = self.queue.get_nowait()
-            if link.send(datagram):
+            if link.send_frame(frame(datagram)):
                 self.stats.udp_datagram(len(datagram))
         self._link = link
         link.start()
@@ -285,7 +286,7 @@ class ServerFlow:
                 if reply is None:
                     return
                 self.last_active = time.monotonic()
-                if not self.pass_reply(len(reply)):
+                if self.pass_reply is not None and not self.pass_reply(len(reply)):
                     continue
                 self.listener.sendto(reply, self.peer)
                 self.stats.count_bytes(len(reply), inbound=False)
@@ -311,9 +312,9 @@ class ServerFlows:
     def __init__(self, stats: Stats) -> None:
         self.stats = stats
         self._flows = {}  # type: Dict[tuple, ServerFlow]
-
-    def get(self, peer: tuple) -> Optional[ServerFlow]:
-        return self._flows.get(peer)
+        # get(peer): the open flow of a user address, or None. The dict's own
+        # method: it runs for every datagram.
+        self.get = self._flows.get  # type: Callable[[tuple], Optional[ServerFlow]]
 
     def add(self, flow: ServerFlow) -> None:
         self._flows[flow.peer] = flow
@@ -369,13 +370,8 @@ def _client_link(data: socket.socket, target: socket.socket, stats: Stats,
                  size_limit: int, read_timeout: float) -> None:
     """client_flow over a plain data connection: udplink's callbacks both ways."""
     link = udplink.FrameLink(data, size_limit, None)
-    target_side = udplink.TargetSide(target, link, size_limit, stats.counter(inbound=False))
-
-    def to_target(datagram: bytes) -> None:
-        target_side.send(datagram)
-        stats.udp_datagram(len(datagram))
-
-    link.on_datagram = to_target
+    target_side = udplink.TargetSide(target, link, size_limit, stats)
+    link.on_datagram = target_side.send
     link.start()
     target_side.start()
     try:

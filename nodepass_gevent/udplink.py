@@ -9,6 +9,13 @@ from the callback that received them. Only when the data connection has no
 room are frames buffered (up to LINK_BUFFER_LIMIT; more are dropped, as UDP
 may) until it can be written again.
 
+Per datagram, the path does what it must and little else: one system call
+each way, reads into buffers made once per process (a callback is done with
+them before it returns, and the hub runs one callback at a time), frames
+handed on as views of those buffers rather than copies, and no read that is
+expected to fail (its exception costs more than what it would save; see
+TargetSide).
+
 The frames and their limits are udp.py's (and protocol.py's); the copy
 contract is relay.py's: the link owns and closes the data connection (the
 client's flow also its target socket), ends on EOF, aborts on any error,
@@ -31,14 +38,26 @@ from gevent.event import Event
 from nodepass_gevent import net
 from nodepass_gevent.log import log
 from nodepass_gevent.protocol import FLOW_FRAME_HEADER
+from nodepass_gevent.stats import Stats
 
 READ_SIZE = 262144          # one read of the data connection: many frames at once
-TARGET_READS_PER_WAKEUP = 64  # replies taken off the target socket per callback
 LINK_BUFFER_LIMIT = 1 << 20  # framed bytes waiting for room on the data connection
+LARGEST_DATAGRAM = 65535     # what a frame's 2-byte length can say
 _HEADER = FLOW_FRAME_HEADER.size
 _unpack_length = FLOW_FRAME_HEADER.unpack_from
 _pack_length = FLOW_FRAME_HEADER.pack
+_pack_length_into = FLOW_FRAME_HEADER.pack_into
+_write = os.write
 _READ, _WRITE = 1, 2
+
+# The process's read buffers (see the module docstring): what FrameLinks read
+# from their data connections, and a reply read off a target socket behind
+# room for its frame header.
+_frames_in = bytearray(READ_SIZE)
+_frames_view = memoryview(_frames_in)
+_reply_frame = bytearray(_HEADER + LARGEST_DATAGRAM)
+_reply_view = memoryview(_reply_frame)
+_reply_body = _reply_view[_HEADER:]
 
 
 def usable(data: socket.socket) -> bool:
@@ -47,18 +66,22 @@ def usable(data: socket.socket) -> bool:
 
 
 class FrameLink:
-    """One flow's data connection: ``on_datagram(bytes)`` for each frame that
-    arrives; ``send(datagram)`` frames one the other way. ``finished`` is set
-    when the link has ended, for whatever reason (``why`` says it)."""
+    """One flow's data connection: ``on_datagram(view)`` for each frame that
+    arrives (a memoryview of its datagram, valid only during the call: pass it
+    on or copy it); ``send_frame(framed)`` writes one the other way.
+    ``open`` is False once the link has ended, for whatever reason (``why``
+    says it), and ``finished`` is set then, for a greenlet to wait on."""
 
     def __init__(self, data: socket.socket, size_limit: int,
-                 on_datagram: Callable[[bytes], None]) -> None:
+                 on_datagram: Callable[[memoryview], None]) -> None:
         self.data, self.size_limit, self.on_datagram = data, size_limit, on_datagram
         self.fileno = data.fileno()
+        self._recv_into = data._sock.recv_into  # non-blocking: gevent keeps its sockets so
+        self.open = True  # what the callbacks check: an attribute, not Event.is_set()
         self.finished = Event()
         self.why = ""
         self.last_active = time.monotonic()
-        self._incoming = b""
+        self._incoming = b""  # the start of a frame that the last read cut
         self._outgoing = bytearray()
         loop = gevent.get_hub().loop
         self._readable = loop.io(self.fileno, _READ)
@@ -67,20 +90,20 @@ class FrameLink:
     def start(self) -> None:
         self._readable.start(self._on_readable)
 
-    def send(self, datagram: bytes) -> bool:
-        """Frame and write ``datagram`` now if there is room, else buffer it;
-        False if it was dropped (the link is this far behind, or ended)."""
-        if self.finished.is_set():
+    def send_frame(self, framed) -> bool:
+        """Write one frame (``udp.frame(datagram)``, or a view of one) now if there
+        is room, else buffer it; False if it was dropped (the link is this far
+        behind, or ended)."""
+        if not self.open:
             return False
         self.last_active = time.monotonic()
-        framed = _pack_length(len(datagram)) + datagram
         if self._outgoing:
             if len(self._outgoing) >= LINK_BUFFER_LIMIT:
                 return False
             self._outgoing += framed
             return True
         try:
-            sent = os.write(self.fileno, framed)
+            sent = _write(self.fileno, framed)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
@@ -93,8 +116,9 @@ class FrameLink:
 
     def end(self, why: str, abort: bool = True) -> None:
         """Stop both directions and close the data connection. Never raises."""
-        if self.finished.is_set():
+        if not self.open:
             return
+        self.open = False
         self.why = why
         for watcher in (self._readable, self._writable):
             watcher.stop()
@@ -105,37 +129,42 @@ class FrameLink:
         self.finished.set()
 
     def _on_readable(self) -> None:
+        kept = len(self._incoming)
         try:
-            chunk = os.read(self.fileno, READ_SIZE)
+            if kept:
+                _frames_in[:kept] = self._incoming
+                received = self._recv_into(_frames_view[kept:])
+            else:
+                received = self._recv_into(_frames_in)
         except BlockingIOError:
             return
         except OSError as exc:
             self.end("read failed: %s" % exc)
             return
-        if not chunk:
+        if not received:
             self.end("closed by the peer", abort=False)
             return
         self.last_active = time.monotonic()
-        buffer = self._incoming + chunk if self._incoming else chunk
-        position, size = 0, len(buffer)
+        position, size = 0, kept + received
         while size - position >= _HEADER:
-            length = _unpack_length(buffer, position)[0]
+            length = _unpack_length(_frames_in, position)[0]
             if length > self.size_limit:
                 self.end("a frame of %d bytes, above the %d-byte limit" % (length,
                                                                           self.size_limit))
                 return
             start = position + _HEADER
-            if size - start < length:
+            end = start + length
+            if end > size:
                 break
-            self.on_datagram(buffer[start:start + length])
-            position = start + length
-            if self.finished.is_set():
+            self.on_datagram(_frames_view[start:end])
+            position = end
+            if not self.open:
                 return
-        self._incoming = buffer[position:]
+        self._incoming = _frames_in[position:size] if position < size else b""
 
     def _on_writable(self) -> None:
         try:
-            sent = os.write(self.fileno, self._outgoing)
+            sent = _write(self.fileno, self._outgoing)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -156,27 +185,37 @@ def wait_until_idle_or_ended(link: FrameLink, idle_timeout: float) -> None:
 
 
 class TargetSide:
-    """The client's UDP socket to the target, read from a callback: every reply
-    waiting is framed onto the link in the same callback."""
+    """The client's UDP socket to the target, read from a callback: a reply is
+    framed onto the link in the callback that received it.
+
+    One reply per callback: the loop's epoll is level-triggered, so a second
+    one waiting wakes the next iteration, which costs less than the read that
+    fails with EAGAIN after every reply (an exception) when, as in a
+    request/reply flow, none is waiting."""
 
     def __init__(self, target: socket.socket, link: FrameLink, size_limit: int,
-                 count_reply: Callable[[int], None]) -> None:
+                 stats: Stats) -> None:
         self.target, self.link, self.size_limit = target, link, size_limit
-        self.count_reply = count_reply
+        self.count_datagram = stats.udp_datagram
+        self.count_reply = stats.counter(inbound=False)
         self._raw = target._sock  # non-blocking: gevent keeps its sockets so
+        self._recv_into = self._raw.recv_into
         self._readable = gevent.get_hub().loop.io(target.fileno(), _READ)
 
     def start(self) -> None:
         self._readable.start(self._on_readable)
 
-    def send(self, datagram: bytes) -> None:
-        """A datagram from the server, to the target; dropped if it has no room."""
+    def send(self, datagram: memoryview) -> None:
+        """A datagram from the server (the link's ``on_datagram``), to the
+        target, counted; dropped if it has no room."""
         try:
             self._raw.send(datagram)
         except (BlockingIOError, ConnectionRefusedError):
             pass  # no room, or an earlier ICMP port unreachable: UDP goes on
         except OSError as exc:
             self.link.end("target send failed: %s" % exc)
+            return
+        self.count_datagram(len(datagram))
 
     def close(self) -> None:
         self._readable.stop()
@@ -184,33 +223,37 @@ class TargetSide:
         net.close_quietly(self.target)
 
     def _on_readable(self) -> None:
-        for _ in range(TARGET_READS_PER_WAKEUP):
-            try:
-                reply = self._raw.recv(self.size_limit)
-            except BlockingIOError:
-                return
-            except ConnectionRefusedError:
-                continue  # ICMP port unreachable from the target: UDP goes on
-            except OSError as exc:
-                self.link.end("target receive failed: %s" % exc)
-                return
-            if not self.link.send(reply):
-                if self.link.finished.is_set():
-                    return
-                log.debug("UDP flow to target: link backed up, reply dropped")
-                continue
-            self.count_reply(len(reply))
-
-
-def raw_sendto(listener: socket.socket) -> Optional[Callable]:
-    """The listener's sendto that never blocks (for use in callbacks)."""
-    raw = listener._sock
-
-    def sendto(datagram: bytes, peer: tuple) -> None:
         try:
-            raw.sendto(datagram, peer)
+            size = self._recv_into(_reply_body, self.size_limit)
+        except (BlockingIOError, ConnectionRefusedError):
+            return  # nothing after all, or ICMP port unreachable from the target: UDP goes on
+        except OSError as exc:
+            self.link.end("target receive failed: %s" % exc)
+            return
+        _pack_length_into(_reply_frame, 0, size)
+        if self.link.send_frame(_reply_view[:_HEADER + size]):
+            self.count_reply(size)
+        elif self.link.open:
+            log.debug("UDP flow to target: link backed up, reply dropped")
+
+
+def reply_sender(listener: socket.socket, peer: tuple, count_reply: Callable[[int], None],
+                 pass_reply: Optional[Callable[[int], bool]]) -> Callable[[memoryview], None]:
+    """The server's ``on_datagram`` for one user: a reply sent to ``peer`` from
+    the shared listener, without blocking (for use in callbacks), counted;
+    ``pass_reply(size)`` False (over the server's rate=) drops it."""
+    sendto = listener._sock.sendto
+
+    def send_reply(reply: memoryview) -> None:
+        size = len(reply)
+        if pass_reply is not None and not pass_reply(size):
+            return
+        try:
+            sendto(reply, peer)
         except OSError as exc:  # no room, or the user's ICMP error: UDP may drop it
             if exc.errno not in (errno.EAGAIN, errno.ECONNREFUSED):
                 log.debug("UDP flow %s: reply not sent: %s", peer, exc)
+            return
+        count_reply(size)
 
-    return sendto
+    return send_reply

@@ -312,3 +312,24 @@ def test_server_flow_lives_while_only_the_user_sends_and_ends_when_idle(flow_eng
         engine.kill(block=True, timeout=WAIT)
         for sock in (client_end, listener, user, data):
             sock.close()
+
+
+@pytest.mark.timeout(30)
+def test_client_flows_keep_the_frames_their_reads_cut_apart(flow_engine):
+    # udplink's links read into one buffer of the process: a frame that one
+    # link's read cut (in its header, then in its datagram) must come out
+    # whole although another link reads in between.
+    first, second = ClientFlowLink(), ClientFlowLink()
+    try:
+        cut, whole = os.urandom(3000), os.urandom(2000)
+        framed = udp.frame(cut)
+        for part in (framed[:1], framed[1:1000], framed[1000:]):
+            first.server_end.sendall(part)
+            gevent.sleep(0.05)  # first's link has read the part
+            second.server_end.sendall(udp.frame(whole))
+            assert read_frames(second.server_end, 1) == [b"re:" + whole]
+        assert read_frames(first.server_end, 1) == [b"re:" + cut]
+        assert first.stats.udp_total == 1 and second.stats.udp_total == 3
+    finally:
+        first.close()
+        second.close()
