@@ -1,10 +1,10 @@
 """Listening sockets as gevent's own servers: StreamServer for TCP, DatagramServer for UDP.
 
 gevent's servers already accept from an event-loop callback (up to
-``max_accept`` connections or datagrams per wake-up, without a greenlet
-switch), stop accepting while a bounded pool is full and start again when it
-frees a place, and close an accepted socket when its handler returns. What
-is added here:
+``max_accept`` connections per wake-up, without a greenlet switch; UDP takes
+one datagram per wake-up, see UdpListener._do_read), stop accepting while a
+bounded pool is full and start again when it frees a place, and close an
+accepted socket when its handler returns. What is added here:
 
 - errors are ours to report: running out of descriptors or buffers backs off
   (doubling, capped) with one warning, never a traceback; anything else fails
@@ -115,33 +115,36 @@ class UdpListener(_Pausing, DatagramServer):
 
     def __init__(self, sock: socket.socket, size: int, handle: Callable, owner,
                  name: str) -> None:
-        super().__init__(sock, self._handle_safely, spawn=None)
+        super().__init__(sock, handle, spawn=None)
         self.size, self.owner, self.name = size, owner, name
         self._handle_datagram = handle
         self._backoff = net.Backoff(RECEIVE_BACKOFF_FIRST, RECEIVE_BACKOFF_MAX)
 
-    def do_read(self):
+    def _do_read(self) -> None:
+        """The receive callback (BaseServer's, replaced): one datagram, handled
+        at once. Not BaseServer's loop of up to ``max_accept`` reads: epoll is
+        level-triggered, so another datagram waiting wakes the loop's next
+        iteration, which costs less than the read that fails with EAGAIN (an
+        exception) after the last one; and BaseServer's steps around each
+        datagram (pool checks, a close after the handler) do nothing for UDP."""
         try:
-            received = self.receive(self.size)
+            datagram, peer = self.receive(self.size)
         except BlockingIOError:
-            return None  # read everything there was
+            return  # nothing after all (a spurious wake-up)
         except OSError as exc:
             self._receive_failed(exc)
-            return None
+            return
         if self._backoff.failures:
             self.owner.log.info("%s: UDP receives work again after %d errors", self.name,
                                 self._backoff.reset())
-        return received
-
-    def receive(self, size: int) -> Optional[tuple]:
-        """One datagram and its sender from the non-blocking socket underneath."""
-        return self._socket.recvfrom(size)
-
-    def _handle_safely(self, datagram: bytes, peer: tuple) -> None:
         try:
             self._handle_datagram(datagram, peer)
         except Exception as exc:  # a bug: in the event loop's callback it would only print
             self.owner.fail(exc)
+
+    def receive(self, size: int) -> Optional[tuple]:
+        """One datagram and its sender from the non-blocking socket underneath."""
+        return self._socket.recvfrom(size)
 
     def _receive_failed(self, exc: OSError) -> None:
         """Not fatal (out of buffers, an ICMP error queued on the socket), but one
