@@ -355,9 +355,19 @@ class _Direction:
                 if size == 0:
                     self._pass_eof_on()
                     return
-                if not (self._copy_out(size) if self._copying else self._drain()):
-                    self._readable.stop()  # the sink is full: wait for room first
-                    self._writable.start(self._on_writable)
+                if self._copying:  # written out here, not in a call: the hot path
+                    try:
+                        sent = _write(self._sink_fd, _copy_buffer[:size])
+                    except BlockingIOError:
+                        sent = 0
+                    self.moved += sent
+                    self._count(sent)
+                    if sent < size:  # the buffer is the next read's: keep the rest apart
+                        self._unsent = _copy_buffer[sent:size].tobytes()
+                        self._wait_for_room()
+                        return
+                elif not self._drain():
+                    self._wait_for_room()
                     return
                 if size < want:
                     # The socket had no more: one more read would almost surely fail
@@ -391,20 +401,10 @@ class _Direction:
         self._pending = size
         return size
 
-    def _copy_out(self, size: int) -> bool:
-        """Write the copy buffer's first ``size`` bytes to the sink; False if some had
-        no room (they are kept in ``_unsent``: the buffer is the next read's)."""
-        try:
-            sent = _write(self._sink_fd, _copy_buffer[:size])
-        except BlockingIOError:
-            sent = 0
-        if sent:
-            self.moved += sent
-            self._count(sent)
-        if sent == size:
-            return True
-        self._unsent = _copy_buffer[sent:size].tobytes()
-        return False
+    def _wait_for_room(self) -> None:
+        """The sink is full: stop reading until what waits for it is written."""
+        self._readable.stop()
+        self._writable.start(self._on_writable)
 
     def _send_unsent(self) -> bool:
         """Write what the sink had no room for; False while some of it still waits."""
