@@ -1,9 +1,16 @@
 """Zero-copy exchange between two plain TCP sockets: splice(2) through a pipe.
 
-The bytes go socket -> pipe -> socket inside the kernel and never reach
+Bulk bytes go socket -> pipe -> socket inside the kernel and never reach
 Python. Pipes are borrowed from a small shared pool only while bytes move and
 returned empty, so an idle connection holds no descriptor beyond its two
 sockets (Go's io.Copy keeps two pipes, four descriptors, per connection).
+
+Small messages (requests, replies, keystrokes) are copied instead, through one
+buffer shared by every connection: a read and a write per message, where
+splice takes two calls as well but costs the kernel more per call on a short
+message, and no pipe changes hands. Each direction adapts on its own: a read
+that fills what it asked for means bulk, and the next read splices; a splice
+that empties the socket with a short fill means small messages again.
 
 Both directions are driven by event-loop callbacks rather than one greenlet
 each: a waiting greenlet costs about 8 KB, a watcher a few hundred bytes, and
@@ -42,6 +49,7 @@ PIPE_SIZE = 256 * 1024   # bytes a pipe holds: fewer system calls per megabyte
 IDLE_PIPES_KEPT = 32     # pipes kept open for the next burst; more are closed
 FILLS_PER_WAKEUP = 16    # then yield to the loop, so one busy stream cannot starve others
 SHORT_FILL = 16 * 1024   # a fill this small emptied the socket: wait for the next wakeup
+COPY_SIZE = SHORT_FILL   # one copied read; a read that fills it is bulk: splice from then on
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _READ, _WRITE = 1, 2     # libev event masks
 
@@ -83,6 +91,13 @@ class PipePool:
 
 
 pipes = PipePool()
+
+# The copy buffer of every direction in the process. Sharing it is safe: the
+# directions run as callbacks of the one event loop, and a callback writes out
+# what it read (or keeps the unsent rest as bytes of its own) before it returns.
+_copy_buffer = memoryview(bytearray(COPY_SIZE))
+_whole_buffer = [_copy_buffer]   # os.readv's list of buffers for a full-size read
+_read_into, _write = os.readv, os.write  # one global lookup each on the hot path
 
 # --------------------------------------------------------------------------
 # splice(2) itself, and the choice of engine.
@@ -268,7 +283,11 @@ def exchange(left: socket.socket, right: socket.socket,
 
 
 class _Direction:
-    """One way of an exchange: waits for bytes (or room) with a watcher, no greenlet."""
+    """One way of an exchange: waits for bytes (or room) with a watcher, no greenlet.
+
+    It copies while messages are small and splices while they come in bulk
+    (module docstring).
+    """
 
     def __init__(self, source: socket.socket, sink: socket.socket,
                  count: Callable[[int], None], finished: Event, splice: Splice,
@@ -283,6 +302,8 @@ class _Direction:
         self._source_fd, self._sink_fd = source.fileno(), sink.fileno()
         self._splice = splice
         self._raw = getattr(splice, "raw", None)  # the C function, when through ctypes
+        self._copying = True   # small messages, until a read fills what it asked for
+        self._unsent = None    # type: Optional[bytes]  # copied bytes the sink had no room for
         self._pipe = None  # type: Optional[Pipe]
         self._pending = 0  # bytes in the pipe, not yet in the sink
         self._bucket = bucket
@@ -307,27 +328,23 @@ class _Direction:
             self._bucket.give_back(self._granted)
             self._granted = 0
         self._drop_pipe()
+        self._unsent = None
 
     def _on_readable(self) -> None:
         try:
             for _ in range(FILLS_PER_WAKEUP):
-                want = PIPE_SIZE
+                want = COPY_SIZE if self._copying else PIPE_SIZE
                 if self._bucket is not None:
-                    want, self._granted = self._granted or self._bucket.take(PIPE_SIZE), 0
+                    want, self._granted = self._granted or self._bucket.take(want), 0
                     if not want:
                         self._queue()
                         return
-                if self._pipe is None:
-                    self._pipe = pipes.acquire()
                 try:
-                    if self._raw is None:
-                        size = self._splice(self._source_fd, self._pipe[1], want,
-                                            None, None, _FLAGS)
+                    if self._copying:
+                        size = _read_into(self._source_fd, _whole_buffer if want == COPY_SIZE
+                                          else [_copy_buffer[:want]])
                     else:
-                        size = self._raw(self._source_fd, None, self._pipe[1], None,
-                                         want, _FLAGS)
-                        if size < 0:
-                            raise_libc_error()
+                        size = self._fill_pipe(want)
                 except BlockingIOError:
                     if self._bucket is not None:
                         self._bucket.give_back(want)
@@ -338,27 +355,74 @@ class _Direction:
                 if size == 0:
                     self._pass_eof_on()
                     return
-                self._pending = size
-                if not self._drain():
-                    self._readable.stop()  # the sink is full: wait for room first
-                    self._writable.start(self._on_writable)
+                if self._copying:  # written out here, not in a call: the hot path
+                    try:
+                        sent = _write(self._sink_fd, _copy_buffer[:size])
+                    except BlockingIOError:
+                        sent = 0
+                    self.moved += sent
+                    self._count(sent)
+                    if sent < size:  # the buffer is the next read's: keep the rest apart
+                        self._unsent = _copy_buffer[sent:size].tobytes()
+                        self._wait_for_room()
+                        return
+                elif not self._drain():
+                    self._wait_for_room()
                     return
-                if size < SHORT_FILL and size < want:
-                    # The socket had no more: one more splice would almost surely fail
+                if size < want:
+                    # The socket had no more: one more read would almost surely fail
                     # with EAGAIN, a third system call per small message (and through
                     # ctypes the dearest one). libev's watcher is level-triggered, so
                     # bytes that arrive meanwhile wake this direction again.
-                    self._drop_pipe()
-                    return
+                    if self._copying:
+                        return
+                    if size < SHORT_FILL:
+                        self._copying = True  # small again: copy, no pipe held
+                        self._drop_pipe()
+                        return
+                elif self._copying:
+                    self._copying = False  # a full read: bulk, the next read splices
+            # Enough for one wake-up. The pipe is empty (drained above) and goes back:
+            # if the last fill happened to empty the socket, no wake-up may follow.
+            self._drop_pipe()
         except OSError:
             self._fail()
+
+    def _fill_pipe(self, want: int) -> int:
+        """Splice up to ``want`` bytes from the source into this direction's pipe."""
+        if self._pipe is None:
+            self._pipe = pipes.acquire()
+        if self._raw is None:
+            size = self._splice(self._source_fd, self._pipe[1], want, None, None, _FLAGS)
+        else:
+            size = self._raw(self._source_fd, None, self._pipe[1], None, want, _FLAGS)
+            if size < 0:
+                raise_libc_error()
+        self._pending = size
+        return size
+
+    def _wait_for_room(self) -> None:
+        """The sink is full: stop reading until what waits for it is written."""
+        self._readable.stop()
+        self._writable.start(self._on_writable)
+
+    def _send_unsent(self) -> bool:
+        """Write what the sink had no room for; False while some of it still waits."""
+        try:
+            sent = _write(self._sink_fd, self._unsent)
+        except BlockingIOError:
+            return False
+        self.moved += sent
+        self._count(sent)
+        self._unsent = self._unsent[sent:] or None
+        return self._unsent is None
 
     def _queue(self) -> None:
         """No grant: stop reading and wait for this direction's turn at the bucket."""
         self._readable.stop()
         self._drop_pipe()
         self._queued = True
-        self._bucket.wait(PIPE_SIZE, self._on_granted)
+        self._bucket.wait(COPY_SIZE if self._copying else PIPE_SIZE, self._on_granted)
 
     def _on_granted(self, grant: int) -> None:
         self._queued = False
@@ -367,8 +431,9 @@ class _Direction:
 
     def _on_writable(self) -> None:
         try:
-            if self._drain():
+            if self._send_unsent() if self._unsent is not None else self._drain():
                 self._writable.stop()
+                self._drop_pipe()  # empty now, and the source may have no more for a while
                 self._readable.start(self._on_readable)
         except OSError:
             self._fail()

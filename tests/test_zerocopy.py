@@ -273,29 +273,103 @@ def test_an_idle_connection_holds_only_its_two_sockets(link, engine):
     assert link.moved() == (1000000, 1000000)
 
 
+def counting(function, calls, name):
+    def counted(*args):
+        calls.append(name)
+        return function(*args)
+    return counted
+
+
+def ping_pong(made, rounds: int) -> None:
+    for _ in range(rounds):
+        made.user.sendall(b"ping")
+        assert read_exactly(made.target, 4) == b"ping"
+        made.target.sendall(b"pong")
+        assert read_exactly(made.user, 4) == b"pong"
+
+
 @pytest.mark.timeout(60)
-def test_a_small_message_costs_two_splices_per_hop(monkeypatch, engine):
-    """In, out, and back to the loop: no third call that would only say EAGAIN."""
+def test_small_messages_are_copied_and_bulk_is_spliced(monkeypatch, engine):
+    """A small message costs a read and a write per hop, no pipe and no third call
+    that would only say EAGAIN; bulk in between is spliced, and small messages
+    after it are copied again."""
     if engine.splice is None:
         pytest.skip("the user-space path makes no splice")
     calls = []
-
-    def counted(src, dst, count, offset_src=None, offset_dst=None, flags=0):
-        calls.append(count)
-        return engine.splice(src, dst, count, offset_src, offset_dst, flags)
-
-    monkeypatch.setattr(zerocopy, "_chosen", counted)
+    monkeypatch.setattr(zerocopy, "_chosen", counting(engine.splice, calls, "splice"))
+    monkeypatch.setattr(zerocopy, "_read_into", counting(os.readv, calls, "read"))
+    monkeypatch.setattr(zerocopy, "_write", counting(os.write, calls, "write"))
     made = Link("tcp")
     try:
-        for _ in range(3):
-            made.user.sendall(b"ping")
-            assert read_exactly(made.target, 4) == b"ping"
-            made.target.sendall(b"pong")
-            assert read_exactly(made.user, 4) == b"pong"
-        assert len(calls) == 3 * 2 * 2  # 3 round trips, 2 directions, in + out
+        ping_pong(made, 3)
+        assert calls == ["read", "write"] * 3 * 2  # 3 round trips, 2 directions
+        assert engine.pool.acquired == 0
+        bulk = os.urandom(SIZE)
+        made.user.sendall(bulk)
+        assert read_exactly(made.target, SIZE) == bulk
+        assert calls.count("splice") >= 2 and engine.pool.acquired > 0
+        ping_pong(made, 1)  # may still be spliced: the bulk's last fill was no short one
+        del calls[:]
+        ping_pong(made, 2)
+        assert calls == ["read", "write"] * 2 * 2
         assert engine.pool.outstanding == 0
     finally:
         made.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_copy_the_sink_has_no_room_for_waits_and_reading_stops(monkeypatch, engine):
+    """Small messages, one at a time, to a target that reads nothing: once the
+    relay's write finds the sink full, the rest waits and the relay reads no
+    more; when the target reads, every byte arrives in order, counted once."""
+    if engine.splice is None:
+        pytest.skip("the user-space path has its own writes")
+    calls, short_writes = [], []
+
+    def write(fd, data):
+        calls.append("write")
+        try:
+            sent = os.write(fd, data)
+        except BlockingIOError:
+            sent = 0
+            short_writes.append(len(data))
+            raise
+        if sent < len(data):
+            short_writes.append(len(data))
+        return sent
+
+    monkeypatch.setattr(zerocopy, "_read_into", counting(os.readv, calls, "read"))
+    monkeypatch.setattr(zerocopy, "_write", write)
+    user, left = tcp_pair()
+    right, target = tcp_pair()
+    right.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    stats = Stats()
+    exchange = gevent.spawn(relay.exchange, left, right, stats)
+    try:
+        message, sent = os.urandom(4000), 0
+        while stats.bytes_in == sent:  # until the relay holds bytes it could not write
+            assert sent < 64 * 1024 * 1024, "the sink never ran out of room"
+            user.sendall(message)
+            sent += len(message)
+            for _ in range(50):  # one message per read: each is a small copy
+                gevent.sleep(0.001)
+                if stats.bytes_in == sent:
+                    break
+        assert short_writes
+        assert "splice" not in calls
+        reads = calls.count("read")
+        user.sendall(message * 3)  # waits at the relay's source: reading has stopped
+        sent += 3 * len(message)
+        gevent.sleep(0.05)
+        assert calls.count("read") == reads
+        user.shutdown(socket.SHUT_WR)
+        assert read_to_eof(target) == message * (sent // len(message))
+        target.shutdown(socket.SHUT_WR)
+        assert exchange.get(timeout=WAIT)[0] == sent == stats.bytes_in
+    finally:
+        exchange.kill(block=True, timeout=WAIT)
+        user.close()
+        target.close()
 
 
 # --------------------------------------------------------------------------
