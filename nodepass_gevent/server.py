@@ -11,7 +11,7 @@ their kind:
 Listeners live as long as the server; a session (control.py) as long as one
 client's tunnel connection. When a session ends, its pooled data connections
 go with it. User TCP connections and UDP exchanges share the semaphore
-(SEMAPHORE_LIMIT), drained for SHUTDOWN_TIMEOUT on stop.
+(SEMAPHORE_LIMIT, semaphore.py), drained for SHUTDOWN_TIMEOUT on stop.
 """
 
 import logging
@@ -30,13 +30,13 @@ from nodepass_gevent.lifecycle import Component
 from nodepass_gevent.listeners import TcpListener, UdpListener
 from nodepass_gevent.log import TunnelLog
 from nodepass_gevent.pool import ServerPool
+from nodepass_gevent.semaphore import UserSemaphore
 from nodepass_gevent.stats import Stats
 
 DATA_PORT_RANGE = (1024, 8192)  # as v1.0 picks it
 DATA_PORT_TRIES = 64
 POOL_WAIT = 5.0           # how long a user waits for a pooled data connection
 MAX_PENDING_HANDSHAKES = 256  # data connections being proven at once
-FULL_WARNING_INTERVAL = 5.0  # at most one "semaphore full" warning this often
 
 
 class Server(Component):
@@ -53,13 +53,13 @@ class Server(Component):
         self.edge = Edge(config, self.stats, self.log.warning)  # proxy=, allow=, rate=, ...
         self.pool = ServerPool(settings.max_pool_capacity)
         # The semaphore: one place per user TCP connection or UDP exchange.
-        self.users = self.drain_on_stop(gevent.pool.Pool(settings.semaphore_limit))
+        self.users = self.drain_on_stop(UserSemaphore(settings.semaphore_limit, self.stats,
+                                                      self.log))
         self.data_port = 0
         self.control = None  # type: Optional[control.ServerControl]
         self.udp_users = None  # type: Optional[udp.UdpUsers]
         self._handshakes = gevent.pool.Pool(MAX_PENDING_HANDSHAKES)  # data connections
         self._listeners = []  # type: List
-        self._next_full_warning = 0.0
 
     # -- lifecycle -------------------------------------------------------
 
@@ -168,14 +168,6 @@ class Server(Component):
         session = self.control.session
         return session is not None and session.udp_flow
 
-    def warn_semaphore_full(self) -> None:
-        """Say so (not too often) when users must wait for a place."""
-        now = time.monotonic()
-        if now >= self._next_full_warning:
-            self._next_full_warning = now + FULL_WARNING_INTERVAL
-            self.log.warning("Target: SEMAPHORE_LIMIT (%d) reached: new users wait for a free"
-                             " place", self.settings.semaphore_limit)
-
     # -- reports -------------------------------------------------------------
 
     def _report_forever(self) -> None:
@@ -226,9 +218,9 @@ class _User:
 
 
 class _UserListener(TcpListener):
-    """The user TCP listener: counts (and warns of) users that find the semaphore full,
-    and asks ``admit(sock, peer)`` (allow=/deny=/per_user=, edge.py) before a user
-    takes a place: a refused user is closed in the accept callback itself."""
+    """The user TCP listener: asks ``admit(sock, peer)`` (allow=/deny=/per_user=,
+    edge.py) before a user takes a place in the semaphore (which counts the users
+    who find it full): a refused user is closed in the accept callback itself."""
 
     def __init__(self, *args, admit=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -237,15 +229,3 @@ class _UserListener(TcpListener):
     def do_handle(self, sock, peer) -> None:
         if self._admit is None or self._admit(sock, peer):
             super().do_handle(sock, peer)
-
-    def set_spawn(self, spawn) -> None:
-        super().set_spawn(spawn)
-        self._pool_full = self.full
-        self.full = self._full
-
-    def _full(self) -> bool:
-        if not self._pool_full():
-            return False
-        self.owner.stats.semaphore_waits += 1
-        self.owner.warn_semaphore_full()
-        return True

@@ -42,13 +42,13 @@ from functools import partial
 from typing import Callable, Dict, Optional
 
 import gevent
-import gevent.pool
 from gevent.event import Event
 from gevent.queue import Full, Queue
 
 from nodepass_gevent import net, protocol, readers, udplink
 from nodepass_gevent.log import log
 from nodepass_gevent.protocol import FLOW_FRAME_HEADER, FLOW_IDLE_READ_TIMEOUTS
+from nodepass_gevent.semaphore import UserSemaphore
 from nodepass_gevent.stats import Stats
 
 FLOW_QUEUE_SIZE = 256     # datagrams waiting for the data connection; more are dropped
@@ -62,7 +62,7 @@ class UdpUsers:
     ``session_uses_flows()`` says whether the connected client took flows.
     """
 
-    def __init__(self, listener: socket.socket, users: gevent.pool.Pool, hand_out,
+    def __init__(self, listener: socket.socket, users: UserSemaphore, hand_out,
                  session_uses_flows: Callable[[], bool], stats: Stats, settings, owner,
                  edge=None) -> None:
         self.listener = listener  # the gevent socket: flows' replies are sent on it
@@ -106,11 +106,11 @@ class UdpUsers:
         self.flows.close()
 
     def _admit(self, function, *args) -> None:
-        if not self._waiting and not self.users.full():
+        if self._waiting:
+            self.users.count_wait()  # in line behind datagrams already waiting
+        elif not self.users.full():  # full: the semaphore counted the wait
             self.users.spawn(function, *args)
             return
-        self.stats.semaphore_waits += 1
-        self.owner.warn_semaphore_full()
         if len(self._waiting) >= ADMISSION_QUEUE_SIZE:
             log.debug("Target: admission queue full; UDP datagram dropped")
             return

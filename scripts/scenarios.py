@@ -41,6 +41,7 @@ import os
 import random
 import signal
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -157,7 +158,8 @@ class ServiceHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
 
 
-class ServiceHTTPServer(http.server.ThreadingHTTPServer):
+# http.server.ThreadingHTTPServer, spelled out: Python 3.6 has none.
+class ServiceHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     # 200 sessions arrive at once through the tunnel: the default backlog of 5
     # would make the kernel drop SYNs and turn a concurrency test into a timing one.
     request_queue_size = 1024
@@ -533,7 +535,8 @@ def free_ports(count: int) -> List[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command")
+    commands.required = True  # 3.6: not an argument of add_subparsers
 
     serve_cmd = commands.add_parser("serve", help="private services: HTTP and UDP echo")
     serve_cmd.add_argument("address", type=parse_hostport)

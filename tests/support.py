@@ -21,7 +21,10 @@ import tempfile
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
+
+from legacy_python import Interpreter, own_interpreter
 
 HOST = "127.0.0.1"
 METRICS_LINE = re.compile(r"Metrics: http://127\.0\.0\.1:(\d+)/metrics")
@@ -58,31 +61,36 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
 
 
-class NodepassProcess:
-    """One `python -m nodepass_gevent URL` child, its output in a file.
+def netns_exec(namespace: str) -> List[str]:
+    """The prefix that runs a command in a network namespace (ip execs it)."""
+    return ["ip", "netns", "exec", namespace]
 
-    ``url`` may also be the whole argument list (several URLs, --config FILE...).
+
+class ChildProcess:
+    """One child process, its output (stdout and stderr) in a log file.
+
+    ``namespace``: run in that network namespace; ``prefix``: through a command
+    that runs the rest (``prlimit --nofile=N --``). Both exec, so the pid is
+    the child's own. ``env`` is its whole environment (default: this one's).
+    The log is ``log_path``, kept, or a temporary file that cleanup() removes.
     """
 
-    def __init__(self, url, env: Optional[Dict[str, str]] = None,
-                 prefix: Sequence[str] = (), status: bool = False) -> None:
-        """``status``: serve --metrics on a loopback port of its own, so that
-        ``status()`` reads the role's figures instead of its log."""
-        self.url = url
-        arguments = [url] if isinstance(url, str) else list(url)
-        self._status, self._status_port = status, None
-        if status:
-            # Port 0: the process binds a port the OS picks and logs it. A port
-            # picked here and bound later by the child could be taken in between
-            # by another of the suites running at once.
-            arguments = ["--metrics=%s:0" % HOST] + arguments
-        self._log = tempfile.NamedTemporaryFile(prefix="nodepass-", suffix=".log", delete=False)
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        self.proc = subprocess.Popen(
-            list(prefix) + [sys.executable, "-m", "nodepass_gevent"] + arguments,
-            stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
-            stdin=subprocess.DEVNULL)
+    def __init__(self, argv: Sequence[str], env: Optional[Dict[str, str]] = None,
+                 namespace: Optional[str] = None, prefix: Sequence[str] = (),
+                 cwd: Optional[str] = None, log_path: Optional[Path] = None,
+                 name: Optional[str] = None) -> None:
+        self.name = name or " ".join(argv)
+        self.namespace = namespace
+        self._temporary_log = log_path is None
+        if log_path is None:
+            log = tempfile.NamedTemporaryFile(prefix="nodepass-", suffix=".log", delete=False)
+        else:
+            log = open(str(log_path), "ab")
+        self.log_path = Path(log.name)
+        command = (netns_exec(namespace) if namespace else []) + list(prefix) + list(argv)
+        with log:  # the child has its own copy
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, cwd=cwd)
 
     @property
     def pid(self) -> int:
@@ -91,9 +99,94 @@ class NodepassProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def executable(self) -> str:
+        """The binary the process runs (a prefix execs it: the pid is its own)."""
+        return os.path.realpath("/proc/%d/exe" % self.pid)
+
     def output(self) -> str:
-        with open(self._log.name, "r", errors="replace") as log:
-            return log.read()
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, lines: int = 15) -> str:
+        where = "pid %d, %s" % (self.pid, self.namespace) if self.namespace else \
+            "pid %d" % self.pid
+        return "--- %s (%s) ---\n%s" % (self.name, where,
+                                        "\n".join(self.output().splitlines()[-lines:]))
+
+    def wait_for_output(self, text: str, timeout: float = 10) -> None:
+        wait_until(lambda: text in self.output(), timeout, what="%r in the log" % text)
+
+    def send_signal(self, number: int) -> None:
+        if self.alive():
+            self.proc.send_signal(number)
+
+    def wait(self, timeout: float) -> Optional[int]:
+        """The exit status, or None if the process still runs after ``timeout``."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, number: int = signal.SIGTERM, timeout: float = 10) -> int:
+        """Signal the process and wait for it; kill it if it will not go, and fail."""
+        status = self.stop_quietly(number, timeout)
+        if status is None:
+            raise AssertionError("%s did not stop within %ss:\n%s"
+                                 % (self.name, timeout, self.output()[-3000:]))
+        return status
+
+    def stop_quietly(self, number: int = signal.SIGTERM, timeout: float = 10) -> Optional[int]:
+        """stop() for a teardown: the exit status, None if the process had to be
+        killed. Never raises."""
+        self.send_signal(number)
+        status = self.wait(timeout)
+        if status is None:
+            self.kill()
+        return status
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.wait(5)
+
+    def cleanup(self) -> None:
+        self.kill()
+        if self._temporary_log:
+            try:
+                os.unlink(str(self.log_path))
+            except OSError:
+                pass
+
+
+class NodepassProcess(ChildProcess):
+    """One `python -m nodepass_gevent URL` child, its output in a file.
+
+    ``url`` may also be the whole argument list (several URLs, --config FILE...).
+    """
+
+    def __init__(self, url, env: Optional[Dict[str, str]] = None,
+                 prefix: Sequence[str] = (), status: bool = False,
+                 python: Optional[Interpreter] = None, namespace: Optional[str] = None,
+                 log_path: Optional[Path] = None, name: Optional[str] = None) -> None:
+        """``env``: variables on top of this process's environment; ``python``: the
+        interpreter, whose rules for the environment and working directory apply
+        (legacy_python.py; default: this one, as it is); ``status``: serve
+        --metrics on a loopback port of its own, so that ``status()`` reads the
+        role's figures instead of its log. The rest as ChildProcess's (the name
+        defaults to the URL)."""
+        self.url = url
+        arguments = [url] if isinstance(url, str) else list(url)
+        self._status, self._status_port = status, None
+        if status:
+            # Port 0: the process binds a port the OS picks and logs it. A port
+            # picked here and bound later by the child could be taken in between
+            # by another of the suites running at once.
+            arguments = ["--metrics=%s:0" % HOST] + arguments
+        python = python or own_interpreter()
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        super().__init__(python.argv("-m", "nodepass_gevent", *arguments),
+                         python.environ(full_env), namespace, prefix, python.home, log_path,
+                         name or (url if isinstance(url, str) else " ".join(url)))
 
     @property
     def status_port(self) -> Optional[int]:
@@ -136,37 +229,6 @@ class NodepassProcess:
         wait_until(lambda: predicate(self.status()) and not found.append(self.status()),
                    timeout, interval=0.05, what=what)
         return found[-1]
-
-    def wait_for_output(self, text: str, timeout: float = 10) -> None:
-        wait_until(lambda: text in self.output(), timeout, what="%r in the log" % text)
-
-    def send_signal(self, number: int) -> None:
-        if self.alive():
-            self.proc.send_signal(number)
-
-    def stop(self, number: int = signal.SIGTERM, timeout: float = 10) -> int:
-        """Signal the process and wait for it; kill it if it will not go."""
-        self.send_signal(number)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-            raise AssertionError("nodepass did not stop within %ss:\n%s"
-                                 % (timeout, self.output()[-3000:]))
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def cleanup(self) -> None:
-        self.kill()
-        self._log.close()
-        try:
-            os.unlink(self._log.name)
-        except OSError:
-            pass
 
 
 def run_nodepass(args: List[str], timeout: float = 30,
@@ -357,6 +419,6 @@ def find_python(minor: int) -> Optional[str]:
     return None
 
 
-def stop_all(processes: List[NodepassProcess]) -> None:
+def stop_all(processes: List[ChildProcess]) -> None:
     for process in processes:
         process.cleanup()

@@ -475,6 +475,7 @@ def test_tcp_flood_past_semaphore_limit_waits_and_is_served_after(make_tunnel):
     # Every flood connection was accepted in turn, none dropped on the floor.
     users = tunnel.server.output().count("Target: tcp user")
     assert users >= 101, "only %d users reached the tunnel" % users
+    assert_waits_counted(tunnel.server)
 
 
 @MATRIX
@@ -485,6 +486,14 @@ def test_udp_flood_past_semaphore_limit(make_tunnel):
         for _ in range(2000):
             attacker.sendto(b"flood", (HOST, tunnel.port))
     baselines.assert_recovered("Target: udp user")
+    assert_waits_counted(tunnel.server)
+
+
+def assert_waits_counted(server) -> None:
+    """Users that found the 8 places taken: counted on /status, and warned of."""
+    assert server.status()["semaphore_waits"] > 0
+    assert "Target: SEMAPHORE_LIMIT (8) reached: new users wait for a free place" in \
+        server.output()
 
 
 def test_accept_loops_survive_running_out_of_descriptors(nodepass, echo):

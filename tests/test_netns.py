@@ -37,6 +37,7 @@ import pytest
 from legacy_python import (NEWEST, OLDEST, Interpreter, LegacyPythonError, build_venvs,
                            own_interpreter)
 from nodepass_gevent.protocol import HEARTBEAT_MISSES  # heartbeats a silent tunnel may miss
+from support import ChildProcess, NodepassProcess, netns_exec
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPOLOGY = ROOT / "scripts" / "netns-topology"
@@ -46,12 +47,14 @@ SCENARIOS = ROOT / "scripts" / "scenarios.py"
 REPORT_INTERVAL = 1.0
 SERVICE_COOLDOWN = 1.0
 SHUTDOWN_TIMEOUT = 4.0
+STOP_TIMEOUT = SHUTDOWN_TIMEOUT + 2  # a process that takes longer to stop fails
 NODEPASS_ENV = {
     "REPORT_INTERVAL": "%dms" % (REPORT_INTERVAL * 1000),
     "SERVICE_COOLDOWN": "%dms" % (SERVICE_COOLDOWN * 1000),
     "SHUTDOWN_TIMEOUT": "%dms" % (SHUTDOWN_TIMEOUT * 1000),
     "UDP_READ_TIMEOUT": "2s",
 }
+UNBUFFERED = {"PYTHONUNBUFFERED": "1"}  # every process's log, as it happens
 TRANSFER_SIZE = 50 * 1000 * 1000
 START_DEADLINE = 20.0  # a fresh tunnel must carry traffic within this
 
@@ -80,72 +83,29 @@ def with_legacy_pairs(tls_levels: Sequence[int]) -> list:
 
 # ------------------------------------------------------------------ processes
 
-class NsProcess:
-    """One process started in a namespace, with its output in a log file."""
-
-    def __init__(self, name: str, namespace: str, argv: List[str], log_path: Path,
-                 env: Optional[Dict[str, str]] = None,
-                 python: Optional[Interpreter] = None) -> None:
-        """`python`, if given, is what argv runs: its environment rules apply
-        and it starts in its home (a venv's interpreter must import the venv's
-        package, not the checkout's through PYTHONPATH or the working directory)."""
-        self.name, self.namespace, self.argv, self.log_path = name, namespace, argv, log_path
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1")
-        full_env.update(env or {})
-        cwd = None
-        if python is not None:
-            full_env, cwd = python.environ(full_env), python.home
-        self._log = open(str(log_path), "ab")
-        self.popen = subprocess.Popen(["ip", "netns", "exec", namespace] + argv,
-                                      stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, env=full_env, cwd=cwd)
-        self.pid = self.popen.pid
-
-    def running(self) -> bool:
-        return self.popen.poll() is None
-
-    def signal(self, signum: int) -> None:
-        if self.running():
-            self.popen.send_signal(signum)
-
-    def wait(self, timeout: float) -> Optional[int]:
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self, timeout: float = SHUTDOWN_TIMEOUT + 2) -> Optional[int]:
-        """SIGTERM, then SIGKILL if it does not go in time. Never raises."""
-        self.signal(signal.SIGTERM)
-        status = self.wait(timeout)
-        if status is None:
-            self.signal(signal.SIGKILL)
-            status = self.wait(5)
-        self._log.close()
-        return status
-
-    def executable(self) -> str:
-        """The binary this process runs (ip netns exec execs: the pid is Python's)."""
-        return os.path.realpath("/proc/%d/exe" % self.pid)
-
-    def tail(self, lines: int = 15) -> str:
-        text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        return "--- %s (pid %d, %s) ---\n%s" % (self.name, self.pid, self.namespace,
-                                                "\n".join(text))
-
-
 class Processes:
-    """Every process this module starts, so that teardown can prove none is left."""
+    """Every process this module starts, each in a namespace with its log in
+    ``log_dir``, so that teardown can prove none is left."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
-        self.started: List[NsProcess] = []
+        self.started: List[ChildProcess] = []
 
-    def start(self, name: str, namespace: str, argv: List[str],
-              env: Optional[Dict[str, str]] = None,
-              python: Optional[Interpreter] = None) -> NsProcess:
-        log_path = self.log_dir / ("%02d-%s.log" % (len(self.started), name))
-        process = NsProcess(name, namespace, argv, log_path, env, python)
+    def start(self, name: str, namespace: str, argv: List[str]) -> ChildProcess:
+        """A scenarios.py service or check."""
+        return self._track(ChildProcess(argv, dict(os.environ, **UNBUFFERED), namespace,
+                                        log_path=self._log_path(name), name=name))
+
+    def start_nodepass(self, name: str, namespace: str, url: str, env: Dict[str, str],
+                       python: Interpreter) -> NodepassProcess:
+        return self._track(NodepassProcess(url, dict(UNBUFFERED, **env), python=python,
+                                           namespace=namespace, log_path=self._log_path(name),
+                                           name=name))
+
+    def _log_path(self, name: str) -> Path:
+        return self.log_dir / ("%02d-%s.log" % (len(self.started), name))
+
+    def _track(self, process: ChildProcess) -> ChildProcess:
         self.started.append(process)
         return process
 
@@ -153,10 +113,10 @@ class Processes:
         return "\n".join(p.tail() for p in self.started[-4:])
 
     def stop_all(self) -> List[str]:
-        still_running = [p for p in self.started if p.running()]
-        for process in still_running:
-            process.stop()
-        return ["%s (pid %d)" % (p.name, p.pid) for p in self.started if p.running()]
+        for process in self.started:
+            if process.alive():
+                process.stop_quietly(timeout=STOP_TIMEOUT)
+        return ["%s (pid %d)" % (p.name, p.pid) for p in self.started if p.alive()]
 
 
 # ------------------------------------------------------------------- topology
@@ -183,7 +143,7 @@ def run(argv: List[str], timeout: float = 30.0) -> subprocess.CompletedProcess:
 
 
 def in_namespace(namespace: str, argv: List[str], timeout: float = 30.0) -> str:
-    result = run(["ip", "netns", "exec", namespace] + argv, timeout)
+    result = run(netns_exec(namespace) + argv, timeout)
     command = " ".join(shlex.quote(arg) for arg in argv)
     assert result.returncode == 0, "%s failed: %s" % (command, result.stderr)
     return result.stdout
@@ -249,7 +209,7 @@ def _tear_down_and_check(topo: Topology, before: Dict[str, str]) -> None:
 
 # ------------------------------------------------------------ services, checks
 
-def start_services(topology: Topology) -> NsProcess:
+def start_services(topology: Topology) -> ChildProcess:
     """HTTP and UDP echo on one port in the private namespace."""
     port = int(in_namespace(topology.private, [sys.executable, str(SCENARIOS), "free-ports", "1"]))
     address = "%s:%d" % (topology.private_ip, port)
@@ -264,7 +224,7 @@ def start_services(topology: Topology) -> NsProcess:
 def services(topology):
     process = start_services(topology)
     yield process.address
-    assert process.stop() == 0, process.tail()
+    assert process.stop(timeout=STOP_TIMEOUT) == 0, process.tail()
 
 
 def check(topology: Topology, namespace: str, names: List[str], target: Optional[str],
@@ -272,7 +232,7 @@ def check(topology: Topology, namespace: str, names: List[str], target: Optional
     """Run scenarios.py checks in a namespace; results by check name."""
     argv = [sys.executable, str(SCENARIOS), "check"] + names
     argv += ["--target", target] if target else []
-    result = run(["ip", "netns", "exec", namespace] + argv + list(options), timeout)
+    result = run(netns_exec(namespace) + argv + list(options), timeout)
     results = {}
     for line in result.stdout.splitlines():
         entry = json.loads(line)
@@ -286,13 +246,13 @@ def check(topology: Topology, namespace: str, names: List[str], target: Optional
 
 
 def start_check(topology: Topology, namespace: str, names: List[str], target: str,
-                *options: str) -> NsProcess:
+                *options: str) -> ChildProcess:
     """A check running in the background (its JSON lines land in its log)."""
     argv = [sys.executable, str(SCENARIOS), "check"] + names + ["--target", target]
     return topology.processes.start("check-" + "-".join(names), namespace, argv + list(options))
 
 
-def results_of(process: NsProcess) -> Dict[str, dict]:
+def results_of(process: ChildProcess) -> Dict[str, dict]:
     lines = process.log_path.read_text().splitlines()
     entries = [json.loads(line) for line in lines if line.startswith("{")]
     for entry in entries:
@@ -332,18 +292,18 @@ class NamespaceTunnel:
         self.server = self.start_server()
         self.client = self.start_client()
 
-    def start_server(self) -> NsProcess:
+    def start_server(self) -> NodepassProcess:
         python = self.server_python
-        self.server = self.topology.processes.start(
+        self.server = self.topology.processes.start_nodepass(
             "server-tls%d-py%s" % (self.tls, python.label), self.topology.public,
-            python.argv("-m", "nodepass_gevent", self.server_url), NODEPASS_ENV, python)
+            self.server_url, NODEPASS_ENV, python)
         return self.server
 
-    def start_client(self) -> NsProcess:
+    def start_client(self) -> NodepassProcess:
         python = self.client_python
-        self.client = self.topology.processes.start(
+        self.client = self.topology.processes.start_nodepass(
             "client-tls%d-py%s" % (self.tls, python.label), self.topology.private,
-            python.argv("-m", "nodepass_gevent", self.client_url), self.client_env, python)
+            self.client_url, self.client_env, python)
         return self.client
 
     def check_pythons(self) -> None:
@@ -382,7 +342,8 @@ class NamespaceTunnel:
         return len(lines.splitlines())
 
     def stop(self) -> None:
-        statuses = [(process, process.stop()) for process in (self.client, self.server)]
+        statuses = [(process, process.stop_quietly(timeout=STOP_TIMEOUT))
+                    for process in (self.client, self.server)]
         for process, status in statuses:
             assert status == 0, "%s exited with %s\n%s" % (process.name, status, process.tail())
 
@@ -586,7 +547,7 @@ def link_echo(topology):
         "link-echo", topology.public, [sys.executable, str(SCENARIOS), "serve", address])
     check(topology, topology.public, ["ready"], address, "--deadline", "10")
     yield address
-    assert process.stop() == 0, process.tail()
+    assert process.stop(timeout=STOP_TIMEOUT) == 0, process.tail()
 
 
 @pytest.mark.parametrize("impairment", list(IMPAIRMENTS))
@@ -688,7 +649,7 @@ def test_link_cut_recovers_by_itself(make_ns_tunnel, topology, cut, tls, pythons
     recovery = tunnel.wait_ready(RECOVERY_BOUND)
     print("  %s for %.0fs: recovered %.2fs after the link came back (bound %.0fs)"
           % (cut, CUT_SECONDS, recovery, RECOVERY_BOUND))
-    assert tunnel.server.running() and tunnel.client.running()
+    assert tunnel.server.alive() and tunnel.client.alive()
     assert tunnel.control_connection() != tunnel_before, "the tunnel was never re-opened"
     # New connections of both kinds work, and bytes are right.
     check(topology, topology.public, ["get", "udp", "download"], tunnel.target,
@@ -705,7 +666,7 @@ RESTART_BOUND = 2 * SERVICE_COOLDOWN + 4
 def test_kill9_client_then_server(make_ns_tunnel, topology):
     tunnel = make_ns_tunnel(0)
 
-    tunnel.client.signal(signal.SIGKILL)
+    tunnel.client.send_signal(signal.SIGKILL)
     assert tunnel.client.wait(5) == -signal.SIGKILL
     tunnel.start_client()
     seconds = tunnel.wait_ready(RESTART_BOUND)
@@ -714,13 +675,13 @@ def test_kill9_client_then_server(make_ns_tunnel, topology):
 
     client_before = tunnel.client.pid
     tunnel_before = tunnel.control_connection()
-    tunnel.server.signal(signal.SIGKILL)
+    tunnel.server.send_signal(signal.SIGKILL)
     assert tunnel.server.wait(5) == -signal.SIGKILL
     tunnel.start_server()
     seconds = tunnel.wait_ready(RESTART_BOUND)
     print("  server killed -9 and restarted: client reconnected by itself in %.2fs"
           " (bound %.0fs)" % (seconds, RESTART_BOUND))
-    assert tunnel.client.running() and tunnel.client.pid == client_before
+    assert tunnel.client.alive() and tunnel.client.pid == client_before
     assert tunnel.control_connection() != tunnel_before
     check(topology, topology.public, ["get", "udp"], tunnel.target, "--datagrams", "5")
 
@@ -746,11 +707,11 @@ def test_sigterm_during_transfer(make_ns_tunnel, topology, role):
         time.sleep(0.05)
     assert tunnel.user_sessions() == 2, "the two user sessions did not open"
     time.sleep(0.3)
-    assert download.running() and idle.running()
+    assert download.alive() and idle.alive()
 
     process = tunnel.server if role == "server" else tunnel.client
     sent = time.monotonic()
-    process.signal(signal.SIGTERM)
+    process.send_signal(signal.SIGTERM)
     status = process.wait(SHUTDOWN_TIMEOUT + 3)
     exit_seconds = time.monotonic() - sent
     print("  %s got SIGTERM mid-transfer: exit status %s after %.2fs (SHUTDOWN_TIMEOUT %.0fs)"
@@ -773,7 +734,7 @@ def test_sigterm_during_transfer(make_ns_tunnel, topology, role):
     assert sorted(namespace_pids(namespace)) == sorted(expected)
     # The other side is still up; the tunnel's own teardown stops it (exit 0).
     other = tunnel.client if role == "server" else tunnel.server
-    assert other.running(), other.tail()
+    assert other.alive(), other.tail()
 
 
 # ------------------------------------------------------ the Vagrant client VM
@@ -811,7 +772,7 @@ def vagrant_layout(topology):
     finally:
         for process in topology.processes.started:
             if process.namespace.startswith(prefix + "-"):
-                process.stop()
+                process.stop_quietly(timeout=STOP_TIMEOUT)
         run([str(TOPOLOGY), "down", prefix])
         run(["ip", "link", "del", uplink])  # only there if "up" failed before moving it
 
@@ -835,7 +796,7 @@ def test_vagrant_client_vm_layout(vagrant_layout, tmp_path):
     check(layout, layout.public, ["get", "udp", "download"], tunnel.target,
           "--size", "5000000", "--datagrams", "10")
     tunnel.stop()
-    assert services.stop() == 0
+    assert services.stop(timeout=STOP_TIMEOUT) == 0
 
 
 def test_vagrantfile_validates(tmp_path):

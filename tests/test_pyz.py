@@ -25,7 +25,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import zipfile
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from support import (FAST_ENV, HOST, EchoServer, NodepassProcess, echo_works, free_port, sha256,
+from support import (FAST_ENV, HOST, ChildProcess, EchoServer, echo_works, free_port, sha256,
                      stop_all, tcp_exchange, udp_exchange, wait_until)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,16 +108,9 @@ def run_pyz(python: str, pyz: Path, args: List[str], env: Dict[str, str],
                           stdin=subprocess.DEVNULL)
 
 
-class PyzProcess(NodepassProcess):
-    """NodepassProcess, started as `PYTHON -S nodepass.pyz URL`, not `-m nodepass_gevent`."""
-
-    def __init__(self, python: str, pyz: Path, url: str, env: Dict[str, str]) -> None:
-        self.url = url
-        self.python = python
-        self._log = tempfile.NamedTemporaryFile(prefix="nodepass-pyz-", suffix=".log",
-                                                delete=False)
-        self.proc = subprocess.Popen([python, "-S", str(pyz), url], stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+def start_pyz(python: str, pyz: Path, url: str, env: Dict[str, str]) -> ChildProcess:
+    """`PYTHON -S nodepass.pyz URL` (not `-m nodepass_gevent`), in exactly ``env``."""
+    return ChildProcess([python, "-S", str(pyz), url], env, name=url)
 
 
 # -- the build -----------------------------------------------------------------------
@@ -208,10 +200,10 @@ def test_tunnel_between_two_pythons(pyz, manifest, warm, empty_home, server_vers
     processes = []
     try:
         tunnel_port, user_port = free_port(), free_port()
-        server = PyzProcess(server_python, pyz, "server://%s:%d/%s:%d?log=debug&tls=1" % (
+        server = start_pyz(server_python, pyz, "server://%s:%d/%s:%d?log=debug&tls=1" % (
             HOST, tunnel_port, HOST, user_port), env)
         processes.append(server)
-        client = PyzProcess(client_python, pyz, "client://%s:%d/%s:%d?log=debug" % (
+        client = start_pyz(client_python, pyz, "client://%s:%d/%s:%d?log=debug" % (
             HOST, tunnel_port, HOST, echo.port), env)
         processes.append(client)
         try:
@@ -221,9 +213,9 @@ def test_tunnel_between_two_pythons(pyz, manifest, warm, empty_home, server_vers
         except AssertionError as error:
             raise AssertionError("%s\nserver log:\n%s\nclient log:\n%s" % (
                 error, server.output()[-3000:], client.output()[-3000:])) from None
-        for process in (server, client):  # the Python it was meant to be, from the cache
-            assert os.path.realpath("/proc/%d/exe" % process.pid) == \
-                os.path.realpath(process.python)
+        # The Python each was meant to be, from the cache.
+        for process, python in ((server, server_python), (client, client_python)):
+            assert process.executable() == os.path.realpath(python)
         for version in (server_version, client_version):
             assert (empty_home / ".cache" / "nodepass-gevent" / manifest["build"]
                     / set_for(manifest, version) / "nodepass_gevent" / "cli.py").exists()
