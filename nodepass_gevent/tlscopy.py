@@ -157,8 +157,8 @@ class _Exchange:
     def _on_plain_readable(self) -> None:
         # Only runs while nothing is left unsent towards TLS (the watcher is
         # stopped until then), so the records of this read are all there is.
-        recv_into, encrypt, take_records, send = (self.plain_recv_into, self.encrypt,
-                                                  self.take_records, self.tls_send)
+        recv_into, encrypt, take_records = self.plain_recv_into, self.encrypt, self.take_records
+        send, count = self.tls_send, self.count_to_tls
         try:
             for _ in range(PLAIN_READS):
                 try:
@@ -178,7 +178,7 @@ class _Exchange:
                     return
                 if sent == len(records):  # the common case: counted at once
                     self.to_tls_moved += size
-                    self.count_to_tls(size)
+                    count(size)
                 else:  # the rest goes as _send_cipher sends it, counted once all is out
                     self.cipher, self.cipher_carries = memoryview(records)[sent:], size
                     if not self._send_cipher():
