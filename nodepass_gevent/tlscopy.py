@@ -45,6 +45,7 @@ CLEAR_SIZE = 262144      # decrypted bytes gathered into one send towards the pl
 CIPHER_READS = 4         # recvs of CHUNK_SIZE from the TLS socket per wake-up at most
 PLAIN_READS = 4          # recvs from the plain socket per wake-up at most (fairness)
 _READ, _WRITE = 1, 2     # libev event masks
+_PLAIN_TURNS, _CIPHER_TURNS = range(PLAIN_READS), range(CIPHER_READS)  # made once, not per wake-up
 _ERRORS = (OSError, ValueError)  # ssl.SSLError is an OSError
 
 _chunk = bytearray(CHUNK_SIZE)
@@ -160,7 +161,7 @@ class _Exchange:
         recv_into, encrypt, take_records = self.plain_recv_into, self.encrypt, self.take_records
         send, count = self.tls_send, self.count_to_tls
         try:
-            for _ in range(PLAIN_READS):
+            for _ in _PLAIN_TURNS:
                 try:
                     size = recv_into(_chunk)
                 except (BlockingIOError, InterruptedError):
@@ -250,7 +251,7 @@ class _Exchange:
         # is stopped until then) and before the end of the TLS side.
         recv_into, give_records = self.tls_recv_into, self.give_records
         try:
-            for _ in range(CIPHER_READS):
+            for _ in _CIPHER_TURNS:
                 # One recv into the incoming BIO, decrypted before the next, so the
                 # BIO never holds much more than CHUNK_SIZE.
                 try:
