@@ -45,6 +45,7 @@ CLEAR_SIZE = 262144      # decrypted bytes gathered into one send towards the pl
 CIPHER_READS = 4         # recvs of CHUNK_SIZE from the TLS socket per wake-up at most
 PLAIN_READS = 4          # recvs from the plain socket per wake-up at most (fairness)
 _READ, _WRITE = 1, 2     # libev event masks
+_PLAIN_TURNS, _CIPHER_TURNS = range(PLAIN_READS), range(CIPHER_READS)  # made once, not per wake-up
 _ERRORS = (OSError, ValueError)  # ssl.SSLError is an OSError
 
 _chunk = bytearray(CHUNK_SIZE)
@@ -84,6 +85,17 @@ def exchange(left, right, count_forward: Counter, count_backward: Counter) -> Tu
 class _Exchange:
     """Both directions between ``plain`` and ``stream``; see the module docstring."""
 
+    # Slots: more than about 30 attributes in an instance dict lose the shared
+    # key layout CPython 3.11+ reads each one in a few instructions, and the
+    # callbacks read a dozen of them per message.
+    __slots__ = ("plain", "stream", "plain_raw", "tls_raw", "tls", "incoming", "outgoing",
+                 "plain_recv_into", "plain_send", "tls_recv_into", "tls_send",
+                 "encrypt", "decrypt", "take_records", "give_records",
+                 "plain_readable", "plain_writable", "tls_readable", "tls_writable",
+                 "count_to_tls", "count_from_tls", "finished",
+                 "cipher", "cipher_carries", "plain_eof", "to_tls_ended", "to_tls_moved",
+                 "clear", "tls_eof", "from_tls_ended", "from_tls_moved", "failed")
+
     def __init__(self, plain: socket.socket, stream: TLSStream,
                  count_to_tls: Counter, count_from_tls: Counter) -> None:
         loop = get_hub().loop
@@ -94,6 +106,12 @@ class _Exchange:
         # Python wrappers do, one Python frame per record saved.
         self.tls = stream.tls._sslobj
         self.incoming, self.outgoing = stream.incoming, stream.outgoing
+        # The calls a small message makes, bound once: each callback takes them
+        # as locals instead of looking up object and method per message.
+        self.plain_recv_into, self.plain_send = self.plain_raw.recv_into, self.plain_raw.send
+        self.tls_recv_into, self.tls_send = self.tls_raw.recv_into, self.tls_raw.send
+        self.encrypt, self.decrypt = self.tls.write, self.tls.read
+        self.take_records, self.give_records = self.outgoing.read, self.incoming.write
         plain_fd, tls_fd = plain.fileno(), stream.fileno()
         self.plain_readable, self.plain_writable = loop.io(plain_fd, _READ), loop.io(plain_fd, _WRITE)
         self.tls_readable, self.tls_writable = loop.io(tls_fd, _READ), loop.io(tls_fd, _WRITE)
@@ -122,8 +140,9 @@ class _Exchange:
             self.plain_readable.start(self._on_plain_readable)
         if self.stream.pending() or self.stream.eof:
             # Bytes the stream already took off the socket (behind the id, say):
-            # the socket will not announce them again.
-            self._on_tls_readable()
+            # the socket will not announce them again. They go as soon as the
+            # plain side has room, as decrypted bytes a full sink held back do.
+            self.plain_writable.start(self._on_plain_writable)
         else:
             self.tls_readable.start(self._on_tls_readable)
 
@@ -137,25 +156,43 @@ class _Exchange:
     # -- plain -> TLS --------------------------------------------------------
 
     def _on_plain_readable(self) -> None:
+        # Only runs while nothing is left unsent towards TLS (the watcher is
+        # stopped until then), so the records of this read are all there is.
+        recv_into, encrypt, take_records = self.plain_recv_into, self.encrypt, self.take_records
+        send, count = self.tls_send, self.count_to_tls
         try:
-            for _ in range(PLAIN_READS):
+            for _ in _PLAIN_TURNS:
                 try:
-                    size = self.plain_raw.recv_into(_chunk)
+                    size = recv_into(_chunk)
                 except (BlockingIOError, InterruptedError):
                     return
                 if size == 0:
                     self._plain_ended()
                     return
-                self.tls.write(_chunk_view[:size])
-                self.cipher_carries += size
-                if not self._send_cipher():
-                    self.plain_readable.stop()  # TLS has no room: wait for it first
-                    self.tls_writable.start(self._on_tls_writable)
+                encrypt(_chunk_view[:size])
+                records = take_records()
+                try:
+                    sent = send(records)
+                except (BlockingIOError, InterruptedError):
+                    self.cipher, self.cipher_carries = memoryview(records), size
+                    self._wait_for_tls_room()
                     return
+                if sent == len(records):  # the common case: counted at once
+                    self.to_tls_moved += size
+                    count(size)
+                else:  # the rest goes as _send_cipher sends it, counted once all is out
+                    self.cipher, self.cipher_carries = memoryview(records)[sent:], size
+                    if not self._send_cipher():
+                        self._wait_for_tls_room()
+                        return
                 if size < CHUNK_SIZE:
                     return  # the socket is empty; the watcher is level-triggered
         except _ERRORS as exc:
             self._fail("towards TLS", exc)
+
+    def _wait_for_tls_room(self) -> None:
+        self.plain_readable.stop()  # TLS has no room for the records kept: wait for it first
+        self.tls_writable.start(self._on_tls_writable)
 
     def _send_cipher(self) -> bool:
         """Send the records OpenSSL has written; False if the socket has no room."""
@@ -210,48 +247,59 @@ class _Exchange:
     # -- TLS -> plain --------------------------------------------------------
 
     def _on_tls_readable(self) -> None:
+        # Only runs while nothing decrypted waits for the plain side (the watcher
+        # is stopped until then) and before the end of the TLS side.
+        recv_into, give_records = self.tls_recv_into, self.give_records
         try:
-            for _ in range(CIPHER_READS):
-                more = self._take_records()
+            for _ in _CIPHER_TURNS:
+                # One recv into the incoming BIO, decrypted before the next, so the
+                # BIO never holds much more than CHUNK_SIZE.
+                try:
+                    size = recv_into(_chunk)
+                except (BlockingIOError, InterruptedError):
+                    return  # every complete record before this was decrypted and sent
+                if size:
+                    give_records(_chunk_view[:size])
+                else:
+                    self.stream.eof = True
+                    self.incoming.write_eof()
                 if not self._send_clear():
-                    self.tls_readable.stop()  # the plain side has no room: wait for it
-                    self.plain_writable.start(self._on_plain_writable)
+                    self._wait_for_plain_room()
                     return
-                if not more:
+                if size < CHUNK_SIZE:
                     break
-            self._after_clear_sent()
+            if self.tls_eof:
+                self._end_from_tls()
         except _ERRORS as exc:
             self._fail("from TLS", exc)
 
-    def _take_records(self) -> bool:
-        """One recv from the TLS socket into the incoming BIO (decrypted before the
-        next, so the BIO never holds much more than CHUNK_SIZE); True if it filled
-        the buffer, so more may be waiting."""
-        if self.stream.eof:
-            return False
-        try:
-            size = self.tls_raw.recv_into(_chunk)
-        except (BlockingIOError, InterruptedError):
-            return False
-        if size == 0:
-            self.stream.eof = True
-            self.incoming.write_eof()
-            return False
-        self.incoming.write(_chunk_view[:size])
-        return size == CHUNK_SIZE
+    def _wait_for_plain_room(self) -> None:
+        self.tls_readable.stop()  # the plain side has no room: wait for it
+        self.plain_writable.start(self._on_plain_writable)
 
     def _send_clear(self) -> bool:
         """Decrypt what the incoming BIO holds and send it, one send per CLEAR_SIZE;
         False if the plain socket has no room (the rest is kept in ``clear``)."""
         if self.clear and not self._send_plain(self.clear):
             return False
+        send, count = self.plain_send, self.count_from_tls
         while not self.tls_eof:
             size = self._decrypt()
             if self.outgoing.pending and not self._send_cipher():  # OpenSSL's answer
                 self.plain_readable.stop()
                 self.tls_writable.start(self._on_tls_writable)
-            if size and not self._send_plain(_clear_view[:size]):
-                return False
+            if size:
+                data = _clear_view[:size]
+                try:
+                    sent = send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                if sent:
+                    self.from_tls_moved += sent
+                    count(sent)
+                if sent < size:
+                    self._keep_clear(data[sent:])
+                    return False
             if size < CLEAR_SIZE:
                 break  # the BIO has no complete record left
         return True
@@ -259,10 +307,10 @@ class _Exchange:
     def _decrypt(self) -> int:
         """Decrypt complete records into the shared clear buffer; the bytes written."""
         size = 0
-        read, incoming = self.tls.read, self.incoming
+        read, incoming = self.decrypt, self.incoming
         while size < CLEAR_SIZE:
             try:
-                got = read(CLEAR_SIZE - size, _clear_view[size:])
+                got = read(CLEAR_SIZE - size, _clear_view[size:] if size else _clear)
             except ssl.SSLWantReadError:
                 break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -282,9 +330,9 @@ class _Exchange:
         return size
 
     def _send_plain(self, data: memoryview) -> bool:
-        """Send ``data`` (counted as sent); keep a copy of what does not fit."""
+        """Send what ``clear`` kept (counted as sent); False if not all of it fits."""
         try:
-            sent = self.plain_raw.send(data)
+            sent = self.plain_send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         if sent:
@@ -293,25 +341,24 @@ class _Exchange:
         if sent == len(data):
             self.clear = _NOTHING
             return True
-        # The shared buffer is reused by the next wake-up: keep a copy.
-        rest = data[sent:]
-        self.clear = rest if rest.obj is not _clear else memoryview(bytes(rest))
+        self._keep_clear(data[sent:])
         return False
+
+    def _keep_clear(self, rest: memoryview) -> None:
+        # The shared buffer is reused by the next wake-up: keep a copy.
+        self.clear = rest if rest.obj is not _clear else memoryview(bytes(rest))
 
     def _on_plain_writable(self) -> None:
         try:
             if not self._send_clear():
                 return
             self.plain_writable.stop()
-            self._after_clear_sent()
+            if self.tls_eof:
+                self._end_from_tls()
+            else:
+                self.tls_readable.start(self._on_tls_readable)
         except _ERRORS as exc:
             self._fail("from TLS", exc)
-
-    def _after_clear_sent(self) -> None:
-        if self.tls_eof:
-            self._end_from_tls()
-        elif not self.tls_readable.active:
-            self.tls_readable.start(self._on_tls_readable)
 
     def _end_from_tls(self) -> None:
         self.tls_readable.stop()

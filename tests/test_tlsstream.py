@@ -524,6 +524,30 @@ def test_a_backed_up_exchange_keeps_the_rest_and_an_idle_one_holds_nothing(mode)
         link.close()
 
 
+@pytest.mark.timeout(60)
+def test_records_the_peer_has_no_room_for_wait_and_the_user_is_not_read_meanwhile(mode):
+    """While the peer reads nothing, the engine keeps the records a send did not
+    take, stops reading the user and counts only what went out; once the peer
+    reads, every byte arrives and is counted."""
+    link = TlsLink(mode, "tlsstream", "plain first")
+    try:
+        link.stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        link.peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        payload = os.urandom(SIZE)
+        writer = gevent.spawn(link.user.sendall, payload)
+        gevent.sleep(0.3)  # the peer reads nothing yet
+        (run,) = _exchanges_of(link.engine)
+        assert run.cipher and not run.plain_readable.active  # backed up: the user not read
+        assert link.stats.bytes_in < SIZE  # what is still held is not counted
+        assert read_exactly(link.peer, SIZE) == payload
+        joined(writer)
+        gevent.sleep(0.05)
+        assert not run.cipher and run.plain_readable.active
+        assert link.stats.bytes_in == SIZE
+    finally:
+        link.close()
+
+
 def _exchanges_of(greenlet):
     """The _Exchange a running tlscopy.exchange() greenlet drives (from its frames)."""
     found, frame = [], greenlet.gr_frame
