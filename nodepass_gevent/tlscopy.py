@@ -266,8 +266,8 @@ class _Exchange:
                 if not self._send_clear():
                     self._wait_for_plain_room()
                     return
-                if size < CHUNK_SIZE:
-                    break
+                if size < CHUNK_SIZE or self.tls_eof:
+                    break  # the socket is empty, or the stream ended (close_notify)
             if self.tls_eof:
                 self._end_from_tls()
         except _ERRORS as exc:
