@@ -27,7 +27,8 @@ space instead.
 With ``rate=`` each direction draws on a token bucket (ratelimit.py): every
 splice is capped to the bytes granted, and a direction that gets no grant
 stops its read watcher and queues at the bucket until its turn, so traffic
-under the limit keeps the zero-copy path.
+under the limit keeps the zero-copy path. Such a direction always splices: the
+grants, not the messages, decide how much each read takes.
 """
 
 import ctypes
@@ -302,7 +303,10 @@ class _Direction:
         self._source_fd, self._sink_fd = source.fileno(), sink.fileno()
         self._splice = splice
         self._raw = getattr(splice, "raw", None)  # the C function, when through ctypes
-        self._copying = True   # small messages, until a read fills what it asked for
+        # Small messages are copied until a read fills what it asked for. Not with
+        # rate=: there every read is capped to a grant, the grants decide the sizes,
+        # and the direction splices as it always has.
+        self._copying = bucket is None
         self._unsent = None    # type: Optional[bytes]  # copied bytes the sink had no room for
         self._pipe = None  # type: Optional[Pipe]
         self._pending = 0  # bytes in the pipe, not yet in the sink
@@ -341,8 +345,7 @@ class _Direction:
                         return
                 try:
                     if self._copying:
-                        size = _read_into(self._source_fd, _whole_buffer if want == COPY_SIZE
-                                          else [_copy_buffer[:want]])
+                        size = _read_into(self._source_fd, _whole_buffer)  # want: COPY_SIZE
                     else:
                         size = self._fill_pipe(want)
                 except BlockingIOError:
@@ -377,7 +380,7 @@ class _Direction:
                     if self._copying:
                         return
                     if size < SHORT_FILL:
-                        self._copying = True  # small again: copy, no pipe held
+                        self._copying = self._bucket is None  # small again: copy, no pipe held
                         self._drop_pipe()
                         return
                 elif self._copying:
@@ -422,7 +425,7 @@ class _Direction:
         self._readable.stop()
         self._drop_pipe()
         self._queued = True
-        self._bucket.wait(COPY_SIZE if self._copying else PIPE_SIZE, self._on_granted)
+        self._bucket.wait(PIPE_SIZE, self._on_granted)
 
     def _on_granted(self, grant: int) -> None:
         self._queued = False
