@@ -1,10 +1,11 @@
 """Listening sockets as gevent's own servers: StreamServer for TCP, DatagramServer for UDP.
 
 gevent's servers already accept from an event-loop callback (up to
-``max_accept`` connections per wake-up, without a greenlet switch; UDP takes
-one datagram per wake-up, see UdpListener._do_read), stop accepting while a
-bounded pool is full and start again when it frees a place, and close an
-accepted socket when its handler returns. What is added here:
+``max_accept`` connections or datagrams per wake-up, without a greenlet
+switch; for UDP without the steps around each, see UdpListener._do_read),
+stop accepting while a bounded pool is full and start again when it frees a
+place, and close an accepted socket when its handler returns. What is added
+here:
 
 - errors are ours to report: running out of descriptors or buffers backs off
   (doubling, capped) with one warning, never a traceback; anything else fails
@@ -121,26 +122,28 @@ class UdpListener(_Pausing, DatagramServer):
         self._backoff = net.Backoff(RECEIVE_BACKOFF_FIRST, RECEIVE_BACKOFF_MAX)
 
     def _do_read(self) -> None:
-        """The receive callback (BaseServer's, replaced): one datagram, handled
-        at once. Not BaseServer's loop of up to ``max_accept`` reads: epoll is
-        level-triggered, so another datagram waiting wakes the loop's next
-        iteration, which costs less than the read that fails with EAGAIN (an
-        exception) after the last one; and BaseServer's steps around each
-        datagram (pool checks, a close after the handler) do nothing for UDP."""
-        try:
-            datagram, peer = self.receive(self.size)
-        except BlockingIOError:
-            return  # nothing after all (a spurious wake-up)
-        except OSError as exc:
-            self._receive_failed(exc)
-            return
-        if self._backoff.failures:
-            self.owner.log.info("%s: UDP receives work again after %d errors", self.name,
-                                self._backoff.reset())
-        try:
-            self._handle_datagram(datagram, peer)
-        except Exception as exc:  # a bug: in the event loop's callback it would only print
-            self.owner.fail(exc)
+        """The receive callback (BaseServer's, replaced): up to ``max_accept``
+        datagrams, each handled at once, until the socket is empty. Reading on
+        until EAGAIN keeps a burst (many senders) to one wake-up; what is left
+        out are BaseServer's steps around each datagram (pool checks, a close
+        after the handler), which do nothing for UDP."""
+        receive, size, handle = self.receive, self.size, self._handle_datagram
+        for _ in range(self.max_accept):
+            try:
+                datagram, peer = receive(size)
+            except BlockingIOError:
+                return  # read everything there was
+            except OSError as exc:
+                self._receive_failed(exc)
+                return
+            if self._backoff.failures:
+                self.owner.log.info("%s: UDP receives work again after %d errors", self.name,
+                                    self._backoff.reset())
+            try:
+                handle(datagram, peer)
+            except Exception as exc:  # a bug: in the event loop's callback it would only print
+                self.owner.fail(exc)
+                return
 
     def receive(self, size: int) -> Optional[tuple]:
         """One datagram and its sender from the non-blocking socket underneath."""
