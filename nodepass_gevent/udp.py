@@ -72,8 +72,8 @@ class UdpUsers:
         self.session_uses_flows = session_uses_flows
         self.size, self.read_timeout = settings.udp_data_buf_size, settings.udp_read_timeout
         self.flows = ServerFlows(stats)
-        # What a flow asks before it passes a reply on (rate=); None: nothing to ask.
-        self._flow_reply_gate = None if edge is None else edge.pass_reply
+        # What a reply must pass before it goes back to the user (rate=); None: nothing.
+        self._reply_gate = None if edge is None else edge.pass_reply
         self._waiting = deque()  # (function, args) waiting for a place in the semaphore
         self._place_wanted = Event()
 
@@ -89,16 +89,13 @@ class UdpUsers:
             flow.offer(datagram)
         elif self.session_uses_flows():
             flow = ServerFlow(self.listener, peer, self.stats, self.size, self.read_timeout,
-                              self._flow_reply_gate)
+                              self._reply_gate)
             flow.offer(datagram)
             self.flows.add(flow)  # now, so the next datagram finds it
             self._admit(self.flows.run, flow, partial(self.hand_out, protocol.KIND_UDP_FLOW,
                                                        peer))
         else:
             self._admit(self._exchange_v1, datagram, peer)
-
-    def _pass_reply(self, size: int) -> bool:
-        return self.edge is None or self.edge.pass_reply(size)
 
     def close(self) -> None:
         """End every flow (UDP has nothing in flight worth a grace period)."""
@@ -133,7 +130,8 @@ class UdpUsers:
             net.send_message(data, datagram)
             self.stats.udp_datagram(len(datagram))
             reply = readers.read_until_eof(data, self.size, self.read_timeout)
-            if reply and self._pass_reply(len(reply)):
+            gate = self._reply_gate
+            if reply and (gate is None or gate(len(reply))):
                 self.listener.sendto(reply, peer)
                 self.stats.count_bytes(len(reply), inbound=False)
         except OSError as exc:
