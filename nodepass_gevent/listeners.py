@@ -118,7 +118,6 @@ class UdpListener(_Pausing, DatagramServer):
                  name: str) -> None:
         super().__init__(sock, handle, spawn=None)
         self.size, self.owner, self.name = size, owner, name
-        self._handle_datagram = handle
         self._backoff = net.Backoff(RECEIVE_BACKOFF_FIRST, RECEIVE_BACKOFF_MAX)
 
     def _do_read(self) -> None:
@@ -127,7 +126,7 @@ class UdpListener(_Pausing, DatagramServer):
         until EAGAIN keeps a burst (many senders) to one wake-up; what is left
         out are BaseServer's steps around each datagram (pool checks, a close
         after the handler), which do nothing for UDP."""
-        receive, size, handle = self.receive, self.size, self._handle_datagram
+        receive, size, handle = self.receive, self.size, self.handle  # set_handle keeps it
         for _ in range(self.max_accept):
             try:
                 datagram, peer = receive(size)
