@@ -282,24 +282,13 @@ class _Exchange:
         False if the plain socket has no room (the rest is kept in ``clear``)."""
         if self.clear and not self._send_plain(self.clear):
             return False
-        send, count = self.plain_send, self.count_from_tls
         while not self.tls_eof:
             size = self._decrypt()
             if self.outgoing.pending and not self._send_cipher():  # OpenSSL's answer
                 self.plain_readable.stop()
                 self.tls_writable.start(self._on_tls_writable)
-            if size:
-                data = _clear_view[:size]
-                try:
-                    sent = send(data)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                if sent:
-                    self.from_tls_moved += sent
-                    count(sent)
-                if sent < size:
-                    self._keep_clear(data[sent:])
-                    return False
+            if size and not self._send_plain(_clear_view[:size]):
+                return False
             if size < CLEAR_SIZE:
                 break  # the BIO has no complete record left
         return True
@@ -330,7 +319,7 @@ class _Exchange:
         return size
 
     def _send_plain(self, data: memoryview) -> bool:
-        """Send what ``clear`` kept (counted as sent); False if not all of it fits."""
+        """Send ``data`` (counted as sent); keep a copy of what does not fit."""
         try:
             sent = self.plain_send(data)
         except (BlockingIOError, InterruptedError):
@@ -341,12 +330,10 @@ class _Exchange:
         if sent == len(data):
             self.clear = _NOTHING
             return True
-        self._keep_clear(data[sent:])
-        return False
-
-    def _keep_clear(self, rest: memoryview) -> None:
         # The shared buffer is reused by the next wake-up: keep a copy.
+        rest = data[sent:]
         self.clear = rest if rest.obj is not _clear else memoryview(bytes(rest))
+        return False
 
     def _on_plain_writable(self) -> None:
         try:
