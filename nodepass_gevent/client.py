@@ -53,6 +53,8 @@ class Client(Component):
         self.pool = None  # type: Optional[ClientPool]
         self.session = None  # type: Optional[control.ClientSession]
         self._flow_connections = set()  # data connections of open UDP flows
+        self._udp_too_large = udp.TooLargeDrops("client", settings.udp_data_buf_size,
+                                                self.stats, self.log)  # v1.0 datagrams
         self._auth_failures = 0  # in a row, for the back-off
         self.servers = ServerOrder(config.servers, settings.service_cooldown)
         self._opened = False  # the current session's tunnel opened
@@ -148,7 +150,7 @@ class Client(Component):
             tcp.launch(data, self.target, self.stats, self.log)
         elif kind == protocol.KIND_UDP:
             udp.launch_v1(data, self.target, self.stats, self.settings, self.log,
-                          connection_id)
+                          connection_id, self._udp_too_large)
         else:
             udp.launch_flow(data, self.target, self.stats, self.settings, self.log,
                             self._flow_connections)

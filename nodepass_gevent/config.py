@@ -126,7 +126,10 @@ SETTINGS = (
     Setting("SEMAPHORE_LIMIT", "int", "1024", "Most concurrent connections and datagrams"),
     Setting("MIN_POOL_CAPACITY", "int", "16", "Fewest pooled data connections (client)"),
     Setting("MAX_POOL_CAPACITY", "int", "1024", "Most pooled data connections"),
-    Setting("UDP_DATA_BUF_SIZE", "int", "8192", "Largest UDP datagram or reply, bytes"),
+    # On the v1.0 wire (one data connection per datagram), as in v1.0: a peer
+    # reads a datagram or reply with one read of this size, so a larger one is
+    # dropped whole (udp.py). udp=flow carries any datagram, whatever it says.
+    Setting("UDP_DATA_BUF_SIZE", "int", "8192", "Largest UDP datagram (v1.0 wire), bytes"),
     Setting("UDP_READ_TIMEOUT", "duration", "5s", "How long a UDP exchange waits for a reply"),
     Setting("REPORT_INTERVAL", "duration", "5s", "Heartbeat and traffic report interval"),
     Setting("SERVICE_COOLDOWN", "duration", "5s", "Pause before reconnecting / re-arming"),
@@ -135,7 +138,7 @@ SETTINGS = (
 )
 
 
-MAX_UDP_DATA_BUF_SIZE = 65535
+MAX_UDP_DATA_BUF_SIZE = 65535  # more than any UDP datagram: nothing is then dropped
 
 
 def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:

@@ -16,8 +16,10 @@ here:
 - a listener may hand its sockets on (the data port pools them), so that the
   handler's return does not close them;
 - UDP datagrams are handled in the receive callback itself, so a handler must
-  never block (udp.py queues what has to wait); reads are UDP_DATA_BUF_SIZE
-  large, not gevent's fixed 8192.
+  never block (udp.py queues what has to wait); reads are ``size`` large
+  (udp.RECEIVE_SIZE: any datagram whole), not gevent's fixed 8192, which cut
+  larger datagrams without a word. What is too large for the wire in use is
+  for the handler to drop, whole.
 
 The sockets are bound by net.listen_tcp/listen_udp first, so that a port in
 use is a BindError with a clear line before anything is served.
@@ -111,8 +113,9 @@ class TcpListener(_Pausing, StreamServer):
 
 
 class UdpListener(_Pausing, DatagramServer):
-    """Receives datagrams of up to ``size`` bytes and calls ``handle(datagram, peer)``
-    for each, in the receive callback: ``handle`` must not block."""
+    """Receives datagrams of up to ``size`` bytes (a larger one would be cut: give
+    the largest there is) and calls ``handle(datagram, peer)`` for each, in the
+    receive callback: ``handle`` must not block."""
 
     def __init__(self, sock: socket.socket, size: int, handle: Callable, owner,
                  name: str) -> None:

@@ -82,10 +82,40 @@ class TunnelCollector:
             yield family
 
 
+# nodepass_udp_dropped_total{reason, direction}: status() key -> its labels.
+# Bounded: the reasons and directions are these, never an address or a port.
+UDP_DROPS = (
+    ("udp_too_large_datagrams", "too_large", "to_target"),
+    ("udp_too_large_replies", "too_large", "to_user"),
+)
+
+
+class UdpDropCollector:
+    """nodepass_udp_dropped_total: UDP datagrams dropped whole, by why and which way."""
+
+    def __init__(self, tunnels: StatusSource) -> None:
+        self.tunnels = tunnels
+
+    def collect(self) -> Iterable:
+        from prometheus_client.core import CounterMetricFamily
+        family = CounterMetricFamily(
+            "nodepass_udp_dropped", "UDP datagrams dropped whole; too_large: above"
+            " UDP_DATA_BUF_SIZE on the v1.0 wire (to_target: users' datagrams,"
+            " to_user: replies)", labels=LABELS + ["reason", "direction"])
+        for status in self.tunnels():
+            for key, reason, direction in UDP_DROPS:
+                value = status.get(key)
+                if value is not None:
+                    family.add_metric([str(status["name"]), str(status["role"]), reason,
+                                       direction], float(value))
+        yield family
+
+
 def make_registry(tunnels: StatusSource):
     from prometheus_client import CollectorRegistry, ProcessCollector
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TunnelCollector(tunnels))
+    registry.register(UdpDropCollector(tunnels))
     ProcessCollector(registry=registry)
     return registry
 

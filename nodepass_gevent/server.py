@@ -105,8 +105,7 @@ class Server(Component):
                         hands_on=True, handle_now=data_port.handle_now),
             _UserListener(target_tcp, self._serve_user, self.users, self, "target",
                           admit=self.edge.admit_tcp if self.edge.admits_tcp else None),
-            UdpListener(target_udp, self.settings.udp_data_buf_size, self.udp_users.handle,
-                        self, "Target"),
+            UdpListener(target_udp, udp.RECEIVE_SIZE, self.udp_users.handle, self, "Target"),
         ]
 
     def stop_accepting(self) -> None:

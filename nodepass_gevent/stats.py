@@ -29,13 +29,17 @@ class Stats:
         self.users_over_cap = 0       # TCP users beyond per_user= from one address
         self.datagrams_refused = 0    # UDP datagrams refused by allow=/deny=
         self.datagrams_over_rate = 0  # UDP datagrams (or replies) dropped by rate=
+        # Either side, the v1.0 wire only (udp.py): above UDP_DATA_BUF_SIZE, dropped whole.
+        self.udp_too_large_datagrams = 0  # user datagrams, on their way to the target
+        self.udp_too_large_replies = 0    # replies, on their way back to the user
         self._reported = self.snapshot()
 
     # Status field -> attribute, for status() and the metrics.
     FIELDS = ("tcp_active", "tcp_total", "udp_flows_active", "bytes_in", "bytes_out",
               "data_dials", "data_dial_failures", "reconnects", "auth_failures",
               "tls_failures", "semaphore_waits", "users_refused", "users_over_cap",
-              "datagrams_refused", "datagrams_over_rate")
+              "datagrams_refused", "datagrams_over_rate", "udp_too_large_datagrams",
+              "udp_too_large_replies")
 
     def figures(self) -> dict:
         """Every counter by its status name (udp_total is "udp_datagrams" there)."""
@@ -76,7 +80,7 @@ class Stats:
 
     def snapshot(self) -> tuple:
         return (self.tcp_active, self.tcp_total, self.udp_total, self.bytes_in, self.bytes_out,
-                self.refusals())
+                self.refusals(), self.udp_too_large_datagrams, self.udp_too_large_replies)
 
     def refusals(self) -> tuple:
         return (self.users_refused, self.users_over_cap, self.datagrams_refused,
@@ -97,4 +101,7 @@ class Stats:
         if any(self.refusals()):  # only with allow=, deny=, per_user= or rate= at work
             line += (" | refused tcp=%d over_cap=%d udp=%d udp_over_rate=%d"
                      % self.refusals())
+        if self.udp_too_large_datagrams or self.udp_too_large_replies:  # the v1.0 wire
+            line += (" | udp too large: datagrams=%d replies=%d"
+                     % (self.udp_too_large_datagrams, self.udp_too_large_replies))
         return line

@@ -33,6 +33,19 @@ full, waits in a short admission queue (then dropped, as UDP may).
 Both count the same way (relay.py's copy contract, point 5): a user
 datagram is one ``udp exchange`` and its bytes ``bytes in``; replies are
 ``bytes out``.
+
+Sizes. Every UDP socket is read with room for the largest datagram
+(RECEIVE_SIZE, 65535: more than the 65,507 bytes an IPv4 datagram can carry
+or the 65,527 of IPv6), so no read ever cuts one. A flow's 2-byte frame
+length says any of those sizes: flows carry every datagram whole, whatever
+UDP_DATA_BUF_SIZE says. The v1.0 wire sends no length, and a v1.0 peer
+reads a datagram (or a reply) with one read of its own UDP_DATA_BUF_SIZE
+(8192 by default) and passes on what that read returned, cut. So on that
+wire UDP_DATA_BUF_SIZE keeps its v1.0 meaning, the largest datagram or
+reply, and one above it is dropped whole, on either side and in either
+direction: counted (``udp_too_large_datagrams``, ``udp_too_large_replies``)
+and said in a warning with the remedy, at most once per
+TOO_LARGE_LOG_INTERVAL (TooLargeDrops).
 """
 
 import socket
@@ -52,7 +65,15 @@ from nodepass_gevent.semaphore import UserSemaphore
 from nodepass_gevent.stats import Stats
 
 FLOW_QUEUE_SIZE = 256     # datagrams waiting for the data connection; more are dropped
+# ... and their bytes: 256 datagrams of 8192 bytes, as much as before flows
+# carried datagrams above UDP_DATA_BUF_SIZE (256 of 65535 would be 16 MiB a flow).
+FLOW_QUEUE_BYTES = 2 << 20
 ADMISSION_QUEUE_SIZE = 1024  # datagrams waiting for a place in the semaphore
+# Every read of a UDP socket (or of a v1.0 datagram off a data connection):
+# room for any datagram, so that one too large is seen whole, never cut.
+# (recvfrom(65535) costs what recvfrom(8192) does: the bytes are shrunk to fit.)
+RECEIVE_SIZE = udplink.LARGEST_DATAGRAM
+TOO_LARGE_LOG_INTERVAL = 10.0  # at most one "too large" warning a direction this often
 
 
 class UdpUsers:
@@ -70,7 +91,9 @@ class UdpUsers:
         # allow=/deny= and rate= (edge.Edge); None: every datagram and reply passes.
         self.edge = edge
         self.session_uses_flows = session_uses_flows
+        # The largest datagram or reply on the v1.0 wire; flows carry any size.
         self.size, self.read_timeout = settings.udp_data_buf_size, settings.udp_read_timeout
+        self.too_large = TooLargeDrops("server", self.size, stats, owner.log)
         self.flows = ServerFlows(stats)
         # What a reply must pass before it goes back to the user (rate=); None: nothing.
         self._reply_gate = None if edge is None else edge.pass_reply
@@ -88,12 +111,14 @@ class UdpUsers:
         if flow is not None:
             flow.offer(datagram)
         elif self.session_uses_flows():
-            flow = ServerFlow(self.listener, peer, self.stats, self.size, self.read_timeout,
-                              self._reply_gate)
+            flow = ServerFlow(self.listener, peer, self.stats, udplink.LARGEST_DATAGRAM,
+                              self.read_timeout, self._reply_gate)
             flow.offer(datagram)
             self.flows.add(flow)  # now, so the next datagram finds it
             self._admit(self.flows.run, flow, partial(self.hand_out, protocol.KIND_UDP_FLOW,
                                                        peer))
+        elif len(datagram) > self.size:  # a v1.0 client would cut it: dropped whole
+            self.too_large.datagram(len(datagram), net.format_address(peer))
         else:
             self._admit(self._exchange_v1, datagram, peer)
 
@@ -129,7 +154,10 @@ class UdpUsers:
         try:
             net.send_message(data, datagram)
             self.stats.udp_datagram(len(datagram))
-            reply = readers.read_until_eof(data, self.size, self.read_timeout)
+            reply = readers.read_until_eof(data, RECEIVE_SIZE, self.read_timeout)
+            if len(reply) > self.size:  # the client's UDP_DATA_BUF_SIZE is larger
+                self.too_large.reply(len(reply), net.format_address(peer))
+                return
             gate = self._reply_gate
             if reply and (gate is None or gate(len(reply))):
                 self.listener.sendto(reply, peer)
@@ -141,16 +169,23 @@ class UdpUsers:
 
 
 def launch_v1(data: socket.socket, target: net.Target, stats: Stats, settings, log,
-              connection_id: str) -> None:
-    """The client's half of a v1.0 datagram: one datagram to the target, one reply back."""
+              connection_id: str, too_large: "TooLargeDrops") -> None:
+    """The client's half of a v1.0 datagram: one datagram to the target, one reply back.
+    Either above UDP_DATA_BUF_SIZE is dropped whole and told to ``too_large``."""
     sock = None
     size, timeout = settings.udp_data_buf_size, settings.udp_read_timeout
     try:
-        datagram = readers.read_burst(data, size, timeout)
+        datagram = readers.read_burst(data, RECEIVE_SIZE, timeout)
+        if len(datagram) > size:  # the server's UDP_DATA_BUF_SIZE is larger
+            too_large.datagram(len(datagram), str(target.address))
+            return
         sock = target.connect(socket.SOCK_DGRAM, timeout)
         sock.send(datagram)
         stats.udp_datagram(len(datagram))
-        reply = sock.recv(size)
+        reply = sock.recv(RECEIVE_SIZE)
+        if len(reply) > size:  # a v1.0 server would cut it
+            too_large.reply(len(reply), str(target.address))
+            return
         net.send_message(data, reply)
         stats.count_bytes(len(reply), inbound=False)
     except socket.timeout:
@@ -176,7 +211,7 @@ def launch_flow(data: socket.socket, target: net.Target, stats: Stats, settings,
     flows.add(data)
     stats.udp_flows_active += 1
     try:
-        client_flow(data, sock, stats, settings.udp_data_buf_size, settings.udp_read_timeout)
+        client_flow(data, sock, stats, udplink.LARGEST_DATAGRAM, settings.udp_read_timeout)
     finally:
         stats.udp_flows_active -= 1
         flows.discard(data)
@@ -190,7 +225,8 @@ def frame(datagram: bytes) -> bytes:
 
 
 class ServerFlow:
-    """The datagrams of one user address on the server, over one data connection."""
+    """The datagrams of one user address on the server, over one data connection.
+    ``size_limit``: the largest reply frame taken (udplink.LARGEST_DATAGRAM: any)."""
 
     def __init__(self, listener: socket.socket, peer: tuple, stats: Stats,
                  size_limit: int, read_timeout: float,
@@ -201,6 +237,7 @@ class ServerFlow:
         self.size_limit = size_limit
         self.idle_timeout = read_timeout * FLOW_IDLE_READ_TIMEOUTS
         self.queue = Queue(FLOW_QUEUE_SIZE)  # until the data connection is there, or TLS
+        self.queued_bytes = 0  # in the queue, up to FLOW_QUEUE_BYTES
         self.last_active = time.monotonic()
         self._data = None  # type: Optional[socket.socket]
         self._link = None  # type: Optional[udplink.FrameLink]
@@ -216,11 +253,16 @@ class ServerFlow:
             else:
                 log.debug("UDP flow %s: backed up, datagram dropped", self.peer)
             return
+        if self.queued_bytes + len(datagram) > FLOW_QUEUE_BYTES:
+            log.debug("UDP flow %s: queue full (bytes), datagram dropped", self.peer)
+            return
         try:
             self.queue.put_nowait(datagram)
-            self.last_active = time.monotonic()
         except Full:
             log.debug("UDP flow %s: queue full, datagram dropped", self.peer)
+            return
+        self.queued_bytes += len(datagram)
+        self.last_active = time.monotonic()
 
     def run(self, take_data: Callable[[], Optional[socket.socket]]) -> None:
         """Open the flow and carry it until idle or broken.
@@ -256,6 +298,7 @@ class ServerFlow:
         link = udplink.FrameLink(data, self.size_limit, reply)
         while not self.queue.empty():  # what came while the connection was taken
             datagram = self.queue.get_nowait()
+            self.queued_bytes -= len(datagram)
             if link.send_frame(frame(datagram)):
                 self.stats.udp_datagram(len(datagram))
         self._link = link
@@ -270,6 +313,7 @@ class ServerFlow:
         try:
             while True:
                 datagram = self.queue.get()
+                self.queued_bytes -= len(datagram)
                 data.sendall(frame(datagram))
                 self.stats.udp_datagram(len(datagram))
         except OSError:
@@ -335,6 +379,8 @@ class ServerFlows:
 def client_flow(data: socket.socket, target: socket.socket, stats: Stats,
                 size_limit: int, read_timeout: float) -> None:
     """Carry one flow on the client: frames from data -> target, replies back.
+    ``size_limit``: the largest frame taken (udplink.LARGEST_DATAGRAM: any);
+    replies are read whole, whatever their size.
 
     Obeys the copy contract (relay.py's module docstring): owns and closes both
     sockets. Ends when the server closes the data connection, when either
@@ -344,7 +390,7 @@ def client_flow(data: socket.socket, target: socket.socket, stats: Stats,
     if udplink.usable(data):
         _client_link(data, target, stats, size_limit, read_timeout)
         return
-    replies = gevent.spawn(_send_replies, target, data, stats, size_limit)
+    replies = gevent.spawn(_send_replies, target, data, stats)
     reader = data.makefile("rb")
     try:
         # The server closes an idle flow; this is only a backstop.
@@ -368,7 +414,7 @@ def _client_link(data: socket.socket, target: socket.socket, stats: Stats,
                  size_limit: int, read_timeout: float) -> None:
     """client_flow over a plain data connection: udplink's callbacks both ways."""
     link = udplink.FrameLink(data, size_limit, None)
-    target_side = udplink.TargetSide(target, link, size_limit, stats)
+    target_side = udplink.TargetSide(target, link, stats)
     link.on_datagram = target_side.send
     link.start()
     target_side.start()
@@ -381,11 +427,10 @@ def _client_link(data: socket.socket, target: socket.socket, stats: Stats,
         log.debug("UDP flow to target ended: %s", link.why)
 
 
-def _send_replies(target: socket.socket, data: socket.socket, stats: Stats,
-                  size_limit: int) -> None:
+def _send_replies(target: socket.socket, data: socket.socket, stats: Stats) -> None:
     while True:
         try:
-            reply = target.recv(size_limit)
+            reply = target.recv(RECEIVE_SIZE)
         except ConnectionRefusedError:
             continue  # ICMP port unreachable from the target: UDP goes on
         except OSError:
@@ -397,3 +442,78 @@ def _send_replies(target: socket.socket, data: socket.socket, stats: Stats,
             net.abort(data)  # wakes the reader; client_flow owns the socket and closes it
             return
         stats.count_bytes(len(reply), inbound=False)
+
+
+# What a dropped datagram or reply says, by (role, direction): which limit, and
+# what to do. The v1.0 wire's own limit is the peer's UDP_DATA_BUF_SIZE; this
+# side's is the one it knows, so a datagram from the peer that is above it
+# shows that the peer's is larger.
+_FLOW_REMEDY = "or use udp=flow in the server's URL (both sides nodepass-gevent)"
+_TOO_LARGE_LINES = {
+    ("server", "datagram"):
+        "Target: UDP datagram of %d bytes from %s dropped whole: above UDP_DATA_BUF_SIZE=%d,"
+        " the most the v1.0 wire carries (a v1.0 client would cut it); raise"
+        " UDP_DATA_BUF_SIZE on both sides, " + _FLOW_REMEDY + "%s",
+    ("server", "reply"):
+        "Target: UDP reply of %d bytes for %s dropped whole: above UDP_DATA_BUF_SIZE=%d here,"
+        " the client's is larger; give both sides the same UDP_DATA_BUF_SIZE, "
+        + _FLOW_REMEDY + "%s",
+    ("client", "datagram"):
+        "Client: UDP datagram of %d bytes for target %s dropped whole: above"
+        " UDP_DATA_BUF_SIZE=%d here, the server's is larger; give both sides the same"
+        " UDP_DATA_BUF_SIZE, " + _FLOW_REMEDY + "%s",
+    ("client", "reply"):
+        "Client: UDP reply of %d bytes from target %s dropped whole: above"
+        " UDP_DATA_BUF_SIZE=%d, the most the v1.0 wire carries (a v1.0 server would cut"
+        " it); raise UDP_DATA_BUF_SIZE on both sides, " + _FLOW_REMEDY + "%s",
+}
+
+
+class TooLargeDrops:
+    """One role's datagrams and replies above UDP_DATA_BUF_SIZE on the v1.0 wire
+    (see the module docstring): each already dropped whole by the caller, here
+    counted in Stats and said in a warning with its size, the limit and the
+    remedy: the first at once, then at most one line a direction per
+    ``interval``, which says how many more went unsaid since the line before."""
+
+    def __init__(self, role: str, limit: int, stats: Stats, log,
+                 interval: float = TOO_LARGE_LOG_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit, self.stats = limit, stats
+        self._datagrams = _Occasional(log.warning, _TOO_LARGE_LINES[role, "datagram"],
+                                      interval, clock)
+        self._replies = _Occasional(log.warning, _TOO_LARGE_LINES[role, "reply"],
+                                    interval, clock)
+
+    def datagram(self, size: int, party: str) -> None:
+        """A datagram towards the target (``party``: from whom, or for which target)."""
+        self.stats.udp_too_large_datagrams += 1
+        self._datagrams.say(size, party, self.limit)
+
+    def reply(self, size: int, party: str) -> None:
+        """A reply towards the user (``party``: for whom, or from which target)."""
+        self.stats.udp_too_large_replies += 1
+        self._replies.say(size, party, self.limit)
+
+
+class _Occasional:
+    """A warning said at most once per ``interval``; each line after the first
+    says how many went unsaid since the one before."""
+
+    def __init__(self, warn: Callable[..., None], text: str, interval: float,
+                 clock: Callable[[], float]) -> None:
+        self._warn, self._text, self._interval, self._clock = warn, text, interval, clock
+        self._next_line = None  # type: Optional[float]
+        self._unsaid = 0
+
+    def say(self, *args) -> bool:
+        """True if the line was written."""
+        now = self._clock()
+        if self._next_line is not None and now < self._next_line:
+            self._unsaid += 1
+            return False
+        self._next_line = now + self._interval
+        since = (" (and %d more since the last line)" % self._unsaid) if self._unsaid else ""
+        self._unsaid = 0
+        self._warn(self._text, *(args + (since,)))
+        return True

@@ -42,7 +42,9 @@ from nodepass_gevent.stats import Stats
 
 READ_SIZE = 262144          # one read of the data connection: many frames at once
 LINK_BUFFER_LIMIT = 1 << 20  # framed bytes waiting for room on the data connection
-LARGEST_DATAGRAM = 65535     # what a frame's 2-byte length can say
+# What a frame's 2-byte length can say, and more than any UDP datagram holds
+# (65,507 bytes over IPv4, 65,527 over IPv6): flows carry every datagram whole.
+LARGEST_DATAGRAM = 65535
 _HEADER = FLOW_FRAME_HEADER.size
 _unpack_length = FLOW_FRAME_HEADER.unpack_from
 _pack_length = FLOW_FRAME_HEADER.pack
@@ -186,16 +188,16 @@ def wait_until_idle_or_ended(link: FrameLink, idle_timeout: float) -> None:
 
 class TargetSide:
     """The client's UDP socket to the target, read from a callback: a reply is
-    framed onto the link in the callback that received it.
+    framed onto the link in the callback that received it, whole (it is read
+    into room for LARGEST_DATAGRAM, which no UDP datagram exceeds).
 
     One reply per callback: the loop's epoll is level-triggered, so a second
     one waiting wakes the next iteration, which costs less than the read that
     fails with EAGAIN after every reply (an exception) when, as in a
     request/reply flow, none is waiting."""
 
-    def __init__(self, target: socket.socket, link: FrameLink, size_limit: int,
-                 stats: Stats) -> None:
-        self.target, self.link, self.size_limit = target, link, size_limit
+    def __init__(self, target: socket.socket, link: FrameLink, stats: Stats) -> None:
+        self.target, self.link = target, link
         self.count_datagram = stats.udp_datagram
         self.count_reply = stats.counter(inbound=False)
         self._raw = target._sock  # non-blocking: gevent keeps its sockets so
@@ -224,7 +226,7 @@ class TargetSide:
 
     def _on_readable(self) -> None:
         try:
-            size = self._recv_into(_reply_body, self.size_limit)
+            size = self._recv_into(_reply_body)
         except (BlockingIOError, ConnectionRefusedError):
             return  # nothing after all, or ICMP port unreachable from the target: UDP goes on
         except OSError as exc:

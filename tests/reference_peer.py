@@ -176,10 +176,12 @@ class ReferenceServer:
 
 
 class ReferenceClient:
-    """v1.0 client: reads signals, keeps a pool, serves launches."""
+    """v1.0 client: reads signals, keeps a pool, serves launches. ``udp_buffer``:
+    its UDP_DATA_BUF_SIZE, the one read a datagram and its reply get each."""
 
-    def __init__(self, tunnel_port: int, target_port: int, pool_size: int = 8) -> None:
-        self.target_port = target_port
+    def __init__(self, tunnel_port: int, target_port: int, pool_size: int = 8,
+                 udp_buffer: int = 8192) -> None:
+        self.target_port, self.udp_buffer = target_port, udp_buffer
         self.pool_size = pool_size
         self.control = socket.create_connection((HOST, tunnel_port), timeout=10)
         self.reader = self.control.makefile("rb")
@@ -262,11 +264,11 @@ class ReferenceClient:
 
     def _udp(self, conn: socket.socket) -> None:
         conn.settimeout(5)
-        datagram = conn.recv(8192)
+        datagram = conn.recv(self.udp_buffer)  # v1.0: one read, cut to the buffer
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as target:
             target.settimeout(5)
             target.sendto(datagram, (HOST, self.target_port))
-            reply = target.recv(8192)
+            reply = target.recv(self.udp_buffer)
         conn.sendall(reply)
         conn.close()
 

@@ -39,7 +39,7 @@ Environment:
   SEMAPHORE_LIMIT    Most concurrent connections and datagrams   [default: 1024]
   MIN_POOL_CAPACITY  Fewest pooled data connections (client)     [default: 16]
   MAX_POOL_CAPACITY  Most pooled data connections                [default: 1024]
-  UDP_DATA_BUF_SIZE  Largest UDP datagram or reply, bytes        [default: 8192]
+  UDP_DATA_BUF_SIZE  Largest UDP datagram (v1.0 wire), bytes     [default: 8192]
   UDP_READ_TIMEOUT   How long a UDP exchange waits for a reply   [default: 5s]
   REPORT_INTERVAL    Heartbeat and traffic report interval       [default: 5s]
   SERVICE_COOLDOWN   Pause before reconnecting / re-arming       [default: 5s]
