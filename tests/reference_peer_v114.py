@@ -2,7 +2,7 @@
 
 ``ReferenceServer`` plays a v1.14 server for our client, ``ReferenceClient`` a
 v1.14 client for our server; each speaks the TCP transport (type=0) at tls 0 or
-1, in reverse (flow "-") or forward (flow "+") mode, and carries TCP users. The
+1, in reverse (flow "-") or forward (flow "+") mode, and carries TCP users and UDP sessions. The
 bytes come from nodepass_gevent.wire.v114, whose encoders the captures pin down
 (tests/test_wire_v114.py), so this peer writes what Go v1.14 writes. Like v1.14
 it takes one pool connection per user, pings every ``ping_interval`` from both
@@ -12,7 +12,7 @@ peer's verify that names a connection it already took for its own (the
 contract's "verify race"). It records what it saw for tests to check: the
 handshake statuses, every signal, refusals of bad lines.
 
-Not here yet: UDP sessions, flush on errors, the adaptive pool (the client
+Not here yet: flush on errors, the adaptive pool (the client
 keeps ``min`` idle connections), tls=2, modes 0 and client mode 1.
 """
 
@@ -30,6 +30,8 @@ from nodepass_gevent.wire.v114 import handshake, ids, keys, signals
 POOL_GET_TIMEOUT = 5.0   # seconds to wait for an idle or a named connection [pool:*Get]
 HANDSHAKE_TIMEOUT = 5.0
 LIVENESS = 15.0          # 3 x the report interval without a line ends the session
+UDP_READ_SIZE = 16384    # one read of a pool connection is one datagram (no framing)
+UDP_IDLE = 30.0          # the first side idle this long ends a UDP session
 
 
 class _Pool:
@@ -94,6 +96,9 @@ class _Peer:
         self.closed = False
         self.listener = None  # type: Optional[socket.socket]  (the user side's)
         self.target = None  # type: Optional[Tuple[str, int]]  (the dialing side's)
+        self.udp = None  # type: Optional[socket.socket]  (the user side's, on its port)
+        self.udp_sessions = {}  # type: Dict[Tuple[str, int], socket.socket]
+        self.udp_idle = UDP_IDLE
 
     # -- control -------------------------------------------------------------
 
@@ -138,6 +143,8 @@ class _Peer:
             self.send(signals.pong())
         elif signal.action == signals.TCP:
             _thread(self._dial_for, signal)
+        elif signal.action == signals.UDP:
+            _thread(self._relay_udp_for, signal)
         elif signal.action == signals.VERIFY:
             _thread(self._check_verify, signal)
         elif signal.action == signals.FLUSH:
@@ -174,6 +181,68 @@ class _Peer:
 
     # -- users ---------------------------------------------------------------
 
+    def _open_user_side(self) -> None:
+        """Users arrive on one port, over TCP and UDP (contract (g))."""
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind((HOST, self.listener.getsockname()[1]))
+        _thread(self._accept_users)
+        _thread(self._receive_datagrams)
+
+    def _receive_datagrams(self) -> None:
+        while not self.closed:
+            datagram, address = self.udp.recvfrom(65535)
+            conn = self.udp_sessions.get(address)
+            if conn is None:
+                _thread(self._open_udp_session, address, datagram)
+            else:
+                conn.sendall(datagram)  # raw, as v1.14: no length, no framing
+
+    def _open_udp_session(self, address, datagram: bytes) -> None:
+        if not self.verified.wait(POOL_GET_TIMEOUT * 3):
+            return
+        name, conn = self.pool.oldest()
+        if conn is None:
+            return
+        self.udp_sessions[address] = conn
+        self.send(signals.udp("{}:{}".format(*address[:2]), name))
+        conn.sendall(datagram)
+        conn.settimeout(self.udp_idle)
+        try:
+            while True:
+                reply = conn.recv(UDP_READ_SIZE)
+                if not reply:
+                    break
+                self.udp.sendto(reply, address)
+        except OSError:
+            pass  # idle for udp_idle, or closed: the session ends
+        finally:
+            self.udp_sessions.pop(address, None)
+            conn.close()
+
+    def _relay_udp_for(self, signal: signals.Signal) -> None:
+        conn = self.pool.named(signal.id)
+        if conn is None:
+            return self.failures.append("udp names unknown connection " + signal.id)
+        target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        target.connect(self.target)
+        for sock in (conn, target):
+            sock.settimeout(self.udp_idle)
+
+        def pump(read, write) -> None:
+            try:
+                while True:
+                    data = read(UDP_READ_SIZE)
+                    if not data:
+                        break
+                    write(data)
+            except OSError:
+                pass
+            finally:  # the first pump to end ends the session
+                conn.close()
+                target.close()
+        _thread(pump, target.recv, conn.sendall)
+        pump(conn.recv, target.send)
+
     def _accept_users(self) -> None:
         while not self.closed:
             user, address = self.listener.accept()
@@ -201,7 +270,7 @@ class _Peer:
 
     def close(self) -> None:
         self.closed = True
-        for sock in (self.control, self.listener):
+        for sock in (self.control, self.listener, self.udp):
             if sock is not None:
                 try:
                     sock.close()
@@ -260,7 +329,7 @@ class ReferenceServer(_Peer):
                 conn.sendall(raw)
                 self._start_control(conn)
                 if self.listener is not None:
-                    _thread(self._accept_users)
+                    self._open_user_side()
             else:
                 self.pool.put(ids.id_name(raw), conn)  # pooled before the client knows it
                 conn.sendall(raw)
@@ -384,7 +453,7 @@ class ReferenceClient(_Peer):
         if name == ids.CONTROL_NAME:
             self._start_control(conn)
             if self.listener is not None:
-                _thread(self._accept_users)
+                self._open_user_side()
             self.ready.set()
             return
         self.peer_fingerprints[name] = peer_fp
