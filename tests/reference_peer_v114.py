@@ -162,7 +162,8 @@ class _Peer:
         conn.close()
 
     def _check_verify(self, signal: signals.Signal) -> None:
-        conn = self.pool.named(signal.id)
+        # Our own verify may have taken this connection already: no wait for it.
+        conn = None if signal.id in self.own_verify_ids else self.pool.named(signal.id)
         if conn is None and signal.id not in self.own_verify_ids:
             self.failures.append("verify names unknown connection " + signal.id)
             return self.close()
