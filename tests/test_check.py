@@ -136,7 +136,8 @@ def test_check_fails_for_a_udp_target_port_in_use():
 
 
 def test_check_warns_of_a_port_a_running_nodepass_holds(nodepass):
-    url = server_url()
+    tunnel = free_port()
+    url = server_url(tunnel=tunnel)
     server = nodepass(url)
     server.wait_for_output("Server: tunnel")
     result = run_nodepass(["--check", url])
@@ -144,8 +145,7 @@ def test_check_warns_of_a_port_a_running_nodepass_holds(nodepass):
     warnings = result.stderr.strip().splitlines()
     assert len(warnings) == 3  # tunnel, target TCP, target UDP
     assert warnings[0].startswith("nodepass: warning: the tunnel port at TCP %s:%d is held by"
-                                  " nodepass pid %d (" % (HOST, int(url.split(":")[2].split("/")[0]),
-                                                          server.pid)), warnings[0]
+                                  " nodepass pid %d (" % (HOST, tunnel, server.pid)), warnings[0]
     assert warnings[0].endswith("): fine if that is the process to reload (SIGHUP); a new"
                                 " process could not listen there")
 
