@@ -7,6 +7,7 @@ end-to-end case (data_port= carrying traffic) starts a server and a client.
 """
 
 import os
+import signal
 import socket
 
 import pytest
@@ -247,9 +248,13 @@ def test_no_warning_for_a_private_file_or_one_without_a_key(tmp_path, mode, key)
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
-def test_the_start_warns_of_a_readable_tunnels_file_holding_a_key(nodepass, tmp_path):
+def test_the_start_and_a_reload_warn_of_a_readable_tunnels_file_holding_a_key(nodepass, tmp_path):
     path = tunnels_file(tmp_path, 0o604)
     process = nodepass(["--config", path])
     process.wait_for_output("Server: tunnel")
-    assert "WARN  %s is readable by others (mode 0604) and holds a key: chmod 600 %s" % (
-        path, path) in process.output()
+    warning = "WARN  %s is readable by others (mode 0604) and holds a key: chmod 600 %s" % (
+        path, path)
+    assert process.output().count(warning) == 1
+    process.send_signal(signal.SIGHUP)  # a reload reads the file again, and says it again
+    process.wait_for_output("Reloaded: ")
+    assert process.output().count(warning) == 2
