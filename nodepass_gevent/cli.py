@@ -9,7 +9,7 @@ Usage:
 
 URLs:
   server://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<mode>&crt=<file>&key=<file>&udp=<mode>
-          &proxy=<1|2>&allow=<list>&deny=<list>&rate=<Mbit/s>&per_user=<n>
+          &data_port=<port>&proxy=<1|2>&allow=<list>&deny=<list>&rate=<Mbit/s>&per_user=<n>
       Listen for the client on tunnel_addr (the control channel) and for users,
       TCP and UDP, on target_addr; hand each user to the client through the tunnel.
   client://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<mode>
@@ -28,6 +28,10 @@ URLs:
   udp   server: v1 (default) carries each UDP datagram on a connection of its
         own, as NodePass v1.0; flow offers one connection per user address,
         much faster, used when the client is nodepass-gevent too.
+  data_port  server: the TCP port, on tunnel_addr's host, where the client
+        opens its data connections (a firewall must let the client reach it,
+        as the tunnel port). 0 or absent: a random free one in 1024-8191 at
+        each start, as NodePass v1.0 picks it.
   proxy server: 1 or 2 writes a PROXY protocol header (v1 text, v2 binary)
         with the user's address ahead of each TCP user's bytes, for a service
         that reads it (nginx proxy_protocol, HAProxy accept-proxy). Not UDP.
@@ -45,6 +49,9 @@ URLs:
         MAX_POOL_CAPACITY, SEMAPHORE_LIMIT or that variable (NodePass's
         names where it has them; not RELOAD_INTERVAL, one for the process).
         Only this process changes, not the wire.
+  A parameter may be given once. A setting in the URL (on the command line
+  or a line of the tunnels file) wins over its variable in the environment
+  (a KEY@ over NODEPASS_KEY), which wins over the default.
   Quote the URL in a shell: & and ? are special there.
 
 Many tunnels:
@@ -60,8 +67,10 @@ Many tunnels:
   URL on the command line (visible to every user of the machine).
 
 Options:
-  --check            Validate the URLs or file and environment (and load
-                     crt/key), print them, and exit.
+  --check            Validate the URLs or file and environment, load crt/key,
+                     try each port a server listens on (tunnel, data_port,
+                     target, --metrics), print the tunnels, which of two
+                     sources won a setting, and exit (1: a port in use).
   --config=<file>    Run the tunnels listed in <file>.
   --metrics=<addr>   Serve /metrics (Prometheus), /status (JSON) and /healthz
                      (200 while every tunnel is up) on host:port (port 0:
@@ -155,17 +164,15 @@ def main(urls: Union[str, List[str]], check_only: bool = False,
         metrics_address = _metrics_address(metrics) if metrics else None
     except ConfigError as exc:
         return _fail(str(exc), ExitStatus.USAGE)
+    exposed = tunnelset.exposed_key(config_file, tunnels) if config_file else None
     if check_only:
-        for tunnel in tunnels:
-            print(_check_line(tunnel, settings))
-        if metrics_address is not None:
-            print("ok: metrics http://%s/metrics" % (metrics_address,))
-        return ExitStatus.OK
+        return _check(tunnels, settings, metrics_address, exposed)
     logging_setup.setup(_most_verbose(tunnel.config.log_level for tunnel in tunnels))
+    if exposed:
+        logging_setup.log.warning("%s", exposed)
     # SIGHUP re-reads the file with the settings read at start (the environment
     # of a running process does not change).
-    reread = functools.partial(tunnelset.read_file, config_file, settings) \
-        if config_file else None
+    reread = functools.partial(_reread, config_file, settings) if config_file else None
     try:
         service.run(tunnels, contexts, settings, reread, metrics_address)
     except service.StartError as exc:
@@ -175,13 +182,61 @@ def main(urls: Union[str, List[str]], check_only: bool = False,
     return ExitStatus.OK
 
 
+def _check(tunnels, settings, metrics_address, exposed: Optional[str]) -> int:
+    """--check after the URLs, file and certificates passed: the ports, then the report."""
+    from nodepass_gevent import portcheck
+    findings = portcheck.check_tunnels(tunnels, metrics_address)
+    fatal = [finding.message for finding in findings if finding.fatal]
+    if fatal:
+        return _fail(fatal[0], ExitStatus.FAILURE)  # as the start would fail
+    for warning in ([exposed] if exposed else []) + [finding.message for finding in findings]:
+        print("%s: warning: %s" % (PROGRAM, warning), file=sys.stderr)
+    for tunnel in tunnels:
+        print(_check_line(tunnel, settings))
+        for note in _precedence_notes(tunnel, os.environ):
+            print("  " + note)
+    if metrics_address is not None:
+        print("ok: metrics http://%s/metrics" % (metrics_address,))
+    return ExitStatus.OK
+
+
+def _precedence_notes(tunnel: "tunnelset.Tunnel", environ) -> List[str]:
+    """A line for each setting both the tunnel's URL and the environment give:
+    the URL (on the command line or a line of the tunnels file) wins over the
+    environment, which wins over the default."""
+    notes = []
+    for parameter in tunnel.given:
+        variable = KEY_VARIABLE if parameter == "key" else tunnelset.OVERRIDES[parameter]
+        if not environ.get(variable, "").strip():
+            continue
+        if parameter == "key":
+            notes.append("key: the URL's, not %s from the environment (the URL wins)"
+                         % KEY_VARIABLE)
+        else:
+            value = getattr(tunnel.settings, SETTINGS_BY_NAME[variable].attribute)
+            notes.append("%s=%s: the URL's, not %s=%s from the environment (the URL wins)"
+                         % (parameter, _show(value), variable, environ[variable].strip()))
+    return notes
+
+
+def _reread(path: str, settings) -> list:
+    """SIGHUP's read of the tunnels file, with the warning start-up gives."""
+    from nodepass_gevent.log import log
+    tunnels = tunnelset.read_file(path, settings)
+    exposed = tunnelset.exposed_key(path, tunnels)
+    if exposed:
+        log.warning("%s", exposed)
+    return tunnels
+
+
 def _check_line(tunnel: "tunnelset.Tunnel", settings) -> str:
     config = tunnel.config
     edge = config.edge_summary()
-    line = ("ok: %s%s tunnel=%s target=%s tls=%d log=%s auth=%s%s"
+    line = ("ok: %s%s tunnel=%s target=%s tls=%d log=%s auth=%s%s%s"
             % (tunnel.name + ": " if tunnel.name else "", config.role,
                format_addresses(config.servers), config.target, config.tls_mode,
                config.log_level, "on" if config.auth_key else "off",
+               " data_port=%d" % config.data_port if config.data_port else "",
                " " + edge if edge else ""))
     overrides = [(parameter, getattr(tunnel.settings, SETTINGS_BY_NAME[variable].attribute))
                  for parameter, variable in tunnelset.OVERRIDES.items()

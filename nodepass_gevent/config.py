@@ -5,7 +5,7 @@ Everything here is pure: strings in, frozen dataclasses out, ``ConfigError``
 that certificate paths were given.
 
     server://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<0|1|2>&crt=<file>&key=<file>&udp=<v1|flow>
-        &proxy=<1|2>&allow=<cidrs>&deny=<cidrs>&rate=<Mbit/s>&per_user=<n>
+        &data_port=<port>&proxy=<1|2>&allow=<cidrs>&deny=<cidrs>&rate=<Mbit/s>&per_user=<n>
     client://[KEY@]<tunnel_addr>[,<tunnel_addr>...]/<target_addr>?log=<level>&tls=<minimum mode>
 
 A client given several tunnel addresses fails over between those servers in
@@ -27,7 +27,8 @@ from nodepass_gevent.urls import query_pairs, split_url
 ROLES = ("server", "client")
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
 KEY_VARIABLE = "NODEPASS_KEY"
-SERVER_PARAMS = ("log", "tls", "crt", "key", "udp", "proxy", "allow", "deny", "rate", "per_user")
+SERVER_PARAMS = ("log", "tls", "crt", "key", "udp", "data_port", "proxy", "allow", "deny", "rate",
+                 "per_user")
 CLIENT_PARAMS = ("log", "tls")
 
 
@@ -77,6 +78,8 @@ class Config:
     deny: Tuple = ()          # ... and refused
     rate_mbit: Optional[float] = None  # per tunnel and direction (ratelimit.py)
     per_user: Optional[int] = None     # concurrent TCP connections per user address
+    # Server: the data port (data_port=); 0 picks one at random at start-up, as v1.0.
+    data_port: int = 0
 
     @property
     def servers(self) -> Tuple[Address, ...]:
@@ -176,8 +179,22 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
     if udp_mode not in protocol.UDP_MODES:
         raise ConfigError("bad udp value %r: use v1 (one connection per datagram, as NodePass"
                           " v1.0) or flow (one connection per user address)" % udp_mode)
+    data_port = _data_port(params.get("data_port", "0"), tunnels[0])
     return Config(scheme, tunnels[0], target, log_level, tls_mode, crt, key, udp_mode, auth_key,
-                  tunnels=tunnels if len(tunnels) > 1 else (), **_edge_params(params))
+                  tunnels=tunnels if len(tunnels) > 1 else (), data_port=data_port,
+                  **_edge_params(params))
+
+
+def _data_port(text: str, tunnel: Address) -> int:
+    """data_port= (server): the port the client dials for data connections, on
+    the tunnel address's host; 0 (the default) picks one at random at start-up."""
+    if not _ASCII_DIGITS.match(text) or int(text) > 65535:
+        raise ConfigError("bad data_port value %r: expected a port from 1 to 65535 (or 0 for a"
+                          " random one, the default)" % text)
+    if int(text) == tunnel.port:
+        raise ConfigError("data_port=%s is the tunnel port: data connections need a port of"
+                          " their own, pick another" % text)
+    return int(text)
 
 
 def _network_text(network) -> str:
@@ -389,8 +406,17 @@ def _query_params(query: str, allowed: Tuple[str, ...]) -> Mapping[str, str]:
         if name not in allowed:
             raise ConfigError(
                 "unknown URL parameter %r: this mode takes %s" % (name, ", ".join(allowed)))
-        params[name] = unquote(value)
+        value = unquote(value)
+        if name in params:
+            raise repeated_parameter(name, params[name], value)
+        params[name] = value
     return params
+
+
+def repeated_parameter(name: str, first: str, second: str) -> ConfigError:
+    """A parameter given twice: neither value is taken (the last one was, silently)."""
+    return ConfigError("URL parameter %r is given twice (%s=%s and %s=%s): give it once"
+                       % (name, name, first, name, second))
 
 
 def _tls_mode(text: str) -> int:

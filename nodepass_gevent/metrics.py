@@ -161,11 +161,13 @@ def _reply(start_response, status: str, body: bytes, content_type: str = "text/p
 
 
 class MetricsServer:
-    """gevent's WSGI server for MetricsApp; start() raises OSError if the port is taken."""
+    """gevent's WSGI server for MetricsApp; start() raises OSError if the port is taken.
+    ``listener``: a socket already listening on ``address`` (bound before the
+    tunnels start, so a taken port stops the process before it serves anything)."""
 
-    def __init__(self, address: Address, tunnels: StatusSource) -> None:
+    def __init__(self, address: Address, tunnels: StatusSource, listener=None) -> None:
         self.address = address
-        self._server = gevent.pywsgi.WSGIServer((address.host or "", address.port),
+        self._server = gevent.pywsgi.WSGIServer(listener or (address.host or "", address.port),
                                                 MetricsApp(tunnels), log=None,
                                                 error_log=_ErrorLog())
 

@@ -29,7 +29,26 @@ _POLL_ERROR_OR_HANGUP = 0x008 | 0x010
 
 
 class BindError(Exception):
-    """A listening socket could not be opened (port in use, bad address...)."""
+    """A listening socket could not be opened (port in use, bad address...).
+
+    ``errno`` is the system's error number (None when the address did not
+    resolve), so that ``--check`` can tell a port in use from one it may not bind.
+    """
+
+    def __init__(self, message: str, errno_: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+# What to do about a listen that failed, by errno: the line names the port's
+# role (tunnel, data, target, metrics), what is wrong, and this.
+_BIND_REMEDIES = {
+    errno.EADDRINUSE: "is another nodepass or service on it? pick another port",
+    errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE: pick a port above 1023"
+                  " or grant the capability",
+    errno.EADDRNOTAVAIL: "is the host an address of this machine? use one it has, or :PORT"
+                         " for all interfaces",
+}
 
 
 class Backoff:
@@ -65,20 +84,32 @@ def resolve(address: Address, kind: int, passive: bool) -> Tuple[int, tuple]:
     return family, sockaddr
 
 
-def listen_tcp(address: Address, backlog: int = 1024) -> socket.socket:
-    return _bind(address, socket.SOCK_STREAM, backlog)
+def listen_tcp(address: Address, backlog: int = 1024, role: str = "") -> socket.socket:
+    """A listening TCP socket; ``role`` ("tunnel port", "target port", ...) names
+    it in the BindError line."""
+    return _bind(address, socket.SOCK_STREAM, backlog, role)
 
 
-def listen_udp(address: Address) -> socket.socket:
-    return _bind(address, socket.SOCK_DGRAM, None)
+def listen_udp(address: Address, role: str = "") -> socket.socket:
+    return _bind(address, socket.SOCK_DGRAM, None, role)
 
 
-def _bind(address: Address, kind: int, backlog: Optional[int]) -> socket.socket:
+def bind_only(address: Address, kind: int, role: str = "") -> socket.socket:
+    """Bound as listen_tcp/listen_udp bind (SO_REUSEADDR for TCP, dual-stack
+    wildcard) but not listening: what --check tries, so that two checks of the
+    same port at once do not take it from each other."""
+    return _bind(address, kind, None, role)
+
+
+def _bind(address: Address, kind: int, backlog: Optional[int], role: str = "") -> socket.socket:
     what = "TCP" if kind == socket.SOCK_STREAM else "UDP"
+    where = "the %s at %s %s" % (role, what, address) if role else "%s %s" % (what, address)
     try:
         family, sockaddr = resolve(address, kind, passive=True)
     except (OSError, UnicodeError) as exc:
-        raise BindError("cannot resolve %s: %s" % (address, exc)) from None
+        raise BindError("cannot resolve %s%s: %s" % (address, " for the " + role if role else "",
+                                                     getattr(exc, "strerror", None) or exc)) \
+            from None
     sock = socket.socket(family, kind)
     try:
         if kind == socket.SOCK_STREAM:
@@ -90,8 +121,10 @@ def _bind(address: Address, kind: int, backlog: Optional[int]) -> socket.socket:
             sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise BindError("cannot listen on %s %s: %s" % (what, address, exc.strerror or exc)) \
-            from None
+        remedy = _BIND_REMEDIES.get(exc.errno)
+        raise BindError("cannot listen on %s: %s%s" % (where, exc.strerror or exc,
+                                                        ": " + remedy if remedy else ""),
+                        exc.errno) from None
     return sock
 
 

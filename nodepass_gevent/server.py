@@ -67,10 +67,10 @@ class Server(Component):
         """Open every listener (BindError if one cannot be) and start serving."""
         sockets = []
         try:
-            for open_socket in (lambda: net.listen_tcp(self.config.tunnel),
+            for open_socket in (lambda: net.listen_tcp(self.config.tunnel, role="tunnel port"),
                                 self._listen_data_port,
-                                lambda: net.listen_tcp(self.config.target),
-                                lambda: net.listen_udp(self.config.target)):
+                                lambda: net.listen_tcp(self.config.target, role="target port"),
+                                lambda: net.listen_udp(self.config.target, role="target port")):
                 sockets.append(open_socket())
         except BaseException:
             for sock in sockets:
@@ -124,6 +124,9 @@ class Server(Component):
 
     def _listen_data_port(self) -> socket.socket:
         host = self.config.tunnel.host
+        if self.config.data_port:  # data_port=N: that one, or a BindError naming it
+            return net.listen_tcp(Address(host, self.config.data_port),
+                                  role="data port (data_port=)")
         for port in random.sample(range(*DATA_PORT_RANGE), DATA_PORT_TRIES):
             try:
                 return net.listen_tcp(Address(host, port))

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import gevent
 from gevent.event import Event
 
-from nodepass_gevent import debug, systemd
+from nodepass_gevent import debug, net, systemd
 from nodepass_gevent.config import Address, Config, ConfigError, Settings
 from nodepass_gevent.fleet import Fleet, StartError
 from nodepass_gevent.log import log
@@ -69,9 +69,16 @@ class _Process:
                     gevent.signal_handler(signal.SIGUSR1, self.fleet.report),
                     gevent.signal_handler(signal.SIGHUP, self.reload_requested.set)] + debug.signal_handlers()
         try:
-            self.fleet.start(tunnels, contexts)
-            if metrics_address is not None:
-                self.metrics_server = _start_metrics(metrics_address, self.fleet)
+            # The metrics port first: taken, it is a one-line error before any tunnel starts.
+            metrics_socket = _listen_metrics(metrics_address) if metrics_address else None
+            try:
+                self.fleet.start(tunnels, contexts)
+            except BaseException:
+                net.close_quietly(metrics_socket)
+                raise
+            if metrics_socket is not None:
+                self.metrics_server = _start_metrics(metrics_address, metrics_socket,
+                                                     self.fleet)
             self._start_helpers()
             self._serve_until_stopped()
             self._stop()
@@ -118,14 +125,22 @@ class _Process:
             self.metrics_server = None
 
 
-def _start_metrics(address: Address, fleet: Fleet):
+def _listen_metrics(address: Address):
+    """The --metrics socket, listening; StartError naming the address if it cannot."""
+    try:
+        return net.listen_tcp(address, role="metrics port (--metrics)")
+    except net.BindError as exc:
+        raise StartError(str(exc)) from None
+
+
+def _start_metrics(address: Address, listener, fleet: Fleet):
     from nodepass_gevent.metrics import MetricsServer
-    server = MetricsServer(address, fleet.statuses)
+    server = MetricsServer(address, fleet.statuses, listener)
     try:
         server.start()
-    except OSError as exc:
+    except OSError as exc:  # not expected: the socket is listening already
         fleet.stop(0)
-        raise StartError("cannot listen for metrics on %s: %s"
+        raise StartError("cannot serve metrics on %s: %s"
                          % (address, exc.strerror or exc)) from None
     return server
 

@@ -7,6 +7,7 @@ verifies the chain (system trust store, or SSL_CERT_FILE) and the tunnel host.
 
 import datetime
 import os
+import re
 import ssl
 import tempfile
 import warnings
@@ -118,11 +119,88 @@ def _load_pem_pair(context: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> 
 
 
 def _load_files(context: ssl.SSLContext, crt: str, key: str) -> None:
-    for label, path in (("certificate", crt), ("private key", key)):
-        if not os.access(path, os.R_OK):
-            raise ConfigError("cannot read %s file %s" % (label, path))
+    """crt= and key= into the context, or ConfigError saying which file holds what.
+
+    OpenSSL's own errors ("[SSL] PEM lib (_ssl.c:3905)") name neither the file
+    nor the mistake, so the files are looked at first: a key where the
+    certificate belongs (or the other way round), a file that is not PEM, an
+    encrypted key (OpenSSL would prompt for its passphrase on the terminal).
+    """
+    crt_pem = _read_pem_file("certificate", "crt", crt)
+    key_pem = _read_pem_file("private key", "key", key)
+    problem = _misplaced_pem(crt, crt_pem, key, key_pem)
+    if problem:
+        raise ConfigError(problem)
     try:
-        context.load_cert_chain(crt, key)
+        context.load_cert_chain(crt, key, password=_no_passphrase)
+    except ConfigError:
+        raise
     except (ssl.SSLError, OSError, ValueError) as exc:
-        raise ConfigError("cannot load certificate %s with key %s: %s"
-                          % (crt, key, getattr(exc, "reason", None) or exc)) from None
+        reason = getattr(exc, "reason", None) or str(exc)
+        if "KEY_VALUES_MISMATCH" in reason.upper() or "key values mismatch" in str(exc):
+            raise ConfigError("key=%s is not the private key of the certificate in crt=%s (key"
+                              " values mismatch): give the key the certificate was made for"
+                              % (key, crt)) from None
+        raise ConfigError("cannot load certificate crt=%s with key=%s: %s"
+                          % (crt, key, reason)) from None
+
+
+_PEM_LABEL = re.compile(br"-----BEGIN ([A-Z0-9 ]+)-----")
+_CERTIFICATE_LABELS = {"CERTIFICATE", "TRUSTED CERTIFICATE", "X509 CERTIFICATE"}
+_ENCRYPTED_MARKS = (b"-----BEGIN ENCRYPTED PRIVATE KEY-----", b"Proc-Type: 4,ENCRYPTED")
+
+
+def _read_pem_file(label: str, parameter: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as stream:
+            return stream.read()
+    except OSError as exc:
+        raise ConfigError("cannot read %s file %s=%s: %s"
+                          % (label, parameter, path, exc.strerror or exc)) from None
+
+
+def _holds(pem: bytes) -> Tuple[bool, bool, set]:
+    """(a certificate?, a private key?, every PEM label) of a file's bytes."""
+    labels = {match.group(1).decode("ascii") for match in _PEM_LABEL.finditer(pem)}
+    return (bool(labels & _CERTIFICATE_LABELS),
+            any(name.endswith("PRIVATE KEY") and name != "OPENSSH PRIVATE KEY"
+                for name in labels), labels)
+
+
+def _misplaced_pem(crt: str, crt_pem: bytes, key: str, key_pem: bytes) -> Optional[str]:
+    """Why crt= and key= cannot make a pair, told from their PEM labels (None: try them)."""
+    crt_has_cert, crt_has_key, crt_labels = _holds(crt_pem)
+    key_has_cert, key_has_key, key_labels = _holds(key_pem)
+    if not crt_has_cert and crt_has_key and key_has_cert and not key_has_key:
+        return ("crt=%s holds a private key and key=%s a certificate: swap crt= and key="
+                % (crt, key))
+    if not crt_has_cert:
+        return "crt=%s %s" % (crt, _not_what_it_should_be(crt_labels, crt_has_key, "certificate",
+                                                         "crt", crt))
+    if not key_has_key:
+        return "key=%s %s" % (key, _not_what_it_should_be(key_labels, key_has_cert,
+                                                         "private key", "key", key))
+    if any(mark in key_pem for mark in _ENCRYPTED_MARKS):
+        return ("key=%s is encrypted with a passphrase, which nodepass cannot ask for: store it"
+                " unencrypted (openssl pkey -in %s -out %s.plain) with mode 600" % (key, key, key))
+    return None
+
+
+def _not_what_it_should_be(labels: set, holds_the_other: bool, wanted: str, parameter: str,
+                           path: str) -> str:
+    other = "a certificate" if wanted == "private key" else "a private key"
+    if holds_the_other:
+        return ("holds %s, not a %s: %s= takes the %s (or swap crt= and key=)"
+                % (other, wanted, parameter, wanted))
+    if not labels:
+        convert = "x509" if wanted == "certificate" else "pkey"
+        return ("is not a PEM file (no -----BEGIN line), or not a %s: give the %s in PEM"
+                " (openssl %s -inform der -in %s -out %s.pem converts a DER one)"
+                % (wanted, wanted, convert, path, path))
+    return "holds %s, not a %s" % (" and ".join(sorted(labels)), wanted)
+
+
+def _no_passphrase() -> bytes:
+    """load_cert_chain's password callback: never a prompt on the terminal."""
+    raise ConfigError("the private key is encrypted with a passphrase, which nodepass cannot"
+                      " ask for: store it unencrypted")

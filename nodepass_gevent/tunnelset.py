@@ -24,12 +24,14 @@ this process's behaviour, never the wire.
 """
 
 import dataclasses
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from nodepass_gevent.config import (SETTINGS, Config, ConfigError, Settings, parse_url,
-                                    without_key)
+                                    repeated_parameter, without_key)
 from nodepass_gevent.urls import query_pairs
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")  # as nodepass-service names services
@@ -58,6 +60,9 @@ class Tunnel:
     settings: Settings
     # Where it was defined, for error lines: "line 3" or "URL 2".
     origin: str = field(default="", compare=False)
+    # What its URL itself set that the environment may set too: the override
+    # parameters it gave, and "key" for a KEY@ (for --check to say which won).
+    given: Tuple[str, ...] = field(default=(), compare=False)
 
     def describe(self) -> str:
         return "%s (%s)" % (self.name, self.origin) if self.origin else self.name
@@ -79,7 +84,8 @@ def parse_tunnel(url: str, settings: Settings, name: Optional[str] = None,
         name = default_name(config)
     elif name and not NAME_PATTERN.match(name):  # "" only for the lone command-line URL
         raise ConfigError("bad tunnel name %r: use 1-64 of A-Z a-z 0-9 _ -" % name)
-    return Tunnel(name, config, tunnel_settings, origin)
+    given = tuple(overrides) + (("key",) if without_key(base_url) != base_url else ())
+    return Tunnel(name, config, tunnel_settings, origin, given)
 
 
 def split_overrides(url: str) -> Tuple[str, Dict[str, str]]:
@@ -92,7 +98,10 @@ def split_overrides(url: str) -> Tuple[str, Dict[str, str]]:
     for piece in query.split("&"):
         pairs = query_pairs(piece, keep_blank_values=True)
         if pairs and pairs[0][0] in OVERRIDES:
-            overrides[pairs[0][0]] = pairs[0][1]
+            name, value = pairs[0]
+            if name in overrides:
+                raise repeated_parameter(name, overrides[name], value)
+            overrides[name] = value
         elif piece:
             kept.append(piece)
     if not kept:
@@ -134,6 +143,7 @@ def from_urls(urls: Sequence[str], settings: Settings,
     ``refuse_keys_in_arguments``. One URL gets the empty name (today's log lines)."""
     if len(urls) == 1:
         tunnel = parse_tunnel(urls[0], settings, "", environ)
+        check_set([tunnel])  # its own ports must differ too
         return [tunnel]
     refuse_keys_in_arguments(urls)
     tunnels = []
@@ -199,6 +209,22 @@ def read_file(path: str, settings: Settings,
         raise ConfigError("%s: %s" % (path, exc)) from None
 
 
+def exposed_key(path: str, tunnels: Sequence[Tunnel]) -> Optional[str]:
+    """A warning if the tunnels file holds a shared key and others may read it
+    (as ssh warns of a private key); None if not. Group-readable (0640, for the
+    service's group) is fine."""
+    if not any("key" in tunnel.given for tunnel in tunnels):
+        return None
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        return None
+    if not mode & stat.S_IROTH:
+        return None
+    return "%s is readable by others (mode %04o) and holds a key: chmod 600 %s" % (path, mode,
+                                                                                   path)
+
+
 def check_set(tunnels: Sequence[Tunnel]) -> None:
     """Refuse duplicate names, and two servers that would listen on one port."""
     names = {}  # type: Dict[str, Tunnel]
@@ -214,8 +240,10 @@ def check_set(tunnels: Sequence[Tunnel]) -> None:
         for host, port, what in _listening(tunnel):
             for other_host, other_port, other, other_what in listening:
                 if port == other_port and _overlap(host, other_host) and other is tunnel:
-                    raise ConfigError("tunnel %s: its tunnel and target ports are both %d"
-                                      % (tunnel.describe(), port))
+                    raise ConfigError("%s %s and %s ports are both %d: each needs a port"
+                                      " of its own" % ("tunnel %s: its" % tunnel.describe()
+                                                       if tunnel.name else "the", other_what,
+                                                       what, port))
                 if port == other_port and _overlap(host, other_host):
                     raise ConfigError("tunnel %s: its %s port %d is already the %s port of"
                                       " tunnel %s" % (tunnel.describe(), what, port,
@@ -231,8 +259,11 @@ def _listening(tunnel: Tunnel):
     if tunnel.config.role != "server":
         return []
     config = tunnel.config
-    return [(config.tunnel.host, config.tunnel.port, "tunnel"),
-            (config.target.host, config.target.port, "target")]
+    ports = [(config.tunnel.host, config.tunnel.port, "tunnel"),
+             (config.target.host, config.target.port, "target")]
+    if config.data_port:  # on the tunnel address's host (server.py)
+        ports.append((config.tunnel.host, config.data_port, "data"))
+    return ports
 
 
 def _overlap(host: str, other: str) -> bool:

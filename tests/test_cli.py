@@ -116,7 +116,7 @@ def test_garbage_certificate_exits_2(tmp_path):
     key.write_text("not a key")
     url = "server://%s:%d/%s:%d?tls=2&crt=%s&key=%s" % (HOST, free_port(), HOST, free_port(),
                                                         crt, key)
-    assert_clean_failure(run_nodepass([url]), 2, "cannot load certificate")
+    assert_clean_failure(run_nodepass([url]), 2, "crt=%s is not a PEM file" % crt)
 
 
 def test_key_not_matching_certificate_exits_2(tmp_path, test_ca):
@@ -124,7 +124,8 @@ def test_key_not_matching_certificate_exits_2(tmp_path, test_ca):
     other = make_test_ca(str(tmp_path))
     url = "server://%s:%d/%s:%d?tls=2&crt=%s&key=%s" % (HOST, free_port(), HOST, free_port(),
                                                         test_ca["crt"], other["key"])
-    assert_clean_failure(run_nodepass([url]), 2, "cannot load certificate")
+    assert_clean_failure(run_nodepass([url]), 2, "key=%s is not the private key of the"
+                         " certificate in crt=%s" % (other["key"], test_ca["crt"]))
 
 
 @pytest.mark.parametrize("which", ["tunnel", "target"])
@@ -136,7 +137,9 @@ def test_port_in_use_exits_1(which):
         free = free_port()
         ports = (used, free) if which == "tunnel" else (free, used)
         result = run_nodepass(["server://%s:%d/%s:%d" % (HOST, ports[0], HOST, ports[1])])
-    assert_clean_failure(result, 1, "cannot listen", str(used))
+    # Which port, what is wrong, what to do.
+    assert_clean_failure(result, 1, "cannot listen on the %s port at TCP %s:%d" % (
+        which, HOST, used), "Address already in use", "pick another port")
 
 
 def test_unresolvable_listen_address_exits_1():

@@ -77,7 +77,9 @@ def test_a_taken_metrics_port_is_a_start_failure():
         port = busy.getsockname()[1]
         result = run_nodepass(["--metrics", "%s:%d" % (HOST, port),
                                "server://%s:%d/%s:%d" % (HOST, free_port(), HOST, free_port())])
-    assert_one_line_failure(result, 1, "cannot listen for metrics on 127.0.0.1:%d" % port)
+    assert_one_line_failure(result, 1, "cannot listen on the metrics port (--metrics) at TCP"
+                            " 127.0.0.1:%d" % port)
+    assert result.stdout == ""  # refused before any tunnel started
 
 
 def test_a_key_in_a_lone_url_leaves_the_command_line_with_the_options_kept():

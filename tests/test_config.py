@@ -74,7 +74,24 @@ BAD_URLS = [
     ("client://a:1,010.0.0.1:2/c:3", "not an IPv4"),
     ("client://a:1,b:2,a:1/c:3", "listed twice"),
     ("client://k@a:1,u:p@b:2/c:3", "no user:password"),
+    # A parameter given twice: neither value is taken.
+    ("server://a:1/b:2?tls=1&tls=0", "'tls' is given twice (tls=1 and tls=0)"),
+    ("server://a:1/b:2?log=debug&log=", "'log' is given twice"),
+    ("client://a:1/b:2?tls=0&tls=0", "'tls' is given twice"),
+    # data_port= (server): a port of its own.
+    ("server://a:1/b:2?data_port=1", "data_port=1 is the tunnel port"),
+    ("server://a:1/b:2?data_port=65536", "bad data_port value '65536'"),
+    ("server://a:1/b:2?data_port=-5", "bad data_port value '-5'"),
+    ("server://a:1/b:2?data_port=", "bad data_port value ''"),
+    ("client://a:1/b:2?data_port=5", "unknown URL parameter 'data_port'"),
 ]
+
+
+@pytest.mark.parametrize("query, port", [("", 0), ("?data_port=0", 0), ("?data_port=7000", 7000),
+                                         ("?data_port=65535", 65535)])
+def test_data_port(query, port):
+    """Absent or 0: chosen at random at start-up (server.py), as v1.0 does."""
+    assert parse_url("server://a:1/b:2" + query).data_port == port
 
 
 @pytest.mark.parametrize("url, expected", GOOD_URLS)

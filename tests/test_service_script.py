@@ -146,6 +146,7 @@ def test_env_file_lists_every_setting_of_the_package_with_its_default(tmp_path):
 @pytest.mark.parametrize("url, privileged", [
     ("server://:443/127.0.0.1:8080", True),          # tunnel port
     ("server://127.0.0.1:10101/127.0.0.1:80", True),  # target port, where users arrive
+    ("server://127.0.0.1:10101/127.0.0.1:8080?data_port=993", True),  # the data port
     ("server://[::1]:1023/[::1]:8080", True),
     ("server://:1024/127.0.0.1:8080", False),
     ("client://127.0.0.1:443/127.0.0.1:22", False),  # a client only dials out

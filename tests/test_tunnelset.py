@@ -48,6 +48,22 @@ def test_overrides_are_taken_out_of_the_url_and_the_rest_kept_in_order():
     assert split_overrides("client://a:1/b:2") == ("client://a:1/b:2", {})
 
 
+def test_an_override_given_twice_is_refused():
+    with pytest.raises(ConfigError, match=r"'min' is given twice \(min=3 and min=4\)"):
+        split_overrides("client://a:1/b:2?min=3&tls=1&min=4")
+
+
+def test_a_tunnel_remembers_what_its_url_set_itself():
+    tunnel = parse_tunnel("client://k@a:1/b:2?min=3&slot=9", SETTINGS)
+    assert set(tunnel.given) == {"min", "slot", "key"}
+    assert parse_tunnel("client://a:1/b:2", SETTINGS).given == ()
+
+
+def test_data_ports_are_checked_across_the_set():
+    with pytest.raises(ConfigError, match="its tunnel port 7 is already the data port of"):
+        from_urls(["server://:1/:2?data_port=7", "server://:7/:8"], SETTINGS)
+
+
 def test_default_names_do_not_depend_on_the_order_of_lines():
     lines = FILE.splitlines()
     reordered = "\n".join([lines[4], lines[2], lines[1]])
