@@ -125,16 +125,47 @@ def test_a_second_client_is_refused_while_the_first_is_in_use(tunnel_server, rec
     first = open_session(server.client_config())
     try:
         server.wait_session().in_use = True
-        with pytest.raises(ConnectionError):
+        with pytest.raises(control.TunnelRefused, match="most likely it already serves"
+                                                         " another client") as refused:
             second = open_session(server.client_config())  # closed without a signal
             second.close()
-        assert "a client is already connected" in records.text()
+        assert not refused.value.certain  # no key: v1.0's bytes, so the client guesses
+        assert "refused a second client from 127.0.0.1:" in records.text()
     finally:
         first.close()
     with gevent.Timeout(WAIT):
         while not server.ended:
             gevent.sleep(0.01)
     assert "accepting a new one in 0.2s" in records.text()  # a used session: cooldown
+
+
+def test_a_second_client_with_the_key_is_told_the_tunnel_is_taken(tunnel_server, records):
+    server = tunnel_server(key="sesame")
+    first = open_session(server.client_config(key="sesame"))
+    try:
+        server.wait_session().in_use = True
+        with pytest.raises(control.TunnelRefused, match="already serves another client") \
+                as refused:
+            open_session(server.client_config(key="sesame"))
+        assert refused.value.certain  # it proved the key, so the server told it why
+        assert "refused a second client from 127.0.0.1:" in records.text()
+    finally:
+        first.close()
+
+
+def test_a_client_refused_during_the_cooldown_is_told_so(tunnel_server, records):
+    server = tunnel_server(key="sesame")
+    server.control.settings = Settings(report_interval=1.0, service_cooldown=5.0)  # no race
+    first = open_session(server.client_config(key="sesame"))
+    server.wait_session().in_use = True
+    first.close()
+    with gevent.Timeout(WAIT):
+        while not server.ended:
+            gevent.sleep(0.01)
+    with pytest.raises(control.TunnelRefused, match="pausing after its last client left"):
+        open_session(server.client_config(key="sesame"))
+    assert "refused a client from 127.0.0.1:" in records.text()
+    assert "(SERVICE_COOLDOWN)" in records.text()
 
 
 def test_the_key_handshake_proves_both_sides(tunnel_server):
@@ -195,7 +226,7 @@ def test_a_silent_squatter_on_the_tunnel_port_is_replaced_by_the_real_client(tun
     try:
         assert squatter.recv(100).startswith(b"//")  # it got the tunnel
         squatter_session = server.wait_session()
-        with pytest.raises(ConnectionError):  # too early: refused
+        with pytest.raises(control.TunnelRefused):  # too early: refused
             open_session(server.client_config())
         gevent.sleep(0.35)
         session = open_session(server.client_config())
