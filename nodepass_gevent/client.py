@@ -176,8 +176,8 @@ class Client(Component):
 
     def report(self) -> None:
         pool = self.pool
-        idle, capacity = (pool.idle, pool.capacity) if pool is not None else (0, 0)
-        self.log.info("Client: %s", self.stats.line(idle, capacity))
+        self.log.info("Client: %s", self.stats.line(
+            pool.describe() if pool is not None else "idle=0 (no tunnel open)"))
 
     def status(self) -> dict:
         pool, session = self.pool, self.session
