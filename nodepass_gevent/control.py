@@ -15,6 +15,12 @@ HANDSHAKE_TIMEOUT is a squatter and is replaced; after a used session ends,
 the next client waits SERVICE_COOLDOWN. Peers that connect and say nothing
 are cut, oldest first, when MAX_PENDING_CONTROLS are handshaking.
 
+A refused client is told why only when it proved the shared key (then it is
+ours: a v1.0 client cannot), by ``//0?error=busy#0`` or ``//0?error=cooldown#0``
+in place of the tunnel signal. Without a key it is closed without a byte, as
+in v1.0, and our client infers the likely reason from that close
+(TunnelRefused, ``certain`` False). Both sides log who and what to do.
+
 Client half, open_client_session() and ClientSession.next_launch().
 """
 

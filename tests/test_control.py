@@ -198,6 +198,47 @@ def test_a_client_without_the_key_is_told_what_to_do(tunnel_server):
         open_session(server.client_config())
 
 
+def test_a_second_keyless_client_gets_not_one_byte_as_in_v1(tunnel_server, records):
+    # Without a key the newcomer may be a v1.0 client: it is closed, never told.
+    server = tunnel_server()
+    first = open_session(server.client_config())
+    try:
+        server.wait_session().in_use = True
+        with gevent.socket.create_connection((HOST, server.port)) as second:
+            second.settimeout(WAIT)
+            assert second.recv(100) == b""
+        assert "refused a second client" in records.text()
+    finally:
+        first.close()
+
+
+def test_a_peer_silent_on_the_key_challenge_sent_no_key(tunnel_server, records, monkeypatch):
+    monkeypatch.setattr(control, "HANDSHAKE_TIMEOUT", 0.3)  # no test sleeps through 5 s
+    server = tunnel_server(key="sesame")
+    with gevent.socket.create_connection((HOST, server.port)) as peer:
+        assert peer.recv(4096).startswith(b"//0?auth=")
+        port = peer.getsockname()[1]
+        with gevent.Timeout(WAIT):
+            while "sent no key" not in records.text():
+                gevent.sleep(0.01)
+    assert ("Tunnel: 127.0.0.1:%d sent no key within 0.3s of the key challenge (a client"
+            " without the key, a NodePass v1.0 client, which cannot use one, or not a client"
+            " at all)" % port) in records.messages(logging.WARNING)
+
+
+def test_a_peer_that_stops_inside_its_key_response_is_named(tunnel_server, records):
+    server = tunnel_server(key="sesame")
+    with gevent.socket.create_connection((HOST, server.port)) as peer:
+        assert peer.recv(4096).startswith(b"//0?auth=")
+        port = peer.getsockname()[1]
+        peer.sendall(b"//0123")  # half a line, then gone
+    with gevent.Timeout(WAIT):
+        while "did not finish" not in records.text():
+            gevent.sleep(0.01)
+    assert ("Tunnel: 127.0.0.1:%d did not finish the key handshake: closed in the middle of a"
+            " line" % port) in records.messages(logging.WARNING)
+
+
 def test_a_silent_peer_is_cut_for_a_real_client_when_places_run_out(tunnel_server,
                                                                       monkeypatch):
     monkeypatch.setattr(control, "MAX_PENDING_CONTROLS", 2)
