@@ -134,7 +134,7 @@ class ServerControl:
         self._cooldown_until = 0.0
         self.closed = False
 
-    def spawn(self, function, control: socket.socket, *args) -> None:
+    def spawn(self, function, *args) -> None:
         """Handle a tunnel connection (the tunnel listener's spawn); when every
         place is taken, cut the oldest one still handshaking rather than
         queue the newcomer behind it.
@@ -143,14 +143,16 @@ class ServerControl:
         for a handshake timeout each, and lock the real client out for as
         long as they keep coming. The real client answers at once, so it is
         never the oldest for long. Never blocks: it runs in the accept callback.
+        The arguments are gevent's (its runner, our handle, ...), not the
+        socket: handle() files the socket under _pending itself.
         """
         if len(self._pending) >= MAX_PENDING_CONTROLS:
             oldest, _ = self._pending.popitem(last=False)
             net.abort(oldest)  # its handler fails its handshake and frees the place
-        self._pending[control] = None
-        self._handlers.spawn(function, control, *args)
+        self._handlers.spawn(function, *args)
 
     def handle(self, control: socket.socket, peer: tuple) -> None:
+        self._pending[control] = None
         try:
             self._serve(control, peer)
         finally:
@@ -250,7 +252,7 @@ class ServerControl:
             control.sendall(protocol.encode_auth_challenge(server_nonce))
             # A peek first: a client without a key closes on the challenge
             # without a byte, which deserves its own line (it says what to do).
-            if not control.recv(1, socket.MSG_PEEK):
+            if not control.recv(1, socket.MSG_PEEK) and not self._was_cut(control, who):
                 self.log.warning("Tunnel: %s sent no key: it closed the connection on the key"
                                  " challenge; this server requires its shared key: give the"
                                  " client the same one (client://KEY@host:port/... or"
@@ -268,8 +270,9 @@ class ServerControl:
                              " or not a client at all)", who, _duration(HANDSHAKE_TIMEOUT))
             return None
         except OSError as exc:
-            self.log.warning("Tunnel: %s did not finish the key handshake: %s", who,
-                             net.describe(exc))
+            if not self._was_cut(control, who):
+                self.log.warning("Tunnel: %s did not finish the key handshake: %s", who,
+                                 net.describe(exc))
             return None
         if client_nonce is None:
             self.stats.auth_failures += 1
@@ -279,6 +282,15 @@ class ServerControl:
         return auth.encode_tunnel_signal(self.config.auth_key, client_nonce, server_nonce,
                                          self.data_port, self.config.tls_mode,
                                          self.offers_udp_flow)
+
+    def _was_cut(self, control: socket.socket, who: str) -> bool:
+        """Whether spawn() cut this handshake to make room (then logged here)."""
+        if control in self._pending:
+            return False
+        self.log.warning("Tunnel: cut %s in its key handshake: %d tunnel connections were"
+                         " handshaking at once (the oldest goes first)", who,
+                         MAX_PENDING_CONTROLS)
+        return True
 
     def _read_acknowledgements(self, session: ServerSession) -> None:
         # Reading tells us when the client goes away. Ours may acknowledge an

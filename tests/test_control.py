@@ -2,6 +2,7 @@
 session state machine (which launch kinds pass), over real loopback sockets."""
 
 import logging
+import time
 
 import gevent
 import gevent.socket
@@ -240,7 +241,7 @@ def test_a_peer_that_stops_inside_its_key_response_is_named(tunnel_server, recor
 
 
 def test_a_silent_peer_is_cut_for_a_real_client_when_places_run_out(tunnel_server,
-                                                                      monkeypatch):
+                                                                      monkeypatch, records):
     monkeypatch.setattr(control, "MAX_PENDING_CONTROLS", 2)
     server = tunnel_server(key="sesame")  # the key handshake keeps silent peers pending
     silent = [gevent.socket.create_connection((HOST, server.port)) for _ in range(2)]
@@ -249,7 +250,10 @@ def test_a_silent_peer_is_cut_for_a_real_client_when_places_run_out(tunnel_serve
         session = open_session(server.client_config(key="sesame"))
         session.close()
         assert silent[0].recv(4096).startswith(b"//0?auth=")  # the challenge, then cut
+        started = time.monotonic()
         assert silent[0].recv(4096) == b""
+        assert time.monotonic() - started < 1.0  # cut for the client, not timed out (5 s)
+        assert "in its key handshake: 2 tunnel connections were handshaking" in records.text()
     finally:
         for sock in silent:
             sock.close()
