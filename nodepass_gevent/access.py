@@ -116,6 +116,10 @@ class RefusalLog:
         return True
 
 
+def _tcp_connections(count: int) -> str:
+    return "%d TCP connection%s" % (count, "" if count == 1 else "s")
+
+
 class Gate:
     """The admission check for users of one server; see the module docstring."""
 
@@ -146,8 +150,10 @@ class Gate:
             count = self._open.get(ip, 0)
             if count >= self._per_user:
                 self.stats.users_over_cap += 1
-                self.refusals.refused(ip_text(ip), "already %d connections (per_user=%d)"
-                                      % (count, self._per_user))
+                self.refusals.refused(ip_text(ip), "%s from this address %s open already,"
+                                      " the most allowed (per_user=%d)"
+                                      % (_tcp_connections(count), "is" if count == 1 else
+                                         "are", self._per_user))
                 return None
             self._open[ip] = count + 1
         return ip

@@ -37,6 +37,11 @@ AUTH_BACKOFF_MAX = 60.0   # longest pause between tries after the key was reject
 __all__ = ["Client", "SessionError"]
 
 
+def _pause_text(seconds: float) -> str:
+    """A pause for the log: "1.3s", or "40ms" where "0.0s" would read as none."""
+    return "%.1fs" % seconds if seconds >= 0.1 else "%dms" % round(seconds * 1000)
+
+
 class Client(Component):
     """The client role; see the module docstring."""
 
@@ -83,20 +88,28 @@ class Client(Component):
                 auth_pause = min(AUTH_BACKOFF_MAX,
                                  self.settings.service_cooldown * 2 ** self._auth_failures)
                 self.log.error("Client: authentication failed: %s", exc)
+            except control.TunnelRefused as exc:  # told: error; inferred: it may pass
+                (self.log.error if exc.certain else self.log.warning)("Client: %s", exc)
             except SessionError as exc:
                 self.log.error("Client: %s", exc)
+            except control.ServerUnreachable as exc:
+                self.log.warning("Client: %s", exc)
             except (OSError, ssl.SSLError, protocol.ProtocolError) as exc:
-                self.log.warning("Client: tunnel to %s lost: %s", self.servers.current,
-                                 net.describe(exc))
+                # "lost" only for a tunnel that was open: before, it did not open.
+                self.log.warning("Client: tunnel to %s %s: %s", self.servers.current,
+                                 "lost" if self._opened else "did not open", net.describe(exc))
             finally:
                 self._end_session()
             self.stats.reconnects += 1
             pause, server = self.servers.after(self._opened)
             if len(self.servers.servers) == 1:
                 pause = auth_pause or pause
-                self.log.info("Client: reconnecting in %.1fs", pause)
-            else:  # failover: the policy's pause; a rejected key is one more failed try
-                self.log.info("Client: reconnecting in %.1fs to %s (%s)", pause, server,
+                self.log.info("Client: reconnecting in %s", _pause_text(pause))
+            elif pause > 0:  # failover: the policy's pause; a rejected key is one more try
+                self.log.info("Client: reconnecting in %s to %s (%s)", _pause_text(pause),
+                              server, self.servers.position)
+            else:  # the same round: no pause, by design (failover.py)
+                self.log.info("Client: trying the next server at once: %s (%s)", server,
                               self.servers.position)
             gevent.sleep(pause)
 
@@ -165,8 +178,8 @@ class Client(Component):
 
     def report(self) -> None:
         pool = self.pool
-        idle, capacity = (pool.idle, pool.capacity) if pool is not None else (0, 0)
-        self.log.info("Client: %s", self.stats.line(idle, capacity))
+        self.log.info("Client: %s", self.stats.line(
+            pool.describe() if pool is not None else "idle=0 (no tunnel open)"))
 
     def status(self) -> dict:
         pool, session = self.pool, self.session

@@ -15,13 +15,19 @@ HANDSHAKE_TIMEOUT is a squatter and is replaced; after a used session ends,
 the next client waits SERVICE_COOLDOWN. Peers that connect and say nothing
 are cut, oldest first, when MAX_PENDING_CONTROLS are handshaking.
 
+A refused client is told why only when it proved the shared key (then it is
+ours: a v1.0 client cannot), by ``//0?error=busy#0`` or ``//0?error=cooldown#0``
+in place of the tunnel signal. Without a key it is closed without a byte, as
+in v1.0, and our client infers the likely reason from that close
+(TunnelRefused, ``certain`` False). Both sides log who and what to do.
+
 Client half, open_client_session() and ClientSession.next_launch().
 """
 
 import socket
 import time
 from collections import OrderedDict
-from typing import FrozenSet, Optional
+from typing import FrozenSet, Optional, Tuple
 
 import gevent.pool
 from gevent.lock import Semaphore
@@ -42,6 +48,24 @@ class SessionError(Exception):
     """The tunnel cannot go on (server gone, refused policy, bad signal)."""
 
 
+class TunnelRefused(SessionError):
+    """The server turned this client away: another client has the tunnel, or it
+    is pausing after the last one left. ``certain``: the server said so (only
+    with a key); else the client inferred it from a close before any signal."""
+
+    def __init__(self, message: str, certain: bool) -> None:
+        super().__init__(message)
+        self.certain = certain
+
+
+class TunnelClosed(ConnectionError):
+    """The server closed the tunnel connection (between two lines)."""
+
+
+class ServerUnreachable(ConnectionError):
+    """The tunnel could not even be dialed (refused, no route, unknown name)."""
+
+
 # -- the server half ---------------------------------------------------------------
 
 class ServerSession:
@@ -54,6 +78,7 @@ class ServerSession:
         self.log = log
         self.in_use = False   # set once the client opens a data connection
         self.started = time.monotonic()
+        self.connected_at = time.time()  # for the log of a refused second client
         self.launch_kinds = ALWAYS_ALLOWED  # which launch signals the client takes
         self.last_heartbeat = None  # type: Optional[float]
         self.closed = False
@@ -109,7 +134,7 @@ class ServerControl:
         self._cooldown_until = 0.0
         self.closed = False
 
-    def spawn(self, function, control: socket.socket, *args) -> None:
+    def spawn(self, function, *args) -> None:
         """Handle a tunnel connection (the tunnel listener's spawn); when every
         place is taken, cut the oldest one still handshaking rather than
         queue the newcomer behind it.
@@ -118,14 +143,16 @@ class ServerControl:
         for a handshake timeout each, and lock the real client out for as
         long as they keep coming. The real client answers at once, so it is
         never the oldest for long. Never blocks: it runs in the accept callback.
+        The arguments are gevent's (its runner, our handle, ...), not the
+        socket: handle() files the socket under _pending itself.
         """
         if len(self._pending) >= MAX_PENDING_CONTROLS:
             oldest, _ = self._pending.popitem(last=False)
             net.abort(oldest)  # its handler fails its handshake and frees the place
-        self._pending[control] = None
-        self._handlers.spawn(function, control, *args)
+        self._handlers.spawn(function, *args)
 
     def handle(self, control: socket.socket, peer: tuple) -> None:
+        self._pending[control] = None
         try:
             self._serve(control, peer)
         finally:
@@ -161,10 +188,15 @@ class ServerControl:
                                                       self.offers_udp_flow)
         if self.config.auth_key is not None:
             tunnel_signal = self._authenticate(control, who)
-        refusal = self._refusal()  # checked after the handshake: another may have won
+        refusal = self._refusal(peer)  # checked after the handshake: another may have won
         if refusal or tunnel_signal is None:
             if refusal:
-                self.log.warning("Tunnel: refused %s: %s", who, refusal)
+                reason, text = refusal
+                self.log.warning("Tunnel: refused %s", text)
+                if tunnel_signal is not None and self.config.auth_key is not None:
+                    # It proved the key, so it is one of ours (a v1.0 client cannot):
+                    # it may be told why. Without a key nothing is sent, as in v1.0.
+                    _send_quietly(control, protocol.encode_refusal(reason))
             net.close_quietly(control)
             return
         self.end_session()
@@ -180,19 +212,37 @@ class ServerControl:
         if self.session is session:
             self.end_session()
 
-    def _refusal(self) -> Optional[str]:
-        """Why a new client cannot have the tunnel now, or None if it can."""
+    def _refusal(self, peer: tuple) -> Optional[Tuple[str, str]]:
+        """Why a new client from ``peer`` cannot have the tunnel now, as (the
+        reason for the wire, the log line after "refused"); None if it can."""
+        who = net.format_address(peer)
         current = self.session
         if current is not None and current.alive():
             if current.in_use or time.monotonic() - current.started < HANDSHAKE_TIMEOUT:
-                return "a client is already connected from %s" % current.peer
+                return protocol.REFUSED_BUSY, self._busy_text(who, peer[0], current)
             # A real client dials data connections at once; one that has not
             # after a handshake timeout is a squatter, not a client.
             self.log.warning("Tunnel: %s never opened a data connection; replacing it",
                              current.peer)
-        if time.monotonic() < self._cooldown_until:
-            return "cooling down after the last client"
+        wait = self._cooldown_until - time.monotonic()
+        if wait > 0:
+            return protocol.REFUSED_COOLDOWN, (
+                "a client from %s: the last client left %s ago; accepting a new one in %s"
+                " (SERVICE_COOLDOWN)" % (who, _duration(self.settings.service_cooldown - wait),
+                                         _duration(wait)))
         return None
+
+    def _busy_text(self, who: str, host: str, current: ServerSession) -> str:
+        text = ("a second client from %s: the tunnel already has a client, %s, connected"
+                " since %s (%s); a server takes one client: stop the other client, or give"
+                " this one a server of its own"
+                % (who, current.peer, _wall_clock(current.connected_at),
+                   _duration(time.monotonic() - current.started)))
+        if host == current.peer_host:  # perhaps that very client, back after a cut
+            text += ("; if it is the same client reconnecting, its old tunnel ends within"
+                     " %s, when heartbeats to it fail"
+                     % _duration(self.settings.report_interval * HEARTBEAT_MISSES))
+        return text
 
     def _authenticate(self, control: socket.socket, who: str) -> Optional[bytes]:
         """Run the key handshake; the tunnel signal to send, or None (logged)."""
@@ -200,22 +250,47 @@ class ServerControl:
         try:
             control.settimeout(HANDSHAKE_TIMEOUT)
             control.sendall(protocol.encode_auth_challenge(server_nonce))
+            # A peek first: a client without a key closes on the challenge
+            # without a byte, which deserves its own line (it says what to do).
+            if not control.recv(1, socket.MSG_PEEK) and not self._was_cut(control, who):
+                self.log.warning("Tunnel: %s sent no key: it closed the connection on the key"
+                                 " challenge; this server requires its shared key: give the"
+                                 " client the same one (client://KEY@host:port/... or"
+                                 " NODEPASS_KEY)", who)
+                return None
             response = readers.recv_line(control, protocol.MAX_SIGNAL_LENGTH)
             client_nonce = auth.check_client_response(self.config.auth_key, server_nonce,
                                                       response)
             if client_nonce is None:
                 control.sendall(protocol.AUTH_REJECTION)
             control.settimeout(None)
+        except socket.timeout:
+            self.log.warning("Tunnel: %s sent no key within %s of the key challenge (a client"
+                             " without the key, a NodePass v1.0 client, which cannot use one,"
+                             " or not a client at all)", who, _duration(HANDSHAKE_TIMEOUT))
+            return None
         except OSError as exc:
-            self.log.warning("Tunnel: %s did not authenticate: %s", who, exc or "timed out")
+            if not self._was_cut(control, who):
+                self.log.warning("Tunnel: %s did not finish the key handshake: %s", who,
+                                 net.describe(exc))
             return None
         if client_nonce is None:
             self.stats.auth_failures += 1
-            self.log.warning("Tunnel: %s failed authentication (wrong or missing key)", who)
+            self.log.warning("Tunnel: %s failed authentication: its key response does not"
+                             " prove this server's key (a wrong key)", who)
             return None
         return auth.encode_tunnel_signal(self.config.auth_key, client_nonce, server_nonce,
                                          self.data_port, self.config.tls_mode,
                                          self.offers_udp_flow)
+
+    def _was_cut(self, control: socket.socket, who: str) -> bool:
+        """Whether spawn() cut this handshake to make room (then logged here)."""
+        if control in self._pending:
+            return False
+        self.log.warning("Tunnel: cut %s in its key handshake: %d tunnel connections were"
+                         " handshaking at once (the oldest goes first)", who,
+                         MAX_PENDING_CONTROLS)
+        return True
 
     def _read_acknowledgements(self, session: ServerSession) -> None:
         # Reading tells us when the client goes away. Ours may acknowledge an
@@ -233,6 +308,32 @@ class ServerControl:
             pass
         finally:
             lines.close()
+
+
+def _send_quietly(control: socket.socket, line: bytes) -> None:
+    """Write a last line to a peer about to be closed; if it is gone, so be it."""
+    try:
+        control.settimeout(HANDSHAKE_TIMEOUT)
+        control.sendall(line)
+    except OSError:
+        pass
+
+
+def _duration(seconds: float) -> str:
+    """A span for a log line: "0.5s", "42s", "5m12s", "3h04m", "2d03h"."""
+    if seconds < 10:
+        return "%.1fs" % max(0.0, seconds)
+    whole = int(seconds)
+    for unit, size, small, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60),
+                                          ("m", 60, "s", 1)):
+        if whole >= size:
+            return "%d%s%02d%s" % (whole // size, unit, whole % size // small_size, small)
+    return "%ds" % whole
+
+
+def _wall_clock(stamp: float) -> str:
+    """A moment as the log's own timestamps show it (local time)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
 
 
 # -- the client half ---------------------------------------------------------------
@@ -285,14 +386,25 @@ class ClientSession:
 
 
 def open_client_session(config: Config, settings: Settings, log) -> ClientSession:
-    """Dial the tunnel, run the handshake and accept the extensions offered."""
-    control = net.dial_tcp(config.tunnel, CONNECT_TIMEOUT)
+    """Dial the tunnel, run the handshake and accept the extensions offered.
+
+    Raises ServerUnreachable if the dial fails, TunnelRefused if the server
+    turns this client away, and other errors if the tunnel does not open."""
+    try:
+        control = net.dial_tcp(config.tunnel, CONNECT_TIMEOUT)
+    except OSError as exc:
+        raise ServerUnreachable("cannot reach server %s: %s"
+                                % (config.tunnel, net.describe(exc))) from exc
     try:
         silence = settings.report_interval * HEARTBEAT_MISSES
         net.set_user_timeout(control, silence)
         control.settimeout(HANDSHAKE_TIMEOUT)
         lines = control.makefile("rb")
-        signal = client_handshake(config, control, lines)
+        try:
+            signal = client_handshake(config, control, lines)
+        except socket.timeout:
+            raise ConnectionError("no tunnel signal from the server within %s"
+                                  % _duration(HANDSHAKE_TIMEOUT)) from None
         data_port, tls_mode = int(signal.host), int(signal.kind)
         if tls_mode < config.tls_mode:
             raise SessionError("server %s offers tls=%d, below this client's minimum tls=%d;"
@@ -311,7 +423,7 @@ def open_client_session(config: Config, settings: Settings, log) -> ClientSessio
 
 def client_handshake(config: Config, control: socket.socket, lines) -> Signal:
     """Read the tunnel signal, proving the shared key first if there is one."""
-    signal = protocol.parse_signal(read_signal_line(lines))
+    signal = protocol.parse_signal(_first_line(config, lines, after_key=False))
     key = config.auth_key
     if not protocol.is_auth_challenge(signal):
         if key is not None:
@@ -320,13 +432,22 @@ def client_handshake(config: Config, control: socket.socket, lines) -> Signal:
                                % (config.tunnel,))
         return protocol.check_tunnel_signal(signal)
     if key is None:
-        raise SessionError("server %s requires a shared key: use client://KEY@host:port/..."
-                           " or NODEPASS_KEY" % (config.tunnel,))
+        raise SessionError("server %s requires a shared key and this client has none: give"
+                           " it the server's key, client://KEY@host:port/... or NODEPASS_KEY"
+                           % (config.tunnel,))
     server_nonce, client_nonce = signal.query.get(protocol.FIELD_NONCE, ""), auth.new_nonce()
     if not auth.is_nonce(server_nonce):
         raise protocol.ProtocolError("bad authentication challenge")
     control.sendall(auth.client_response(key, server_nonce, client_nonce))
-    answer = protocol.parse_signal(read_signal_line(lines))
+    answer = protocol.parse_signal(_first_line(config, lines, after_key=True))
+    refusal = protocol.refusal_reason(answer)
+    if refusal == protocol.REFUSED_BUSY:
+        raise TunnelRefused("server %s already serves another client (a server takes one"
+                            " client): stop the other client, or give this one a server of"
+                            " its own; retrying" % (config.tunnel,), certain=True)
+    if refusal == protocol.REFUSED_COOLDOWN:
+        raise TunnelRefused("server %s is pausing after its last client left"
+                            " (SERVICE_COOLDOWN); retrying" % (config.tunnel,), certain=True)
     if protocol.is_auth_rejection(answer):
         raise auth.AuthError("server %s rejected our shared key" % (config.tunnel,))
     if not auth.check_tunnel_signal(key, client_nonce, server_nonce, answer):
@@ -335,11 +456,27 @@ def client_handshake(config: Config, control: socket.socket, lines) -> Signal:
     return protocol.check_tunnel_signal(answer)
 
 
+def _first_line(config: Config, lines, after_key: bool) -> bytes:
+    """The server's first line (or its answer to our key proof). A close before
+    it is how a server without a key (ours or v1.0) turns a client away: it
+    cannot tell a v1.0 client why without changing v1.0's bytes. So we guess."""
+    try:
+        return read_signal_line(lines)
+    except TunnelClosed:
+        pass
+    raise TunnelRefused("server %s closed the tunnel %s: most likely it already serves"
+                        " another client (a server takes one client), or still holds this"
+                        " client's last tunnel; stop the other client, or give this one a"
+                        " server of its own; retrying"
+                        % (config.tunnel, "after the key handshake" if after_key
+                           else "before sending its tunnel signal"), certain=False)
+
+
 def read_signal_line(lines) -> bytes:
     """One signal line; ProtocolError (the rest skipped) if it is too long."""
     line = lines.readline(protocol.MAX_SIGNAL_LENGTH + 1)
     if not line:
-        raise ConnectionError("the server closed the tunnel")
+        raise TunnelClosed("the server closed the tunnel")
     if not line.endswith(b"\n") and len(line) > protocol.MAX_SIGNAL_LENGTH:
         while line and not line.endswith(b"\n"):  # skip the rest of the long line
             line = lines.readline(protocol.MAX_SIGNAL_LENGTH + 1)

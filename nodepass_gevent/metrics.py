@@ -16,7 +16,7 @@ it pays no memory for it.
 """
 
 import json
-from typing import Callable, Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List, Optional
 
 import gevent.pywsgi
 
@@ -37,7 +37,9 @@ FIGURES = (
     ("udp_datagrams", "nodepass_udp_datagrams", "counter", "UDP datagrams carried"),
     ("udp_flows_active", "nodepass_udp_flows_active", "gauge", "UDP flows open now"),
     ("pool_idle", "nodepass_pool_idle", "gauge", "Pooled data connections ready for use"),
-    ("pool_capacity", "nodepass_pool_capacity", "gauge", "Pool capacity now"),
+    ("pool_capacity", "nodepass_pool_capacity", "gauge",
+     "Client: the idle count the pool refills to now (adapts within MIN_POOL_CAPACITY.."
+     "MAX_POOL_CAPACITY); server: the most it holds (MAX_POOL_CAPACITY)"),
     ("data_dials", "nodepass_data_dials", "counter", "Data connections dialed or accepted"),
     ("data_dial_failures", "nodepass_data_dial_failures", "counter",
      "Data connections that failed to open"),
@@ -62,14 +64,18 @@ class TunnelCollector:
         statuses = self.tunnels()
         up = GaugeMetricFamily("nodepass_tunnel_up", "1 while the tunnel's state is up",
                                labels=LABELS)
-        info = GaugeMetricFamily("nodepass_tunnel_info", "The tunnel's definition and state",
+        # Labels must stay bounded: "peer" is the peer's host without its port
+        # (the server would see a new ephemeral port, so a new series, at every
+        # reconnect); the user's addresses never appear.
+        info = GaugeMetricFamily("nodepass_tunnel_info", "The tunnel's definition and state;"
+                                 " peer: the host of the client (server) or server (client)",
                                  labels=LABELS + ["state", "tunnel", "target", "tls", "peer"])
         for status in statuses:
             labels = [str(status["name"]), str(status["role"])]
             up.add_metric(labels, 1.0 if status["state"] == UP else 0.0)
             info.add_metric(labels + [str(status["state"]), str(status["tunnel"]),
                                       str(status["target"]), str(status["tls"]),
-                                      str(status.get("peer") or "")], 1.0)
+                                      peer_host(status.get("peer"))], 1.0)
         yield up
         yield info
         for key, metric, kind, text in FIGURES:
@@ -109,6 +115,14 @@ class UdpDropCollector:
                     family.add_metric([str(status["name"]), str(status["role"]), reason,
                                        direction], float(value))
         yield family
+
+
+def peer_host(peer: Optional[object]) -> str:
+    """"10.0.0.5" of "10.0.0.5:40123", "::1" of "[::1]:40123"; "" for no peer."""
+    if not peer:
+        return ""
+    host = str(peer).rpartition(":")[0] or str(peer)
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def make_registry(tunnels: StatusSource):

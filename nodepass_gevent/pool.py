@@ -65,6 +65,12 @@ class ServerPool:
     def idle(self) -> int:
         return self._queue.qsize()
 
+    def describe(self) -> str:
+        """The pool in the report line. The client decides how many connections
+        wait here; ``capacity`` is only the most this side keeps
+        (MAX_POOL_CAPACITY), which is why it reads larger than the client's."""
+        return "idle=%d (dialed in by the client; room for %d)" % (self.idle, self.capacity)
+
     def add(self, connection_id: str, sock: socket.socket) -> bool:
         """File a new connection; False (caller closes it) when the pool is full or closed."""
         if self.closed or self._queue.qsize() >= self.capacity:
@@ -138,6 +144,21 @@ class ClientPool:
     @property
     def idle(self) -> int:
         return len(self._idle)
+
+    def describe(self) -> str:
+        """The pool in the report line: idle connections and the target it
+        refills to, which adapts within MIN/MAX_POOL_CAPACITY (_adjust).
+
+        Idle can exceed the target: when the target shrinks, or a dial under
+        way lands after it did, the connections already open are kept until
+        used rather than closed (the server may be handing one to a user).
+        """
+        text = "idle=%d target=%d (adapts within %d..%d)" % (
+            self.idle, self.capacity, self.min_capacity, self.max_capacity)
+        surplus = self.idle - self.capacity
+        if surplus > 0:
+            text = text[:-1] + "; %d over target after it shrank, kept until used)" % surplus
+        return text
 
     def start(self) -> None:
         self._manager = self._supervisor.spawn(self._manage)

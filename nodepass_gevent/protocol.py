@@ -27,7 +27,9 @@ shared-key authentication" and "Extension: UDP flows"):
 
     shared key   "//0?auth=hmac-sha256&nonce=<Ns>#0\\n" challenge, "//<Nc>?mac=<M1>#auth\\n"
                  response, "//<port>?auth=hmac-sha256&mac=<M2>#<tls>\\n" or
-                 "//0?error=auth#0\\n"; on data: <Nd> (32 hex), <M3> (64 hex), then the id
+                 "//0?error=auth#0\\n"; on data: <Nd> (32 hex), <M3> (64 hex), then the id;
+                 a client that proved the key but cannot have the tunnel now hears
+                 "//0?error=busy#0\\n" (another client has it) or "//0?error=cooldown#0\\n"
     UDP flows    "?udp=flow" in the tunnel signal, "//flow#udp\\n" from the client,
                  launch kind 3, then frames of a 2-byte big-endian length and a datagram
 
@@ -161,6 +163,23 @@ def encode_auth_challenge(server_nonce: str) -> bytes:
 
 
 AUTH_REJECTION = _encode_signal(_NO_PORT, TLS_NONE, [(FIELD_ERROR, FIELD_AUTH)])
+
+
+# Why a server with a key turns away a client that proved it: only a key holder
+# hears it (never a v1.0 client, which cannot prove a key), then the close.
+REFUSED_BUSY = "busy"          # the tunnel has a client already
+REFUSED_COOLDOWN = "cooldown"  # the last client left less than SERVICE_COOLDOWN ago
+
+
+def encode_refusal(reason: str) -> bytes:
+    """``//0?error=<reason>#0\\n``: after the key handshake, instead of the tunnel signal."""
+    return _encode_signal(_NO_PORT, TLS_NONE, [(FIELD_ERROR, reason)])
+
+
+def refusal_reason(signal: "Signal") -> Optional[str]:
+    """REFUSED_BUSY or REFUSED_COOLDOWN if ``signal`` is such a refusal, else None."""
+    reason = signal.query.get(FIELD_ERROR)
+    return reason if reason in (REFUSED_BUSY, REFUSED_COOLDOWN) else None
 
 
 def encode_auth_response(client_nonce: str, mac: str) -> bytes:

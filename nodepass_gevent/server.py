@@ -180,7 +180,7 @@ class Server(Component):
                 self.report()
 
     def report(self) -> None:
-        self.log.info("Server: %s", self.stats.line(self.pool.idle, self.pool.capacity))
+        self.log.info("Server: %s", self.stats.line(self.pool.describe()))
 
     def status(self) -> dict:
         session = self.control.session if self.control is not None else None

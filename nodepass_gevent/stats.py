@@ -93,11 +93,12 @@ class Stats:
         self._reported = now
         return changed
 
-    def line(self, pool_idle: int, pool_capacity: int) -> str:
+    def line(self, pool: str) -> str:
+        """The report line; ``pool``: the pool's own figures (its describe())."""
         line = ("Traffic: tcp active=%d total=%d | udp exchanges=%d | bytes in=%d out=%d"
-                " | pool idle=%d capacity=%d"
+                " | pool %s"
                 % (self.tcp_active, self.tcp_total, self.udp_total, self.bytes_in,
-                   self.bytes_out, pool_idle, pool_capacity))
+                   self.bytes_out, pool))
         if any(self.refusals()):  # only with allow=, deny=, per_user= or rate= at work
             line += (" | refused tcp=%d over_cap=%d udp=%d udp_over_rate=%d"
                      % self.refusals())

@@ -150,6 +150,8 @@ def test_per_user_caps_concurrent_connections_from_one_address(guarded):
     counts = [int(n) for n in re.findall(r"over_cap=(\d+)", server.output())]
     assert 5 <= counts[-1] <= 7
     assert server.output().count("per_user=2)") == 1
+    assert ("Target: refused %s: 2 TCP connections from this address are open already, the"
+            " most allowed (per_user=2)" % REFUSED) in server.output()
 
 
 @pytest.mark.parametrize("query, entry", [

@@ -2,6 +2,7 @@
 session state machine (which launch kinds pass), over real loopback sockets."""
 
 import logging
+import time
 
 import gevent
 import gevent.socket
@@ -125,16 +126,47 @@ def test_a_second_client_is_refused_while_the_first_is_in_use(tunnel_server, rec
     first = open_session(server.client_config())
     try:
         server.wait_session().in_use = True
-        with pytest.raises(ConnectionError):
+        with pytest.raises(control.TunnelRefused, match="most likely it already serves"
+                                                         " another client") as refused:
             second = open_session(server.client_config())  # closed without a signal
             second.close()
-        assert "a client is already connected" in records.text()
+        assert not refused.value.certain  # no key: v1.0's bytes, so the client guesses
+        assert "refused a second client from 127.0.0.1:" in records.text()
     finally:
         first.close()
     with gevent.Timeout(WAIT):
         while not server.ended:
             gevent.sleep(0.01)
     assert "accepting a new one in 0.2s" in records.text()  # a used session: cooldown
+
+
+def test_a_second_client_with_the_key_is_told_the_tunnel_is_taken(tunnel_server, records):
+    server = tunnel_server(key="sesame")
+    first = open_session(server.client_config(key="sesame"))
+    try:
+        server.wait_session().in_use = True
+        with pytest.raises(control.TunnelRefused, match="already serves another client") \
+                as refused:
+            open_session(server.client_config(key="sesame"))
+        assert refused.value.certain  # it proved the key, so the server told it why
+        assert "refused a second client from 127.0.0.1:" in records.text()
+    finally:
+        first.close()
+
+
+def test_a_client_refused_during_the_cooldown_is_told_so(tunnel_server, records):
+    server = tunnel_server(key="sesame")
+    server.control.settings = Settings(report_interval=1.0, service_cooldown=5.0)  # no race
+    first = open_session(server.client_config(key="sesame"))
+    server.wait_session().in_use = True
+    first.close()
+    with gevent.Timeout(WAIT):
+        while not server.ended:
+            gevent.sleep(0.01)
+    with pytest.raises(control.TunnelRefused, match="pausing after its last client left"):
+        open_session(server.client_config(key="sesame"))
+    assert "refused a client from 127.0.0.1:" in records.text()
+    assert "(SERVICE_COOLDOWN)" in records.text()
 
 
 def test_the_key_handshake_proves_both_sides(tunnel_server):
@@ -167,8 +199,49 @@ def test_a_client_without_the_key_is_told_what_to_do(tunnel_server):
         open_session(server.client_config())
 
 
+def test_a_second_keyless_client_gets_not_one_byte_as_in_v1(tunnel_server, records):
+    # Without a key the newcomer may be a v1.0 client: it is closed, never told.
+    server = tunnel_server()
+    first = open_session(server.client_config())
+    try:
+        server.wait_session().in_use = True
+        with gevent.socket.create_connection((HOST, server.port)) as second:
+            second.settimeout(WAIT)
+            assert second.recv(100) == b""
+        assert "refused a second client" in records.text()
+    finally:
+        first.close()
+
+
+def test_a_peer_silent_on_the_key_challenge_sent_no_key(tunnel_server, records, monkeypatch):
+    monkeypatch.setattr(control, "HANDSHAKE_TIMEOUT", 0.3)  # no test sleeps through 5 s
+    server = tunnel_server(key="sesame")
+    with gevent.socket.create_connection((HOST, server.port)) as peer:
+        assert peer.recv(4096).startswith(b"//0?auth=")
+        port = peer.getsockname()[1]
+        with gevent.Timeout(WAIT):
+            while "sent no key" not in records.text():
+                gevent.sleep(0.01)
+    assert ("Tunnel: 127.0.0.1:%d sent no key within 0.3s of the key challenge (a client"
+            " without the key, a NodePass v1.0 client, which cannot use one, or not a client"
+            " at all)" % port) in records.messages(logging.WARNING)
+
+
+def test_a_peer_that_stops_inside_its_key_response_is_named(tunnel_server, records):
+    server = tunnel_server(key="sesame")
+    with gevent.socket.create_connection((HOST, server.port)) as peer:
+        assert peer.recv(4096).startswith(b"//0?auth=")
+        port = peer.getsockname()[1]
+        peer.sendall(b"//0123")  # half a line, then gone
+    with gevent.Timeout(WAIT):
+        while "did not finish" not in records.text():
+            gevent.sleep(0.01)
+    assert ("Tunnel: 127.0.0.1:%d did not finish the key handshake: closed in the middle of a"
+            " line" % port) in records.messages(logging.WARNING)
+
+
 def test_a_silent_peer_is_cut_for_a_real_client_when_places_run_out(tunnel_server,
-                                                                      monkeypatch):
+                                                                      monkeypatch, records):
     monkeypatch.setattr(control, "MAX_PENDING_CONTROLS", 2)
     server = tunnel_server(key="sesame")  # the key handshake keeps silent peers pending
     silent = [gevent.socket.create_connection((HOST, server.port)) for _ in range(2)]
@@ -177,7 +250,10 @@ def test_a_silent_peer_is_cut_for_a_real_client_when_places_run_out(tunnel_serve
         session = open_session(server.client_config(key="sesame"))
         session.close()
         assert silent[0].recv(4096).startswith(b"//0?auth=")  # the challenge, then cut
+        started = time.monotonic()
         assert silent[0].recv(4096) == b""
+        assert time.monotonic() - started < 1.0  # cut for the client, not timed out (5 s)
+        assert "in its key handshake: 2 tunnel connections were handshaking" in records.text()
     finally:
         for sock in silent:
             sock.close()
@@ -195,7 +271,7 @@ def test_a_silent_squatter_on_the_tunnel_port_is_replaced_by_the_real_client(tun
     try:
         assert squatter.recv(100).startswith(b"//")  # it got the tunnel
         squatter_session = server.wait_session()
-        with pytest.raises(ConnectionError):  # too early: refused
+        with pytest.raises(control.TunnelRefused):  # too early: refused
             open_session(server.client_config())
         gevent.sleep(0.35)
         session = open_session(server.client_config())

@@ -161,11 +161,17 @@ def test_no_server_answers_backs_off_and_recovers(nodepass, echo):
     servers, client_url, tunnels, users = failover_urls(echo.port, 2)
     client = nodepass(client_url)
     # Rounds of two refused dials, each round followed by a longer pause.
-    wait_until(lambda: client.output().count("reconnecting in") >= 4, 10,
+    wait_until(lambda: client.output().count("reconnecting in") >= 2, 10,
                what="two rounds of refused dials")
+    # In a round the next server at once (no "0.0s" pause), between rounds >= cooldown.
+    assert "trying the next server at once: %s:%d (server 2 of 2)" % (HOST, tunnels[1]) \
+        in client.output()
+    assert "cannot reach server %s:%d: Connection refused" % (HOST, tunnels[0]) \
+        in client.output()
+    assert "reconnecting in 0.0s" not in client.output()
     pauses = [float(p) for p in re.findall(r"reconnecting in ([0-9.]+)s", client.output())]
-    assert pauses[0] == 0.0 or pauses[0] >= 0.5  # in a round at once, between rounds >= cooldown
-    round_pauses = [p for p in pauses if p > 0]
+    assert pauses[0] >= 0.5
+    round_pauses = pauses
     assert round_pauses[1] >= 1.0  # the second failed round doubles the base
     nodepass(servers[1])
     served_within(users[1], 10)

@@ -74,3 +74,15 @@ def test_other_paths_and_methods_are_refused():
     app = MetricsApp(lambda: [])
     assert call(app, "/")[0] == "404 Not Found"
     assert call(app, "/metrics", "POST")[0] == "405 Method Not Allowed"
+
+
+@pytest.mark.parametrize("peer, label", [
+    ("10.0.0.5:40123", "10.0.0.5"), ("[::1]:40123", "::1"), (None, ""),
+])
+def test_the_info_metric_names_the_peer_host_without_its_port(peer, label):
+    # A port would make a new series at every reconnect (the client's is ephemeral).
+    tunnels = [status("web", "server", "up", peer=peer)]
+    body = call(MetricsApp(lambda: tunnels), "/metrics")[2].decode()
+    info = [s for family in text_string_to_metric_families(body)
+            for s in family.samples if s.name == "nodepass_tunnel_info"]
+    assert [s.labels["peer"] for s in info] == [label]

@@ -231,3 +231,26 @@ def test_a_connection_whose_launch_gave_up_is_closed_not_pooled(supervisor, monk
         release.set()
         pool.close()
         late.close()
+
+
+def test_client_pool_says_what_its_figures_are_and_why_idle_can_exceed_the_target(
+        dialer, supervisor):
+    pool = ClientPool(dialer, min_capacity=2, max_capacity=8, supervisor=supervisor)
+    pool.capacity = 4
+    pool.start()
+    try:
+        wait_for(lambda: pool.idle == 4)
+        assert pool.describe() == "idle=4 target=4 (adapts within 2..8)"
+        pool._created = 0  # a quiet round: the target shrinks, the open connections stay
+        pool._adjust()
+        surplus = pool.idle - pool.capacity
+        assert surplus >= 1
+        assert pool.describe() == ("idle=4 target=%d (adapts within 2..8; %d over target after"
+                                   " it shrank, kept until used)" % (pool.capacity, surplus))
+    finally:
+        pool.close()
+
+
+def test_server_pool_says_the_client_fills_it_and_how_much_room_it_has():
+    pool = ServerPool(capacity=1024)
+    assert pool.describe() == "idle=0 (dialed in by the client; room for 1024)"
