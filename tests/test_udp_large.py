@@ -293,4 +293,4 @@ def test_too_large_warning_first_at_once_then_once_per_interval_with_the_count()
     assert lines[2].endswith(" (and 3 more since the last line)")
     assert (stats.udp_too_large_datagrams, stats.udp_too_large_replies) == (5, 1)
     assert stats.figures()["udp_too_large_datagrams"] == 5
-    assert "udp too large: datagrams=5 replies=1" in stats.line(0, 0)
+    assert "udp too large: datagrams=5 replies=1" in stats.line("idle=0")
