@@ -27,8 +27,12 @@ from nodepass_gevent.urls import query_pairs, split_url
 ROLES = ("server", "client")
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
 KEY_VARIABLE = "NODEPASS_KEY"
-SERVER_PARAMS = ("log", "tls", "crt", "key", "udp", "proxy", "allow", "deny", "rate", "per_user")
-CLIENT_PARAMS = ("log", "tls")
+# log_format=text|json, or this variable when the URL has none (the URL wins).
+LOG_FORMATS = ("text", "json")
+LOG_FORMAT_VARIABLE = "NODEPASS_LOG_FORMAT"
+SERVER_PARAMS = ("log", "tls", "crt", "key", "udp", "proxy", "allow", "deny", "rate", "per_user",
+                 "log_format")
+CLIENT_PARAMS = ("log", "tls", "log_format")
 
 
 class ConfigError(ValueError):
@@ -77,6 +81,7 @@ class Config:
     deny: Tuple = ()          # ... and refused
     rate_mbit: Optional[float] = None  # per tunnel and direction (ratelimit.py)
     per_user: Optional[int] = None     # concurrent TCP connections per user address
+    log_format: str = "text"  # "json": one JSON object a log line (log.py)
 
     @property
     def servers(self) -> Tuple[Address, ...]:
@@ -156,7 +161,8 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
         parts = split_url(text)
     except ValueError as exc:  # an unclosed [IPv6] bracket
         raise ConfigError("bad URL %r: %s" % (text, exc)) from None
-    auth_key = _auth_key(parts.netloc, os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    auth_key = _auth_key(parts.netloc, environ)
     tunnels = parse_tunnel_addresses(parts.netloc.rpartition("@")[2], scheme)
     target = parse_address(parts.path.lstrip("/"), "target address")
     params = _query_params(parts.query, SERVER_PARAMS if scheme == "server" else CLIENT_PARAMS)
@@ -174,7 +180,22 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
         raise ConfigError("bad udp value %r: use v1 (one connection per datagram, as NodePass"
                           " v1.0) or flow (one connection per user address)" % udp_mode)
     return Config(scheme, tunnels[0], target, log_level, tls_mode, crt, key, udp_mode, auth_key,
-                  tunnels=tunnels if len(tunnels) > 1 else (), **_edge_params(params))
+                  tunnels=tunnels if len(tunnels) > 1 else (), **_edge_params(params),
+                  log_format=_log_format(params, environ))
+
+
+def _log_format(params: Mapping[str, str], environ: Mapping[str, str]) -> str:
+    """log_format= from the URL, else NODEPASS_LOG_FORMAT, else text."""
+    if "log_format" in params:
+        text, where = params["log_format"], "log_format value"
+    else:
+        text, where = environ.get(LOG_FORMAT_VARIABLE, "").strip(), LOG_FORMAT_VARIABLE
+    if not text:
+        return LOG_FORMATS[0]
+    if text.lower() not in LOG_FORMATS:
+        raise ConfigError("bad %s %r: use text (the default) or json (one JSON object a line)"
+                          % (where, text))
+    return text.lower()
 
 
 def _network_text(network) -> str:
