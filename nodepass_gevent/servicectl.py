@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Manage nodepass-gevent tunnels as systemd services.
 
 Each instance of the template unit nodepass@.service runs one tunnel (a URL)
@@ -14,14 +13,17 @@ usage:
 commands:
   install [--source SRC] [--python PY] [--system-site-packages] [--pip-arg ARG]...
                  pip-install the package into PREFIX/venv, create the service
-                 user, write the template unit
+                 user (--user; unless it exists), write the template unit
   install --pyz FILE [--python PY]
                  for a host without pip: copy nodepass.pyz (scripts/build-pyz)
                  to PREFIX/nodepass.pyz, to be run by PY (default
                  /usr/bin/python3: any CPython 3.6 to 3.13); it unpacks into
-                 /var/cache/nodepass-gevent, the unit's CacheDirectory
+                 /var/cache/nodepass-gevent, the unit's CacheDirectory; creates
+                 the service user as install does
   create NAME URL [--env KEY=VALUE]... [--force] [--no-start]
-                 a tunnel as a service, enabled at boot and started
+                 a tunnel as a service, enabled at boot and started; creates
+                 the service user too if it does not exist (a tunnel made
+                 before install, or a user removed since)
   create NAME --config FILE [--metrics HOST:PORT] [--env KEY=VALUE]...
          [--force] [--no-start]
                  every tunnel of a tunnels file (see nodepass --help) in one
@@ -42,7 +44,9 @@ commands:
 
 global options:
   --root DIR     write everything under DIR instead of /, and never run
-                 systemctl, useradd or userdel (print them instead)
+                 systemctl, useradd or userdel (print them instead). Users
+                 are this host's: each of install, install --pyz and create
+                 prints the useradd it would run, or says the user exists
   --prefix DIR   installation prefix (default /opt/nodepass-gevent, or the
                  one recorded by install)
   --user NAME    unprivileged user the tunnels run as (default nodepass)
@@ -71,6 +75,8 @@ from types import ModuleType
 from typing import Dict, List, Optional, Sequence
 
 PROG = "nodepass-service"
+# The folder holding this package: a checkout (scripts/nodepass-service runs
+# this module from there), or the site-packages pip installed it into.
 CHECKOUT = Path(__file__).resolve().parent.parent
 PACKAGE_NAME = "nodepass-gevent"
 DEFAULT_PREFIX = "/opt/nodepass-gevent"
@@ -725,11 +731,14 @@ class System:
         return result.stdout.splitlines()
 
     def ensure_user(self, user: str) -> None:
-        try:
-            pwd.getpwnam(user)
+        """The service user, created unless it exists (install, install --pyz and
+        create all call this). --root creates nothing, so every such command
+        says what it would do here: the useradd, or that none is needed."""
+        if user_exists(user):
+            if self.dry:
+                say("--root given: service user {} exists on this host, no useradd needed"
+                    .format(user))
             return
-        except KeyError:
-            pass
         self.run(["useradd", "--system", "--user-group", "--no-create-home",
                   "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", user])
 
@@ -756,7 +765,6 @@ def cmd_install(layout: Layout, system: System, args: argparse.Namespace) -> Sta
     layout.python = None  # a pip install replaces a pyz one
     source = args.source or default_source()
     venv = layout.disk(layout.venv)
-    system.ensure_user(layout.user)
     if not (venv / "bin" / "python").exists():
         say("creating virtual environment {}".format(venv))
         command = [args.python, "-m", "venv"]
@@ -766,6 +774,8 @@ def cmd_install(layout: Layout, system: System, args: argparse.Namespace) -> Sta
                     "(on Debian: apt-get install python3-venv)")
     pip_install(venv, source, args.pip_arg)
     version = installed_version(layout)
+    # After pip: a failed install leaves no user behind.
+    system.ensure_user(layout.user)
     record = {"prefix": str(layout.prefix), "user": layout.user, "source": source,
               "pip_args": args.pip_arg}
     remove_file(layout.disk(layout.pyz))
@@ -1141,6 +1151,9 @@ def cmd_uninstall(layout: Layout, system: System, args: argparse.Namespace) -> S
         remove_empty_dir(layout.disk(CONFIG_DIR))
         if user_exists(layout.user):
             system.run(["userdel", layout.user], check=False)
+        elif system.dry:
+            say("--root given: service user {} does not exist on this host, no userdel needed"
+                .format(layout.user))
     say("uninstalled from {}".format(layout.disk(layout.prefix)))
     return Status.OK
 
