@@ -68,7 +68,7 @@ def table(tunnels: Sequence[Dict[str, object]]) -> str:
 
 
 def _row(tunnel: Dict[str, object]) -> tuple:
-    return (_text(tunnel.get("name")) if tunnel.get("name") else "(lone)",
+    return (_text(tunnel.get("name")),  # "-": the lone tunnel of a one-URL command line
             _text(tunnel.get("role")), _text(tunnel.get("state")), _text(tunnel.get("peer")),
             _pair(tunnel, "tcp_active", "tcp_total"), _text(tunnel.get("udp_datagrams")),
             _pair(tunnel, "pool_idle", "pool_capacity"),

@@ -67,6 +67,7 @@ def test_every_line_is_one_json_object_with_the_tunnel_name(pair):
                for r in records)
 
 
+@pytest.mark.matrix
 def test_text_stays_the_default_and_json_is_the_same_record():
     logger = logging_setup.log
     saved = (list(logger.handlers), logger.level, logger.propagate)
@@ -94,6 +95,7 @@ def test_text_stays_the_default_and_json_is_the_same_record():
         logger.propagate = saved[2]
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("url, environ, expected", [
     ("server://:1/:2", {}, "text"),
     ("server://:1/:2?log_format=json", {}, "json"),
@@ -106,6 +108,7 @@ def test_log_format_from_the_url_or_the_environment(url, environ, expected):
     assert parse_url(url, environ).log_format == expected
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("url, environ, message", [
     ("server://:1/:2?log_format=xml", {}, "bad log_format value 'xml': use text"),
     ("server://:1/:2?log_format=", {}, None),  # empty: the default
