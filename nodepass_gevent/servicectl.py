@@ -402,10 +402,24 @@ def check_variable(config: ModuleType, key: str, value: str) -> None:
     elif key in SECRET_VARIABLES:
         if not value:
             raise ServiceError("{} must not be empty".format(key), Status.USAGE)
+    elif key in choice_variables(config):
+        choices = choice_variables(config)[key]
+        if value.lower() not in choices:
+            raise ServiceError("{} must be one of {}, got {!r}".format(
+                key, ", ".join(choices), value), Status.USAGE)
     else:
-        known = ", ".join(list(settings) + list(PATH_VARIABLES) + list(SECRET_VARIABLES))
+        known = ", ".join(list(settings) + list(PATH_VARIABLES) + list(SECRET_VARIABLES)
+                          + list(choice_variables(config)))
         raise ServiceError("unknown variable {!r}; known: {}".format(key, known), Status.USAGE)
     check_safe_value(key, value)
+
+
+def choice_variables(config: ModuleType) -> Dict[str, Sequence[str]]:
+    """Variables that take one of a few words, as far as the package found knows
+    them: NODEPASS_LOG_FORMAT (text or json)."""
+    if not hasattr(config, "LOG_FORMAT_VARIABLE"):  # a package older than log_format
+        return {}
+    return {config.LOG_FORMAT_VARIABLE: tuple(config.LOG_FORMATS)}
 
 
 def check_url(layout: Layout, url: str, variables: Dict[str, str]) -> None:
@@ -642,6 +656,11 @@ def render_env_file(config: ModuleType, name: str, url: Optional[str],
             lines.append("{}='{}'".format(setting.name, variables[setting.name]))
         else:
             lines.append("# {}={}".format(setting.name, setting.default))
+    for key, choices in choice_variables(config).items():
+        if key in variables:
+            lines.append("{}='{}'".format(key, variables[key]))
+        else:
+            lines.append("# {}={}".format(key, choices[0]))
     for key in PATH_VARIABLES + SECRET_VARIABLES:
         if key in variables:
             lines.append("{}='{}'".format(key, variables[key]))

@@ -143,6 +143,18 @@ def test_env_file_lists_every_setting_of_the_package_with_its_default(tmp_path):
         assert line + "\n" in text
 
 
+def test_the_log_format_variable_goes_into_the_environment_file(tmp_path):
+    text = ok(tmp_path, "create", "t", CLIENT_URL) and (tmp_path / CONFIG / "t.env").read_text()
+    assert "# NODEPASS_LOG_FORMAT=text\n" in text
+    ok(tmp_path, "create", "--force", "t", CLIENT_URL, "--env", "NODEPASS_LOG_FORMAT=json")
+    assert "NODEPASS_LOG_FORMAT='json'\n" in (tmp_path / CONFIG / "t.env").read_text()
+    result = service(tmp_path, "create", "--force", "t", CLIENT_URL, "--env",
+                     "NODEPASS_LOG_FORMAT=xml")
+    assert result.returncode == 2 and result.stderr.strip() == \
+        "nodepass-service: error: NODEPASS_LOG_FORMAT must be one of text, json, got 'xml'"
+    assert "NODEPASS_LOG_FORMAT='json'\n" in (tmp_path / CONFIG / "t.env").read_text()
+
+
 @pytest.mark.parametrize("url, privileged", [
     ("server://:443/127.0.0.1:8080", True),          # tunnel port
     ("server://127.0.0.1:10101/127.0.0.1:80", True),  # target port, where users arrive
