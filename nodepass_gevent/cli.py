@@ -1,11 +1,14 @@
 """nodepass: a TCP/UDP reverse tunnel, speaking the NodePass v1.0 protocol.
 
 Usage:
+  nodepass status [--metrics=<addr>]
   nodepass [--metrics=<addr>] <url>...
   nodepass [--metrics=<addr>] --config=<file>
   nodepass --check [--metrics=<addr>] (<url>... | --config=<file>)
   nodepass (-h | --help)
   nodepass --version
+  nodepass --completion=<shell>
+  nodepass --man
 
 URLs:
   server://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<mode>&crt=<file>&key=<file>&udp=<mode>
@@ -22,6 +25,9 @@ URLs:
 
   Addresses: host:port, :port (all interfaces), [ipv6]:port, name:port.
   log   debug, info (default), warn, error or fatal.
+  log_format  text (default) or json: one JSON object a line, with time,
+        level, tunnel (its name, when it has one) and message.
+        NODEPASS_LOG_FORMAT=json does the same where a URL does not say.
   tls   server: TLS for data connections: 0 none (default), 1 self-signed
         certificate made at start-up, 2 the certificate in crt= and key=.
         client: the least TLS mode it accepts from the server (default 0).
@@ -66,6 +72,11 @@ Many tunnels:
   several URLs, a shared key goes in NODEPASS_KEY or in the file, not in a
   URL on the command line (visible to every user of the machine).
 
+Commands:
+  status             Read the /status of the nodepass serving --metrics at
+                     <addr> (default 127.0.0.1:9100) and print each tunnel:
+                     state, peer, connections, pool, data dials, heartbeat.
+
 Options:
   --check            Validate the URLs or file and environment, load crt/key,
                      try each port a server listens on (tunnel, data_port,
@@ -75,6 +86,11 @@ Options:
   --metrics=<addr>   Serve /metrics (Prometheus), /status (JSON) and /healthz
                      (200 while every tunnel is up) on host:port (port 0:
                      any free port, named in the log).
+  --completion=<shell>  Print the completion script for <shell> (bash):
+                     eval "$(nodepass --completion bash)", or save it as
+                     /etc/bash_completion.d/nodepass.
+  --man              Print this text as a man page (roff): nodepass --man |
+                     man -l -, or save it as .../share/man/man1/nodepass.1.
   -h --help          Show this text.
   --version          Show the version.
 
@@ -138,6 +154,8 @@ def run(argv: Optional[List[str]] = None) -> int:
     except DocoptExit as exc:
         print(exc.code if isinstance(exc.code, str) else __doc__, file=sys.stderr)
         return ExitStatus.USAGE
+    if arguments["status"] or arguments["--completion"] or arguments["--man"]:
+        return _print_for_operator(arguments)
     try:
         return main(arguments["<url>"], check_only=arguments["--check"],
                     config_file=arguments["--config"], metrics=arguments["--metrics"])
@@ -162,12 +180,14 @@ def main(urls: Union[str, List[str]], check_only: bool = False,
                                      ["--metrics", metrics] if metrics else [])
         contexts = {tunnel.name: fleet.server_context(tunnel) for tunnel in tunnels}
         metrics_address = _metrics_address(metrics) if metrics else None
+        log_format = _one_log_format(tunnels)
     except ConfigError as exc:
         return _fail(str(exc), ExitStatus.USAGE)
     exposed = tunnelset.exposed_key(config_file, tunnels) if config_file else None
     if check_only:
         return _check(tunnels, settings, metrics_address, exposed)
-    logging_setup.setup(_most_verbose(tunnel.config.log_level for tunnel in tunnels))
+    logging_setup.setup(_most_verbose(tunnel.config.log_level for tunnel in tunnels),
+                        log_format=log_format)
     if exposed:
         logging_setup.log.warning("%s", exposed)
     # SIGHUP re-reads the file with the settings read at start (the environment
@@ -229,6 +249,34 @@ def _reread(path: str, settings) -> list:
     return tunnels
 
 
+def _print_for_operator(arguments) -> int:
+    """status, --completion and --man: commands that print and exit."""
+    if arguments["--man"]:
+        from nodepass_gevent import manpage
+        print(manpage.render(__doc__, __version__), end="")
+        return ExitStatus.OK
+    if arguments["--completion"]:
+        from nodepass_gevent import completion
+        if arguments["--completion"] not in completion.SHELLS:
+            return _fail("no completion for %r: this version has %s"
+                         % (arguments["--completion"], ", ".join(completion.SHELLS)),
+                         ExitStatus.USAGE)
+        print(completion.bash_script(__version__), end="")
+        return ExitStatus.OK
+    from nodepass_gevent import statusclient
+    from nodepass_gevent.config import parse_address
+    try:
+        address = parse_address(arguments["--metrics"] or statusclient.DEFAULT_ADDRESS,
+                                "--metrics address")
+        tunnels = statusclient.fetch(address)
+    except ConfigError as exc:
+        return _fail(str(exc), ExitStatus.USAGE)
+    except statusclient.StatusError as exc:
+        return _fail(str(exc), ExitStatus.FAILURE)
+    print(statusclient.table(tunnels))
+    return ExitStatus.OK
+
+
 def _check_line(tunnel: "tunnelset.Tunnel", settings) -> str:
     config = tunnel.config
     edge = config.edge_summary()
@@ -263,6 +311,20 @@ def _metrics_address(text: str):
 def _most_verbose(levels) -> str:
     """One log level for the process: the most verbose any tunnel asks for."""
     return min(levels, key=LOG_LEVELS.index)
+
+
+def _one_log_format(tunnels) -> str:
+    """The process writes one log format: every tunnel must ask for the same."""
+    formats = {}  # type: dict
+    for tunnel in tunnels:
+        formats.setdefault(tunnel.config.log_format, []).append(tunnel.name or tunnel.config.role)
+    if len(formats) > 1:
+        who = "; ".join("%s: %s" % (name, ", ".join(names))
+                        for name, names in sorted(formats.items()))
+        raise ConfigError("the tunnels ask for different log formats (%s): the process writes"
+                          " one; give every tunnel the same log_format=, or set it once in"
+                          " NODEPASS_LOG_FORMAT" % who)
+    return next(iter(formats))
 
 
 def _restart_without_key(stripped_url: str, key: bytes, options: List[str] = ()) -> None:

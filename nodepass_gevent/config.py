@@ -27,9 +27,12 @@ from nodepass_gevent.urls import query_pairs, split_url
 ROLES = ("server", "client")
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
 KEY_VARIABLE = "NODEPASS_KEY"
+# log_format=text|json, or this variable when the URL has none (the URL wins).
+LOG_FORMATS = ("text", "json")
+LOG_FORMAT_VARIABLE = "NODEPASS_LOG_FORMAT"
 SERVER_PARAMS = ("log", "tls", "crt", "key", "udp", "data_port", "proxy", "allow", "deny", "rate",
-                 "per_user")
-CLIENT_PARAMS = ("log", "tls")
+                 "per_user", "log_format")
+CLIENT_PARAMS = ("log", "tls", "log_format")
 
 
 class ConfigError(ValueError):
@@ -80,6 +83,7 @@ class Config:
     per_user: Optional[int] = None     # concurrent TCP connections per user address
     # Server: the data port (data_port=); 0 picks one at random at start-up, as v1.0.
     data_port: int = 0
+    log_format: str = "text"  # "json": one JSON object a log line (log.py)
 
     @property
     def servers(self) -> Tuple[Address, ...]:
@@ -162,7 +166,8 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
         parts = split_url(text)
     except ValueError as exc:  # an unclosed [IPv6] bracket
         raise ConfigError("bad URL %r: %s" % (text, exc)) from None
-    auth_key = _auth_key(parts.netloc, os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    auth_key = _auth_key(parts.netloc, environ)
     tunnels = parse_tunnel_addresses(parts.netloc.rpartition("@")[2], scheme)
     target = parse_address(parts.path.lstrip("/"), "target address")
     params = _query_params(parts.query, SERVER_PARAMS if scheme == "server" else CLIENT_PARAMS)
@@ -182,7 +187,7 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
     data_port = _data_port(params.get("data_port", "0"), tunnels[0])
     return Config(scheme, tunnels[0], target, log_level, tls_mode, crt, key, udp_mode, auth_key,
                   tunnels=tunnels if len(tunnels) > 1 else (), data_port=data_port,
-                  **_edge_params(params))
+                  log_format=_log_format(params, environ), **_edge_params(params))
 
 
 def _data_port(text: str, tunnel: Address) -> int:
@@ -195,6 +200,20 @@ def _data_port(text: str, tunnel: Address) -> int:
         raise ConfigError("data_port=%s is the tunnel port: data connections need a port of"
                           " their own, pick another" % text)
     return int(text)
+
+
+def _log_format(params: Mapping[str, str], environ: Mapping[str, str]) -> str:
+    """log_format= from the URL, else NODEPASS_LOG_FORMAT, else text."""
+    if "log_format" in params:
+        text, where = params["log_format"], "log_format value"
+    else:
+        text, where = environ.get(LOG_FORMAT_VARIABLE, "").strip(), LOG_FORMAT_VARIABLE
+    if not text:
+        return LOG_FORMATS[0]
+    if text.lower() not in LOG_FORMATS:
+        raise ConfigError("bad %s %r: use text (the default) or json (one JSON object a line)"
+                          % (where, text))
+    return text.lower()
 
 
 def _network_text(network) -> str:

@@ -143,6 +143,18 @@ def test_env_file_lists_every_setting_of_the_package_with_its_default(tmp_path):
         assert line + "\n" in text
 
 
+def test_the_log_format_variable_goes_into_the_environment_file(tmp_path):
+    text = ok(tmp_path, "create", "t", CLIENT_URL) and (tmp_path / CONFIG / "t.env").read_text()
+    assert "# NODEPASS_LOG_FORMAT=text\n" in text
+    ok(tmp_path, "create", "--force", "t", CLIENT_URL, "--env", "NODEPASS_LOG_FORMAT=json")
+    assert "NODEPASS_LOG_FORMAT='json'\n" in (tmp_path / CONFIG / "t.env").read_text()
+    result = service(tmp_path, "create", "--force", "t", CLIENT_URL, "--env",
+                     "NODEPASS_LOG_FORMAT=xml")
+    assert result.returncode == 2 and result.stderr.strip() == \
+        "nodepass-service: error: NODEPASS_LOG_FORMAT must be one of text, json, got 'xml'"
+    assert "NODEPASS_LOG_FORMAT='json'\n" in (tmp_path / CONFIG / "t.env").read_text()
+
+
 @pytest.mark.parametrize("url, privileged", [
     ("server://:443/127.0.0.1:8080", True),          # tunnel port
     ("server://127.0.0.1:10101/127.0.0.1:80", True),  # target port, where users arrive
@@ -317,6 +329,25 @@ def test_certificate_under_home_is_bind_mounted_read_only(tmp_path, certificates
     assert 'BindReadOnlyPaths="{crt}" "{key}"\n'.format(**paths) in tls
 
 
+def test_help_and_dry_run_agree_on_the_service_user(tmp_path):
+    """install and create both create the user unless it exists, as --help says;
+    with --root each prints the useradd it would run, or that none is needed."""
+    help_text = ok(tmp_path, "--help")
+    install_help = help_text[help_text.index("  install "):help_text.index("  create ")]
+    create_help = help_text[help_text.index("  create "):help_text.index("  reload ")]
+    assert "create the service" in install_help and "user" in install_help
+    assert "creates\n                 the service user too if it does not exist" in create_help
+    absent = "nodepass-test-absent-user"
+    out = ok(tmp_path, "create", "--user", absent, "web", SERVER_URL)
+    assert "--root given, not running: useradd --system --user-group --no-create-home " \
+        "--home-dir /nonexistent --shell /usr/sbin/nologin {}\n".format(absent) in out
+    out = ok(tmp_path, "create", "--force", "--user", "root", "web", SERVER_URL)
+    assert "not running: useradd" not in out
+    assert "--root given: service user root exists on this host, no useradd needed\n" in out
+    out = ok(tmp_path, "uninstall", "--purge", "--user", absent)
+    assert "service user {} does not exist on this host, no userdel needed".format(absent) in out
+
+
 def test_create_over_an_existing_tunnel_needs_force(tmp_path):
     ok(tmp_path, "create", "t", "server://:443/127.0.0.1:8080")
     before = (tmp_path / CONFIG / "t.env").read_text()
@@ -443,6 +474,9 @@ def test_script_runs_on_an_old_python(tmp_path, minor):
 
 # -- a real install, then systemd-analyze verify on the units ---------------------
 
+INSTALL_OUTPUT = []  # type: List[str]
+
+
 @pytest.fixture(scope="module")
 def installed_root(tmp_path_factory):
     """A root with the package pip-installed into its venv and four tunnels created.
@@ -452,7 +486,7 @@ def installed_root(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("installed")
     started = time.monotonic()
-    ok(root, "install", "--system-site-packages")
+    INSTALL_OUTPUT.append(ok(root, "install", "--system-site-packages"))
     install_seconds = time.monotonic() - started
     assert install_seconds < 120
     ok(root, "create", "web", SERVER_URL, "--env", "SHUTDOWN_TIMEOUT=20s")
@@ -474,6 +508,32 @@ def test_install_puts_the_package_in_its_own_venv(installed_root):
     assert packages, "the package is not in the venv's site-packages"
     assert (installed_root / TEMPLATE).exists()
     assert '"source": "{}"'.format(REPO) in (installed_root / CONFIG / "install.json").read_text()
+
+
+def test_install_says_what_it_does_about_the_service_user(installed_root):
+    """After pip (a failed install leaves no user), next to the daemon-reload."""
+    out = INSTALL_OUTPUT[0]
+    user_line = "--root given, not running: useradd --system" if "useradd" in out \
+        else "--root given: service user nodepass exists on this host"
+    assert out.index("Successfully installed ") < out.index(user_line) < \
+        out.index("--root given, not running: systemctl daemon-reload"), out
+
+
+def test_pip_installs_the_nodepass_service_console_script(installed_root, tmp_path):
+    """pip users get nodepass-service too: the venv's console script runs the
+    same code as scripts/nodepass-service."""
+    script = installed_root / VENV_BIN / "nodepass-service"
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([str(script), "--root", str(tmp_path), "create", "web", SERVER_URL,
+                             "--no-start"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=60, env=env,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "created tunnel web (nodepass@web.service)" in result.stdout
+    assert "NODEPASS_URL='{}'".format(SERVER_URL) in (tmp_path / CONFIG / "web.env").read_text()
+    result = subprocess.run([str(script), "--help"], stdout=subprocess.PIPE,
+                            universal_newlines=True, timeout=60, env=env)
+    assert result.returncode == 0 and result.stdout == ok(tmp_path, "--help")
 
 
 def analyze(root: Path, *units: str) -> subprocess.CompletedProcess:
