@@ -126,3 +126,19 @@ def _load_files(context: ssl.SSLContext, crt: str, key: str) -> None:
     except (ssl.SSLError, OSError, ValueError) as exc:
         raise ConfigError("cannot load certificate %s with key %s: %s"
                           % (crt, key, getattr(exc, "reason", None) or exc)) from None
+
+
+_NAME_ABBREVIATIONS = {"commonName": "CN", "organizationName": "O",
+                       "organizationalUnitName": "OU", "countryName": "C"}
+
+
+def describe_certificate(certificate: dict) -> str:
+    """A verified peer certificate (ssl's getpeercert()) in a few words for the
+    log: 'CN=example.org, issued by CN=Example CA, valid until Jan 1 2027'."""
+    def name(field: str) -> str:
+        parts = ["%s=%s" % (_NAME_ABBREVIATIONS.get(key, key), value)
+                 for rdn in certificate.get(field, ()) for key, value in rdn
+                 if key in _NAME_ABBREVIATIONS]
+        return ", ".join(parts) or "?"
+    return "%s, issued by %s, valid until %s" % (name("subject"), name("issuer"),
+                                                 certificate.get("notAfter", "?"))
