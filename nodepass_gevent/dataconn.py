@@ -135,12 +135,10 @@ class DataPort:
                               " failures", self.tls_streak.end())
             return sock
         except (OSError, ValueError) as exc:
+            self.log.debug("Data: handshake with %s failed: %s", net.format_address(peer), exc)
             if isinstance(exc, ssl.SSLError):
                 self.stats.tls_failures += 1
                 self._tls_failed(exc, peer)
-            else:
-                self.log.debug("Data: handshake with %s failed: %s", net.format_address(peer),
-                               exc)
             net.close_quietly(sock)  # the TLS stream, once made: it holds the descriptor
             return None
 
@@ -151,9 +149,7 @@ class DataPort:
         self.tls_streak.fail(reason)
         held = self.tls_streak.throttle.due()
         if held is None:
-            self.log.debug("Data: TLS handshake with %s failed: %s", net.format_address(peer),
-                           reason)
-            return
+            return  # the debug line above said it
         hint = ""
         if "UNKNOWN_CA" in reason or "BAD_CERTIFICATE" in reason or \
                 "CERTIFICATE_UNKNOWN" in reason:
