@@ -50,15 +50,15 @@ class Throttle:
     """At most one log line per ``every`` seconds, the first at once; counts the
     lines held back in between."""
 
-    def __init__(self, every: float = REPEAT) -> None:
-        self.every = every
+    def __init__(self, every: float = REPEAT, clock=time.monotonic) -> None:
+        self.every, self.clock = every, clock
         self.held = 0
         self._last = None  # type: Optional[float]
 
     def due(self) -> Optional[int]:
         """None: hold this line back (counted). Else write it now, with the
         number of lines held back since the previous one."""
-        now = time.monotonic()
+        now = self.clock()
         if self._last is not None and now - self._last < self.every:
             self.held += 1
             return None

@@ -98,8 +98,9 @@ class Server(Component):
               target_udp: socket.socket) -> None:
         self.control = control.ServerControl(self.config, self.settings, self.data_port,
                                              self.stats, self.log, self._session_ended)
-        data_port = self.data_port_handler = dataconn.DataPort(self.ssl_context, self.config.auth_key, self.pool,
+        data_port = dataconn.DataPort(self.ssl_context, self.config.auth_key, self.pool,
                                       self.stats, self.log, lambda: self.control.session)
+        self.data_port_handler = data_port  # its TLS failures, for the health verdict
         self.udp_users = udp.UdpUsers(target_udp, self.users, self.hand_out,
                                       self._session_uses_flows, self.stats, self.settings,
                                       self, self.edge if self.edge.filters_udp else None)
