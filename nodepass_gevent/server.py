@@ -64,6 +64,7 @@ class Server(Component):
         self._no_client = health.Streak()  # no tunnel client: since when
         self._no_client.begin()
         self._drops = health.Throttle()  # the log line about users dropped
+        self._starved = health.Throttle()  # the one about a client without data connections
 
     # -- lifecycle -------------------------------------------------------
 
@@ -196,8 +197,25 @@ class Server(Component):
         while True:
             gevent.sleep(self.settings.report_interval)
             self.control.heartbeat()
+            self._say_if_starved()
             if self.stats.changed_since_report():
                 self.report()
+
+    def _say_if_starved(self) -> None:
+        """A client whose data connections stopped arriving (a firewall in front
+        of the data port drops them, and nothing fails here) is said at
+        once, then every health.REPEAT s, users or not."""
+        session = self.control.session
+        starved = self.pool.starved_for(session.started) if session is not None else 0.0
+        if starved <= health.GRACE:
+            self._starved.reset()
+            return
+        if self._starved.due() is not None:
+            self.log.warning("Server: no data connection from client %s for %.0fs: users cannot"
+                             " be served (%d dropped in all); the client must reach data port"
+                             " %d (a firewall must let it through, as well as the tunnel port)"
+                             " and trust this server's certificate with tls=2", session.peer,
+                             starved, self.stats.users_dropped, self.data_port)
 
     def report(self) -> None:
         self.log.info("Server: %s", self.stats.line(self.pool.idle, self.pool.capacity))

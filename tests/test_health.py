@@ -6,6 +6,7 @@ the log lines, /healthz's code and body and the metric on each side, then
 mends it and sees 200 again.
 """
 
+import logging
 import re
 import socket
 import threading
@@ -13,10 +14,14 @@ import time
 import urllib.error
 import urllib.request
 
+import gevent
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodepass_gevent import health
+from nodepass_gevent import pool as pool_module
+from nodepass_gevent.lifecycle import Supervisor
+from nodepass_gevent.pool import ClientPool
 from nodepass_gevent.metrics import MetricsApp, unhealthy_lines
 from support import HOST, EchoServer, echo_works, free_port, make_test_ca, wait_until
 
@@ -111,6 +116,7 @@ def test_untrusted_tls2_certificate_is_an_error_and_503_on_both_sides_until_trus
     assert body.count("\n") == 1 and untrusted(body)
     code, body = wait_health(server, 503, MARGIN, "no data connection from client")
     assert "TLSV1_ALERT_UNKNOWN_CA" in body
+    server.wait_for_output("Server: no data connection from client", 5)
     server.wait_for_output("Data: TLS handshake with client")
     assert "give the client the CA that signed crt=" in server.output()
     user.join(15)
@@ -234,3 +240,43 @@ def test_healthz_body_has_one_line_per_unhealthy_tunnel_and_bounded_problem_labe
     tunnels[1:] = []
     assert b"".join(app({"PATH_INFO": "/healthz", "REQUEST_METHOD": "GET"},
                         lambda code, headers: replies.append(code))) == b"ok\n"
+
+
+def test_a_failing_dial_loop_is_an_error_again_and_again_never_silent(records, monkeypatch):
+    monkeypatch.setattr(pool_module, "DIAL_BACKOFF_FIRST", 0.01)
+    monkeypatch.setattr(pool_module, "DIAL_BACKOFF_MAX", 0.02)
+    monkeypatch.setattr(health, "GRACE", 0.1)
+    supervisor, working = Supervisor("Client"), []
+
+    def dial():
+        if working:
+            return "%08x" % len(records.records), socket.socket()
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    pool = ClientPool(dial, min_capacity=2, max_capacity=2, supervisor=supervisor,
+                      remedy=lambda exc: "open the data port")
+    pool.streak.throttle.every = 0.2  # health.REPEAT, shortened
+    pool.start()
+    try:
+        def errors():
+            return [text for text in records.messages(logging.ERROR)
+                    if "Pool: no data connection for" in text]
+        with gevent.Timeout(5):
+            while len(errors()) < 3:
+                gevent.sleep(0.02)
+        first = [text for text in records.messages(logging.WARNING) if "Pool:" in text]
+        assert first == ["Pool: data connection failed: Connection refused (retrying with"
+                         " backoff)"]  # a blip is a warning; the loop becomes an error
+        assert all("users cannot be served: Connection refused" in text and
+                   text.endswith("; open the data port") for text in errors())
+        assert pool.starved_for() > health.GRACE and pool.streak.active
+        working.append(True)
+        with gevent.Timeout(5):
+            while not pool.idle:
+                gevent.sleep(0.02)
+        assert pool.starved_for() == 0 and not pool.streak.active
+        assert any("data connections work again after" in text
+                   for text in records.messages(logging.INFO))
+    finally:
+        pool.close()
+        supervisor.kill()
