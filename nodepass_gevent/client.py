@@ -22,7 +22,7 @@ from typing import Optional
 import gevent
 import gevent.pool
 
-from nodepass_gevent import auth, control, dataconn, net, protocol, tcp, tls, udp
+from nodepass_gevent import auth, control, dataconn, health, net, protocol, tcp, tls, udp
 from nodepass_gevent.config import Address, Config, Settings, format_addresses
 from nodepass_gevent.control import SessionError
 from nodepass_gevent.failover import ServerOrder
@@ -63,6 +63,10 @@ class Client(Component):
         self._auth_failures = 0  # in a row, for the back-off
         self.servers = ServerOrder(config.servers, settings.service_cooldown)
         self._opened = False  # the current session's tunnel opened
+        self.target_watch = health.TargetWatch(self.target, self.stats, self.log, self.spawn)
+        # The control channel's outage, for the health verdict and its log line.
+        self._down = health.Streak()
+        self._down.begin()
 
     # -- lifecycle -------------------------------------------------------
 
@@ -80,7 +84,7 @@ class Client(Component):
             auth_pause = None
             self._opened = False
             try:
-                self._serve_session(self.servers.current)
+                self._serve_session_noting(self.servers.current)
             except auth.AuthError as exc:
                 # A wrong key will not fix itself: say so loudly, retry slowly.
                 self._auth_failures += 1
@@ -111,7 +115,24 @@ class Client(Component):
             else:  # the same round: no pause, by design (failover.py)
                 self.log.info("Client: trying the next server at once: %s (%s)", server,
                               self.servers.position)
+            self._say_still_down()
             gevent.sleep(pause)
+
+    def _serve_session_noting(self, server: Address) -> None:
+        """_serve_session, and why it ended: for the health verdict."""
+        try:
+            self._serve_session(server)
+        except Exception as exc:
+            self._down.fail("%s: %s" % (server, health.describe_failure(exc)))
+            raise
+
+    def _say_still_down(self) -> None:
+        """An outage longer than health.GRACE is an error, said again every
+        health.REPEAT s (each try is logged on its own above, as a warning)."""
+        down = self._down
+        if down.age() > health.GRACE and down.throttle.due() is not None:
+            self.log.error("Client: tunnel down for %.0fs, users cannot be served (%d tries;"
+                           " last: %s)", down.age(), down.failures, down.reason)
 
     def _on_server(self) -> str:
         """" (server 2 of 3)" with failover, "" without: for the log."""
@@ -121,16 +142,23 @@ class Client(Component):
         # The control channel dials config.tunnel: this session's server.
         config = dataclasses.replace(self.config, tunnel=server)
         session = self.session = control.open_client_session(config, self.settings, self.log)
+        # tls=2 is verified by each data connection's handshake, not here:
+        # "verified" is said once one did (_say_verified).
         self.log.info("Client: tunnel to %s open: data port %d, tls=%d (%s)%s%s",
                       server, session.data_port, session.tls_mode,
-                      protocol.TLS_MODE_NAMES[session.tls_mode],
+                      "certificate checked on the first data connection"
+                      if session.tls_mode == protocol.TLS_VERIFIED
+                      else protocol.TLS_MODE_NAMES[session.tls_mode],
                       ", authenticated" if self.config.auth_key else "", self._on_server())
         self._opened = True
+        if self._down.active:
+            self._down.end()
         dialer = dataconn.Dialer(server, session.data_sockaddr,
                                  tls.client_context(session.tls_mode), self.config.auth_key,
-                                 self.stats)
+                                 self.stats, self._say_verified)
         self.pool = ClientPool(dialer, self.settings.min_pool_capacity,
-                               self.settings.max_pool_capacity, self, dialer.start)
+                               self.settings.max_pool_capacity, self, dialer.start,
+                               dialer.remedy)
         self.pool.start()
         if protocol.KIND_UDP_FLOW in session.launch_kinds:
             self.log.info("Client: using UDP flows (one data connection per user address)")
@@ -138,6 +166,10 @@ class Client(Component):
         self.ready.set()
         while True:
             self._launch(self.pool, session.next_launch(self.log))
+
+    def _say_verified(self, certificate: dict) -> None:
+        self.log.info("Client: tls=2 verified: %s, for %s", tls.describe_certificate(certificate),
+                      self.servers.current.dial_host)
 
     def _end_session(self) -> None:
         self.ready.clear()
@@ -160,7 +192,7 @@ class Client(Component):
         if data is None:
             return
         if kind == protocol.KIND_TCP:
-            tcp.launch(data, self.target, self.stats, self.log)
+            tcp.launch(data, self.target, self.stats, self.target_watch)
         elif kind == protocol.KIND_UDP:
             udp.launch_v1(data, self.target, self.stats, self.settings, self.log,
                           connection_id, self._udp_too_large)
@@ -197,7 +229,31 @@ class Client(Component):
                                    if session is not None else None),
         }
         figures.update(self.stats.figures())
+        figures.update(self.health(figures["state"]))
         return figures
+
+    def health(self, state: str) -> dict:
+        """Whether users can be served now (health.py): the tunnel, then the
+        data connections, then the target."""
+        if state in ("failed", "stopped"):
+            return health.not_running(state)
+        if state != "up":
+            down = self._down
+            if not down.failures:
+                return health.verdict(health.CONTROL_DOWN, "control channel not open yet"
+                                      " (first try under way for %.0fs)" % down.age())
+            return health.verdict(health.CONTROL_DOWN, "control channel down for %.0fs (%d"
+                                  " tries; last: %s)" % (down.age(), down.failures,
+                                                         down.reason))
+        pool = self.pool
+        starved = pool.starved_for() if pool is not None else 0.0
+        if starved > health.GRACE:
+            streak = pool.streak
+            why = ("%d failed dials, last: %s" % (streak.failures, streak.reason)
+                   if streak.active else "%d dials under way" % pool.dials_under_way)
+            return health.verdict(health.NO_DATA_CONNECTIONS,
+                                  "no data connection for %.0fs (%s)" % (starved, why))
+        return self.target_watch.verdict() or health.verdict(None)
 
     def _state(self) -> str:
         if self.failed.is_set():

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import gevent
 
-from nodepass_gevent import auth, net, protocol, readers, tlsstream
+from nodepass_gevent import auth, health, net, protocol, readers, tlsstream
 from nodepass_gevent.config import Address
 from nodepass_gevent.pool import DataConnection, ServerPool
 from nodepass_gevent.protocol import AUTH_MAC_LENGTH, AUTH_NONCE_LENGTH, HANDSHAKE_TIMEOUT
@@ -55,6 +55,7 @@ class DataPort:
         self.ssl_context, self.key, self.pool = ssl_context, key, pool
         self.stats, self.log = stats, log
         self._current_session = current_session
+        self.tls_streak = health.Streak()  # TLS handshakes failed since the last that worked
 
     def handle(self, sock: socket.socket, peer: tuple) -> None:
         session = self._session_of(sock, peer)
@@ -129,13 +130,34 @@ class DataPort:
                 return False
             net.send_message(sock, connection_id.encode("ascii"))
             sock.settimeout(None)
+            if self.tls_streak.active and self.ssl_context is not None:
+                self.log.info("Data: TLS handshakes with the client work again after %d"
+                              " failures", self.tls_streak.end())
             return sock
         except (OSError, ValueError) as exc:
+            self.log.debug("Data: handshake with %s failed: %s", net.format_address(peer), exc)
             if isinstance(exc, ssl.SSLError):
                 self.stats.tls_failures += 1
-            self.log.debug("Data: handshake with %s failed: %s", net.format_address(peer), exc)
+                self._tls_failed(exc, peer)
             net.close_quietly(sock)  # the TLS stream, once made: it holds the descriptor
             return None
+
+    def _tls_failed(self, exc: ssl.SSLError, peer: tuple) -> None:
+        """A TLS handshake with the client failed: say so, at most every
+        health.REPEAT s, with how the client can be made to trust us."""
+        reason = health.describe_failure(exc)
+        self.tls_streak.fail(reason)
+        held = self.tls_streak.throttle.due()
+        if held is None:
+            return  # the debug line above said it
+        hint = ""
+        if "UNKNOWN_CA" in reason or "BAD_CERTIFICATE" in reason or \
+                "CERTIFICATE_UNKNOWN" in reason:
+            hint = ("; the client does not trust this server's certificate: give the client"
+                    " the CA that signed crt= (SSL_CERT_FILE=/path/to/ca.pem on the client)")
+        self.log.warning("Data: TLS handshake with client %s failed: %s (%d in a row"
+                         "%s)%s", net.format_address(peer), reason, self.tls_streak.failures,
+                         ", %d not logged" % held if held else "", hint)
 
     def _key_proven(self, sock: socket.socket) -> bool:
         nonce = auth.new_nonce()
@@ -147,12 +169,31 @@ class DataPort:
 # -- the client half ---------------------------------------------------------------
 
 class Dialer:
-    """Dials one data connection of a session (the client pool's ``dial``)."""
+    """Dials one data connection of a session (the client pool's ``dial``).
+
+    ``on_verified(certificate)``, if given, is called once, after the first
+    handshake that verified the server's certificate (tls=2), with the
+    certificate as ssl's getpeercert() gives it.
+    """
 
     def __init__(self, tunnel: Address, sockaddr: tuple, context: Optional[ssl.SSLContext],
-                 key: Optional[bytes], stats: Stats) -> None:
+                 key: Optional[bytes], stats: Stats,
+                 on_verified: Optional[Callable[[dict], None]] = None) -> None:
         self.tunnel, self.sockaddr, self.context, self.key = tunnel, sockaddr, context, key
         self.stats = stats
+        self.on_verified = on_verified
+        if context is None or context.verify_mode != ssl.CERT_REQUIRED:
+            self.on_verified = None  # nothing verified, nothing to announce
+
+    def remedy(self, exc: BaseException) -> str:
+        """What the operator can do about a failed dial ("" if we cannot tell)."""
+        if health.is_untrusted_certificate(exc):
+            return health.trust_remedy(self.tunnel.dial_host)
+        if isinstance(exc, (ConnectionRefusedError, socket.timeout, TimeoutError)):
+            return ("the server's data port %d must be reachable from this client"
+                    " (a firewall must let it through, as well as the tunnel port %d)"
+                    % (self.sockaddr[1], self.tunnel.port))
+        return ""
 
     def __call__(self) -> DataConnection:
         self.stats.data_dials += 1
@@ -164,6 +205,9 @@ class Dialer:
         try:
             if self.context is not None:
                 sock = tlsstream.client_handshake(sock, self.context, self.tunnel.dial_host)
+                if self.on_verified is not None:
+                    announce, self.on_verified = self.on_verified, None
+                    announce(sock.getpeercert())
             if self.key is not None:
                 nonce = readers.recv_exactly(sock, AUTH_NONCE_LENGTH).decode("ascii", "replace")
                 sock.sendall(auth.data_response(self.key, nonce))

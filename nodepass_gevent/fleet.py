@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import gevent
 from gevent.event import Event
 
-from nodepass_gevent import tls
+from nodepass_gevent import health, tls
 from nodepass_gevent.config import ConfigError
 from nodepass_gevent.log import log
 from nodepass_gevent.net import BindError
@@ -287,10 +287,13 @@ class Fleet:
 def _placeholder_status(entry: Entry) -> dict:
     """status() of a tunnel waiting to start again: its definition, zero counters."""
     config = entry.tunnel.config
-    return {"name": entry.tunnel.name, "role": config.role, "state": "failed",
-            "error": entry.failure, "tunnel": str(config.tunnel), "target": str(config.target),
-            "peer": None, "data_port": None, "tls": config.tls_mode, "pool_idle": 0,
-            "pool_capacity": 0, "tcp_active": 0, "tcp_total": 0, "udp_datagrams": 0,
-            "udp_flows_active": 0, "bytes_in": 0, "bytes_out": 0, "data_dials": 0,
-            "data_dial_failures": 0, "reconnects": 0, "auth_failures": 0, "tls_failures": 0,
-            "semaphore_waits": 0, "last_heartbeat_age": None}
+    status = {"name": entry.tunnel.name, "role": config.role, "state": "failed",
+              "error": entry.failure, "tunnel": str(config.tunnel), "target": str(config.target),
+              "peer": None, "data_port": None, "tls": config.tls_mode, "pool_idle": 0,
+              "pool_capacity": 0, "tcp_active": 0, "tcp_total": 0, "udp_datagrams": 0,
+              "udp_flows_active": 0, "bytes_in": 0, "bytes_out": 0, "data_dials": 0,
+              "data_dial_failures": 0, "reconnects": 0, "auth_failures": 0, "tls_failures": 0,
+              "semaphore_waits": 0, "users_dropped": 0, "target_failures": 0,
+              "last_heartbeat_age": None}
+    status.update(health.not_running("failed", entry.failure))
+    return status

@@ -10,9 +10,11 @@ it pays no memory for it.
 
     /metrics  Prometheus text format: the counters of every tunnel, and the
               process's own (memory, CPU, open files)
-    /status   JSON: {"tunnels": [status(), ...]} with each tunnel's state and peer
-    /healthz  200 "ok" while every tunnel's state is "up", else 503 and the
-              tunnels that are not
+    /status   JSON: {"tunnels": [status(), ...]} with each tunnel's state, peer
+              and health verdict ("healthy", "problem", "health")
+    /healthz  200 "ok" while every tunnel can carry users (health.py: its
+              control channel is up, data connections arrive, its target
+              answers), else 503 and one line per tunnel that cannot, with why
 """
 
 import json
@@ -20,6 +22,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import gevent.pywsgi
 
+from nodepass_gevent import health
 from nodepass_gevent.config import Address
 from nodepass_gevent.log import log
 
@@ -48,6 +51,10 @@ FIGURES = (
     ("tls_failures", "nodepass_tls_failures", "counter", "TLS handshake failures"),
     ("semaphore_waits", "nodepass_semaphore_waits", "counter",
      "Users that found SEMAPHORE_LIMIT reached"),
+    ("users_dropped", "nodepass_users_dropped", "counter",
+     "Users closed for want of a tunnel client or a data connection (server)"),
+    ("target_failures", "nodepass_target_failures", "counter",
+     "Users whose TCP target did not answer (client)"),
     ("last_heartbeat_age", "nodepass_last_heartbeat_age_seconds", "gauge",
      "Seconds since the last heartbeat on the tunnel connection"),
 )
@@ -78,6 +85,7 @@ class TunnelCollector:
                                       peer_host(status.get("peer"))], 1.0)
         yield up
         yield info
+        yield from _health_families(statuses)
         for key, metric, kind, text in FIGURES:
             family_class = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             family = family_class(metric, text, labels=LABELS)
@@ -125,6 +133,26 @@ def peer_host(peer: Optional[object]) -> str:
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
+def _health_families(statuses: List[Dict[str, object]]) -> Iterable:
+    """The /healthz verdict per tunnel, and which problem: a gauge per
+    health.PROBLEMS value (bounded labels: the list is fixed)."""
+    from prometheus_client.core import GaugeMetricFamily
+    healthy_family = GaugeMetricFamily("nodepass_tunnel_healthy",
+                                       "1 while the tunnel can carry users (/healthz)",
+                                       labels=LABELS)
+    problem_family = GaugeMetricFamily("nodepass_tunnel_problem",
+                                       "1 for the problem that keeps the tunnel from carrying"
+                                       " users", labels=LABELS + ["problem"])
+    for status in statuses:
+        labels = [str(status["name"]), str(status["role"])]
+        healthy_family.add_metric(labels, 1.0 if tunnel_healthy(status) else 0.0)
+        for problem in health.PROBLEMS:
+            problem_family.add_metric(labels + [problem],
+                                      1.0 if status.get("problem") == problem else 0.0)
+    yield healthy_family
+    yield problem_family
+
+
 def make_registry(tunnels: StatusSource):
     from prometheus_client import CollectorRegistry, ProcessCollector
     registry = CollectorRegistry(auto_describe=False)
@@ -134,8 +162,26 @@ def make_registry(tunnels: StatusSource):
     return registry
 
 
+def tunnel_healthy(status: Dict[str, object]) -> bool:
+    """The tunnel can carry users: its role says so (status()["healthy"]),
+    and its state is up (a status without a verdict is judged by that alone)."""
+    return status["state"] == UP and status.get("healthy", True) is True
+
+
 def healthy(statuses: List[Dict[str, object]]) -> bool:
-    return bool(statuses) and all(status["state"] == UP for status in statuses)
+    return bool(statuses) and all(tunnel_healthy(status) for status in statuses)
+
+
+def unhealthy_lines(statuses: List[Dict[str, object]]) -> List[str]:
+    """/healthz's 503 body: one line per tunnel that cannot carry users."""
+    lines = []
+    for status in statuses:
+        if tunnel_healthy(status):
+            continue
+        reason = status.get("health")
+        lines.append("%s %s%s" % (status["name"] or status["role"], status["state"],
+                                  ": %s" % reason if reason and reason != health.OK else ""))
+    return lines or ["no tunnel"]
 
 
 class MetricsApp:
@@ -162,10 +208,8 @@ class MetricsApp:
             statuses = self.tunnels()
             if healthy(statuses):
                 return _reply(start_response, "200 OK", b"ok\n")
-            down = ["%s %s" % (status["name"] or status["role"], status["state"])
-                    for status in statuses] or ["no tunnel"]
             return _reply(start_response, "503 Service Unavailable",
-                          ("\n".join(down) + "\n").encode("utf-8"))
+                          ("\n".join(unhealthy_lines(statuses)) + "\n").encode("utf-8"))
         return _reply(start_response, "404 Not Found", b"/metrics, /status or /healthz\n")
 
 

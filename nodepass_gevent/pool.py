@@ -14,6 +14,7 @@ and leave every user waiting on the server's empty pool until the next
 capacity round, a second later.
 """
 
+import logging
 import socket
 import time
 from collections import OrderedDict, deque
@@ -24,7 +25,7 @@ import gevent.pool
 from gevent.event import AsyncResult, Event
 from gevent.queue import Empty, Queue
 
-from nodepass_gevent import net
+from nodepass_gevent import health, net
 from nodepass_gevent.log import log
 from nodepass_gevent.lifecycle import Component
 from nodepass_gevent.protocol import HANDSHAKE_TIMEOUT
@@ -60,6 +61,8 @@ class ServerPool:
         self.capacity = capacity
         self._queue = Queue()
         self.closed = False
+        # For starved_for(): when a connection last came, when the pool last ran dry.
+        self._last_filed = self._emptied_at = time.monotonic()
 
     @property
     def idle(self) -> int:
@@ -71,11 +74,19 @@ class ServerPool:
         (MAX_POOL_CAPACITY), which is why it reads larger than the client's."""
         return "idle=%d (dialed in by the client; room for %d)" % (self.idle, self.capacity)
 
+    def starved_for(self, since: float) -> float:
+        """Seconds the pool has been empty with no connection coming, counted
+        from ``since`` at the earliest (the session's start); 0 while one waits."""
+        if self._queue.qsize():
+            return 0.0
+        return time.monotonic() - max(since, self._last_filed, self._emptied_at)
+
     def add(self, connection_id: str, sock: socket.socket) -> bool:
         """File a new connection; False (caller closes it) when the pool is full or closed."""
         if self.closed or self._queue.qsize() >= self.capacity:
             return False
         self._queue.put((connection_id, sock))
+        self._last_filed = time.monotonic()
         return True
 
     def take(self, timeout: float) -> Optional[DataConnection]:
@@ -87,6 +98,8 @@ class ServerPool:
                     timeout=max(0.0, deadline - time.monotonic()))
             except Empty:
                 return None
+            if not self._queue.qsize():
+                self._emptied_at = time.monotonic()
             if net.is_idle(sock):
                 return connection_id, sock
             log.debug("Pool: data connection %s is closed or not silent; dropped", connection_id)
@@ -99,6 +112,7 @@ class ServerPool:
 
     def flush(self) -> None:
         """Close every waiting connection (they belong to a client that is gone)."""
+        self._emptied_at = time.monotonic()
         while True:
             try:
                 _, sock = self._queue.get_nowait()
@@ -114,14 +128,17 @@ class ClientPool:
     ``dial()`` dials one connection, in a greenlet of its own. ``start_dial``,
     if given, is tried first: ``start_dial(on_done)`` starts a dial driven
     from event-loop callbacks (dataconn.Dialer.start) and returns it, or
-    returns None when it cannot (then ``dial`` runs).
+    returns None when it cannot (then ``dial`` runs). ``remedy(error)``, if
+    given, says what to do about a failed dial (logged with the failure).
     """
 
     def __init__(self, dial: Callable[[], DataConnection], min_capacity: int,
                  max_capacity: int, supervisor: Component,
-                 start_dial: Optional[Callable] = None) -> None:
+                 start_dial: Optional[Callable] = None,
+                 remedy: Optional[Callable[[BaseException], str]] = None) -> None:
         self._dial = dial
         self._start_dial = start_dial
+        self._remedy = remedy
         self._loop_dials = set()  # dials under way in callbacks (start_dial's)
         self._supervisor = supervisor
         self.log = supervisor.log
@@ -137,6 +154,9 @@ class ClientPool:
         self._misses = deque()  # when each recent miss happened (monotonic seconds)
         self._given_up = OrderedDict()  # type: OrderedDict[str, None]  (see GIVEN_UP_REMEMBERED)
         self._failures = 0  # dials failed in a row
+        self.streak = health.Streak()  # the same failures, for the log and the health verdict
+        # For starved_for(): the last dial that worked, when the pool last ran dry.
+        self._last_success = self._emptied_at = time.monotonic()
         self._bug = None  # type: Optional[BaseException]  (raised by a dial: see _manage)
         self._manager = None
         self.closed = False
@@ -160,12 +180,25 @@ class ClientPool:
             text = text[:-1] + "; %d over target after it shrank, kept until used)" % surplus
         return text
 
+    def starved_for(self) -> float:
+        """Seconds with no connection idle and none dialed since the pool ran
+        dry (or since it started); 0 while one is idle."""
+        if self._idle or self.closed:
+            return 0.0
+        return time.monotonic() - max(self._last_success, self._emptied_at)
+
+    @property
+    def dials_under_way(self) -> int:
+        return self._dials_under_way()
+
     def start(self) -> None:
         self._manager = self._supervisor.spawn(self._manage)
 
     def take(self, connection_id: str) -> Optional[socket.socket]:
         """The connection filed under ``connection_id``, or None if it never comes."""
         sock = self._idle.pop(connection_id, None)
+        if sock is not None and not self._idle:
+            self._emptied_at = time.monotonic()
         if sock is None and self._dials_under_way() > 0 and not self.closed:
             # The server may signal an id before we finished reading it off
             # its connection (docs/protocol.md, "Signal before id"): wait briefly.
@@ -192,6 +225,8 @@ class ClientPool:
         self.flush()
 
     def flush(self) -> None:
+        if self._idle:
+            self._emptied_at = time.monotonic()
         while self._idle:
             _, sock = self._idle.popitem(last=False)
             net.close_quietly(sock)
@@ -327,16 +362,40 @@ class ClientPool:
         return True
 
     def _dial_failed(self, exc: BaseException) -> None:
+        """Count a failed dial and say so: the first of a streak at once (an
+        error with its remedy if no retry can fix it: an untrusted
+        certificate); once users cannot be served (no connection for
+        health.GRACE), an error with the remedy at most every health.REPEAT s."""
         self._failures += 1
-        if self._failures == 1:  # the first of a streak is news; the rest are noise
-            self.log.warning("Pool: data connection failed: %s (retrying with backoff)", exc)
+        reason = health.describe_failure(exc)
+        first = self.streak.fail(reason)
+        level = health.level_for(exc)
+        if first:
+            if level >= logging.ERROR:
+                self.streak.throttle.due()  # this line is the streak's first error
+            self.log.log(level, "Pool: data connection failed: %s (retrying with backoff)%s",
+                         reason, self._remedy_text(exc) if level >= logging.ERROR else "")
+            return
+        starved = self.starved_for()
+        if starved > health.GRACE and self.streak.throttle.due() is not None:
+            self.log.error("Pool: no data connection for %.0fs, users cannot be served:"
+                           " %s (%d failed dials since the first, %.0fs ago)%s", starved,
+                           reason, self.streak.failures, self.streak.age(),
+                           self._remedy_text(exc))
         else:
-            self.log.debug("Pool: data connection failed: %s", exc)
+            self.log.debug("Pool: data connection failed: %s", reason)
+
+    def _remedy_text(self, exc: BaseException) -> str:
+        remedy = self._remedy(exc) if self._remedy is not None else ""
+        return "; " + remedy if remedy else ""
 
     def _dial_succeeded(self, connection_id: str, sock: socket.socket) -> None:
+        self._last_success = time.monotonic()
         if self._failures:
-            self.log.info("Pool: data connections work again after %d failures", self._failures)
+            self.log.info("Pool: data connections work again after %d failures in %.0fs",
+                          self._failures, self.streak.age())
             self._failures = 0
+            self.streak.end()
         self._created += 1
         self._file(connection_id, sock)
 
@@ -346,6 +405,8 @@ class ClientPool:
         dead = set(net.closed_by_peer(self._idle.values()))
         if not dead:
             return
+        if len(dead) == len(self._idle):
+            self._emptied_at = time.monotonic()
         for connection_id, sock in list(self._idle.items()):
             if sock in dead:
                 del self._idle[connection_id]

@@ -23,7 +23,7 @@ from typing import List, Optional
 
 import gevent.pool
 
-from nodepass_gevent import control, dataconn, net, protocol, tcp, udp
+from nodepass_gevent import control, dataconn, health, net, protocol, tcp, udp
 from nodepass_gevent.config import Address, Config, Settings
 from nodepass_gevent.edge import Edge
 from nodepass_gevent.lifecycle import Component
@@ -60,6 +60,11 @@ class Server(Component):
         self.udp_users = None  # type: Optional[udp.UdpUsers]
         self._handshakes = gevent.pool.Pool(MAX_PENDING_HANDSHAKES)  # data connections
         self._listeners = []  # type: List
+        self.data_port_handler = None  # type: Optional[dataconn.DataPort]
+        self._no_client = health.Streak()  # no tunnel client: since when
+        self._no_client.begin()
+        self._drops = health.Throttle()  # the log line about users dropped
+        self._starved = health.Throttle()  # the one about a client without data connections
 
     # -- lifecycle -------------------------------------------------------
 
@@ -93,9 +98,10 @@ class Server(Component):
     def _wire(self, tunnel: socket.socket, data: socket.socket, target_tcp: socket.socket,
               target_udp: socket.socket) -> None:
         self.control = control.ServerControl(self.config, self.settings, self.data_port,
-                                             self.stats, self.log, self.pool.flush)
+                                             self.stats, self.log, self._session_ended)
         data_port = dataconn.DataPort(self.ssl_context, self.config.auth_key, self.pool,
                                       self.stats, self.log, lambda: self.control.session)
+        self.data_port_handler = data_port  # its TLS failures, for the health verdict
         self.udp_users = udp.UdpUsers(target_udp, self.users, self.hand_out,
                                       self._session_uses_flows, self.stats, self.settings,
                                       self, self.edge if self.edge.filters_udp else None)
@@ -134,6 +140,11 @@ class Server(Component):
                 continue  # taken: try another
         return net.listen_tcp(Address(host, 0))  # crowded range: let the kernel choose
 
+    def _session_ended(self) -> None:
+        self.pool.flush()  # its connections belong to a client that is gone
+        self._no_client.end()
+        self._no_client.begin()
+
     # -- users -------------------------------------------------------------
 
     def hand_out(self, kind: str, peer: tuple) -> Optional[socket.socket]:
@@ -141,13 +152,12 @@ class Server(Component):
         ``peer``, or None (logged)."""
         session = self.control.session
         if session is None:
-            self.log.debug("Target: no tunnel client; dropping %s user %s",
-                           protocol.KIND_NAMES[kind], _User(peer))
+            self._drop(kind, peer, "no tunnel client is connected")
             return None
         taken = self.pool.take(POOL_WAIT)
         if taken is None:
-            self.log.warning("Target: no data connection ready within %.0fs; dropping %s user"
-                             " %s", POOL_WAIT, protocol.KIND_NAMES[kind], _User(peer))
+            self._drop(kind, peer, "no data connection ready within %.0fs (the client's data"
+                       " connections are not arriving: see the client's log)" % POOL_WAIT)
             return None
         connection_id, data = taken
         if not session.send(protocol.encode_launch_signal(connection_id, kind)):
@@ -157,6 +167,19 @@ class Server(Component):
             self.log.debug("Target: %s user %s -> data connection %s",
                            protocol.KIND_NAMES[kind], _User(peer), connection_id)
         return data
+
+    def _drop(self, kind: str, peer: tuple, why: str) -> None:
+        """A user turned away for want of a client or a data connection: counted,
+        and said at once, then at most every health.REPEAT s with the count."""
+        self.stats.users_dropped += 1
+        held = self._drops.due()
+        if held is None:
+            self.log.debug("Target: dropping %s user %s: %s", protocol.KIND_NAMES[kind],
+                           _User(peer), why)
+            return
+        self.log.warning("Target: dropping users: %s (%s user %s; %d more since the last such"
+                         " line, %d in all)", why, protocol.KIND_NAMES[kind], _User(peer), held,
+                         self.stats.users_dropped)
 
     def _serve_user(self, user: socket.socket, peer: tuple) -> None:
         edge = self.edge
@@ -176,8 +199,25 @@ class Server(Component):
         while True:
             gevent.sleep(self.settings.report_interval)
             self.control.heartbeat()
+            self._say_if_starved()
             if self.stats.changed_since_report():
                 self.report()
+
+    def _say_if_starved(self) -> None:
+        """A client whose data connections stopped arriving (a firewall in front
+        of the data port drops them, and nothing fails here) is said at
+        once, then every health.REPEAT s, users or not."""
+        session = self.control.session
+        starved = self.pool.starved_for(session.started) if session is not None else 0.0
+        if starved <= health.GRACE:
+            self._starved.reset()
+            return
+        if self._starved.due() is not None:
+            self.log.warning("Server: no data connection from client %s for %.0fs: users cannot"
+                             " be served (%d dropped in all); the client must reach data port"
+                             " %d (a firewall must let it through, as well as the tunnel port)"
+                             " and trust this server's certificate with tls=2", session.peer,
+                             starved, self.stats.users_dropped, self.data_port)
 
     def report(self) -> None:
         self.log.info("Server: %s", self.stats.line(self.pool.describe()))
@@ -195,7 +235,30 @@ class Server(Component):
                                    if heartbeat is not None else None),
         }
         figures.update(self.stats.figures())
+        figures.update(self.health(figures["state"], session))
         return figures
+
+    def health(self, state: str, session) -> dict:
+        """Whether users can be served now (health.py): a client, then its
+        data connections. (The client's target is the client's to judge.)"""
+        if state not in ("up", "waiting"):
+            return health.not_running(state)
+        if session is None:
+            self._no_client.begin()
+            return health.verdict(health.CONTROL_DOWN, "control channel down: no tunnel client"
+                                  " connected for %.0fs" % self._no_client.age())
+        self._no_client.end()
+        starved = self.pool.starved_for(session.started)
+        if starved > health.GRACE:
+            tls_streak = self.data_port_handler.tls_streak
+            why = ("; %d TLS handshakes failed, last: %s" % (tls_streak.failures,
+                                                              tls_streak.reason)
+                   if tls_streak.active else "")
+            return health.verdict(health.NO_DATA_CONNECTIONS,
+                                  "no data connection from client %s for %.0fs (%d users"
+                                  " dropped in all%s)" % (session.peer, starved,
+                                                          self.stats.users_dropped, why))
+        return health.verdict(None)
 
     def _state(self, session) -> str:
         if self.failed.is_set():

@@ -24,6 +24,8 @@ class Stats:
         self.auth_failures = 0        # key proofs that failed (either side)
         self.tls_failures = 0         # TLS handshakes that failed on data connections
         self.semaphore_waits = 0      # users that found SEMAPHORE_LIMIT reached
+        self.users_dropped = 0        # server: users closed for want of a client or data connection
+        self.target_failures = 0      # client: users whose target did not answer (TCP)
         # Server: users turned away at the edge (access.py) and datagrams over rate=.
         self.users_refused = 0        # TCP users refused by allow=/deny=
         self.users_over_cap = 0       # TCP users beyond per_user= from one address
@@ -37,7 +39,8 @@ class Stats:
     # Status field -> attribute, for status() and the metrics.
     FIELDS = ("tcp_active", "tcp_total", "udp_flows_active", "bytes_in", "bytes_out",
               "data_dials", "data_dial_failures", "reconnects", "auth_failures",
-              "tls_failures", "semaphore_waits", "users_refused", "users_over_cap",
+              "tls_failures", "semaphore_waits", "users_dropped", "target_failures",
+              "users_refused", "users_over_cap",
               "datagrams_refused", "datagrams_over_rate", "udp_too_large_datagrams",
               "udp_too_large_replies")
 

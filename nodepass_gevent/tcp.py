@@ -13,7 +13,7 @@ signal: the client forwards it to the target as the user's first bytes.
 """
 
 import socket
-from typing import Optional
+from typing import Callable, Optional
 
 from nodepass_gevent import net, protocol, relay
 from nodepass_gevent.log import log
@@ -49,16 +49,19 @@ def _send_header(data: socket.socket, header: bytes, peer: tuple) -> bool:
         return False
 
 
-def launch(data: socket.socket, target: net.Target, stats: Stats, log) -> None:
+def launch(data: socket.socket, target: net.Target, stats: Stats,
+           on_target: Callable[[Optional[OSError]], None]) -> None:
     """The client's half: join the launched data connection to a new
-    connection to the target (both closed when done)."""
+    connection to the target (both closed when done). ``on_target(error)``
+    hears whether the target answered (None) or not, before the relay: the
+    client's health (the caller logs a failure, rate-limited)."""
     try:
         sock = target.connect(socket.SOCK_STREAM)
     except OSError as exc:
-        log.warning("Client: cannot reach TCP target %s: %s", target.address,
-                    net.describe(exc))
         net.close_quietly(data)
+        on_target(exc)
         return
+    on_target(None)
     stats.tcp_opened()
     try:
         relay.exchange(data, sock, stats)

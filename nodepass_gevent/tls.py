@@ -204,3 +204,19 @@ def _no_passphrase() -> bytes:
     """load_cert_chain's password callback: never a prompt on the terminal."""
     raise ConfigError("the private key is encrypted with a passphrase, which nodepass cannot"
                       " ask for: store it unencrypted")
+
+
+_NAME_ABBREVIATIONS = {"commonName": "CN", "organizationName": "O",
+                       "organizationalUnitName": "OU", "countryName": "C"}
+
+
+def describe_certificate(certificate: dict) -> str:
+    """A verified peer certificate (ssl's getpeercert()) in a few words for the
+    log: 'CN=example.org, issued by CN=Example CA, valid until Jan 1 2027'."""
+    def name(field: str) -> str:
+        parts = ["%s=%s" % (_NAME_ABBREVIATIONS.get(key, key), value)
+                 for rdn in certificate.get(field, ()) for key, value in rdn
+                 if key in _NAME_ABBREVIATIONS]
+        return ", ".join(parts) or "?"
+    return "%s, issued by %s, valid until %s" % (name("subject"), name("issuer"),
+                                                 certificate.get("notAfter", "?"))
