@@ -84,8 +84,9 @@ Options:
                      sources won a setting, and exit (1: a port in use).
   --config=<file>    Run the tunnels listed in <file>.
   --metrics=<addr>   Serve /metrics (Prometheus), /status (JSON) and /healthz
-                     (200 while every tunnel is up) on host:port (port 0:
-                     any free port, named in the log).
+                     (200 while every tunnel can carry users, else 503
+                     and why) on host:port (port 0: any free port, named
+                     in the log).
   --completion=<shell>  Print the completion script for <shell> (bash):
                      eval "$(nodepass --completion bash)", or save it as
                      /etc/bash_completion.d/nodepass.
