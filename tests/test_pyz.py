@@ -1,4 +1,4 @@
-"""scripts/build-pyz: one nodepass.pyz for CPython 3.6 to 3.13, and tunnels between them.
+"""scripts/build-pyz: one nodepass.pyz for CPython 3.6 to 3.14, and tunnels between them.
 
 The pyz is built once for the module. Then for each pair of the matrix a
 server runs from it under one Python and a client from the same file under
@@ -38,6 +38,8 @@ from support import (FAST_ENV, HOST, ChildProcess, EchoServer, echo_works, free_
 REPO = Path(__file__).resolve().parent.parent
 BUILD_PYZ = REPO / "scripts" / "build-pyz"
 MATRIX = ("3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
+# The pyz also carries 3.14's wheels; no 3.14 interpreter here to run them on.
+BUILT_FOR = MATRIX + ("3.14",)
 # versions[i] serves versions[-1 - i]: each version once on each side.
 PAIRS = [(MATRIX[i], MATRIX[-1 - i]) for i in range(len(MATRIX))]
 ABIS = {"3.6": "cp36m", "3.7": "cp37m"}  # the others: cp38, cp39, ...
@@ -162,11 +164,11 @@ def test_pyz_is_one_file_for_every_python(built, manifest):
     with open(str(pyz), "rb") as archive:
         assert archive.readline() == b"#!/usr/bin/env python3\n"
     assert os.access(str(pyz), os.X_OK)
-    assert {entry["abi"] for entry in manifest["sets"].values()} == {abi_of(v) for v in MATRIX}
-    for version in MATRIX:  # every ABI has a set from its first release on
+    assert {entry["abi"] for entry in manifest["sets"].values()} == {abi_of(v) for v in BUILT_FOR}
+    for version in BUILT_FOR:  # every ABI has a set from its first release on
         assert {"abi": abi_of(version), "since": version + ".0"} in [
             {"abi": entry["abi"], "since": entry["since"]} for entry in manifest["sets"].values()]
-    assert manifest["pythons"] == "3.6 to 3.13"
+    assert manifest["pythons"] == "3.6 to 3.14"
     with zipfile.ZipFile(str(pyz)) as archive:
         names = archive.namelist()
     stored = {name.split("/")[1] for name in names if name.startswith("wheels/")}
@@ -188,6 +190,26 @@ def test_pyz_is_one_file_for_every_python(built, manifest):
     for name in manifest["sets"]:
         assert "  {:6} from ".format(name) in printed  # the versions per set
     assert "size by project" in printed
+
+
+def test_a_python_3_14_gets_the_cp314_wheels(pyz, manifest):
+    """What the bootstrap picks for a CPython 3.14 (asked of its own wheel_set, this
+    Python pretending to be 3.14): a set whose binary wheels are built for cp314."""
+    script = ("import runpy, sys\n"
+              "bootstrap = runpy.run_path({!r}, run_name='bootstrap')\n"  # main() not run
+              "manifest = bootstrap['read_manifest']({!r})\n"
+              "sys.version_info, sys.abiflags = (3, 14, 0, 'final', 0), ''\n"
+              "print(bootstrap['wheel_set'](manifest), bootstrap['unsupported'](manifest))\n"
+              ).format(str(pyz), str(pyz))
+    result = subprocess.run([sys.executable, "-S", "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    chosen, refusal = result.stdout.split()
+    assert chosen == "cp314" and refusal == "None"
+    wheels = manifest["sets"]["cp314"]["wheels"]
+    for project in ("gevent-", "greenlet-"):
+        found = [w for w in wheels if w.startswith(project)]
+        assert len(found) == 1 and "-cp314-cp314-manylinux" in found[0], wheels
 
 
 @pytest.mark.parametrize("server_version, client_version", PAIRS,
@@ -262,7 +284,7 @@ def one_line_refusal(result: subprocess.CompletedProcess) -> str:
     assert "Traceback" not in result.stderr and "Error" not in result.stderr, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("nodepass.pyz needs CPython 3.6 to 3.13 on x86_64 Linux "
+    assert lines[0].startswith("nodepass.pyz needs CPython 3.6 to 3.14 on x86_64 Linux "
                                "with glibc 2.17 or newer; this is ")
     return lines[0]
 
@@ -445,7 +467,7 @@ def test_build_errors_are_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.splitlines() == [
         "build-pyz: error: --pythons: '2.7' is not one of 3.6, 3.7, 3.8, 3.9, 3.10, 3.11, "
-        "3.12, 3.13"]
+        "3.12, 3.13, 3.14"]
     unknown = subprocess.run([sys.executable, str(BUILD_PYZ), "--bogus"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
     assert unknown.returncode == 2 and len(unknown.stderr.splitlines()) == 1
