@@ -37,12 +37,14 @@ FAST_ENV = {  # short intervals so recovery tests take seconds
 
 
 def free_port(host: str = HOST) -> int:
-    """A port free for both TCP and UDP right now (the OS picks it)."""
+    """A port free for both TCP and UDP right now (the OS picks it), on an
+    IPv4 or an IPv6 host."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        with socket.socket(family, socket.SOCK_STREAM) as tcp:
             tcp.bind((host, 0))
             port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            with socket.socket(family, socket.SOCK_DGRAM) as udp:
                 try:
                     udp.bind((host, port))
                 except OSError:

@@ -118,27 +118,10 @@ def udp_dropped_metric(process, role: str, direction: str) -> float:
                          % (role, direction, text))
 
 
-def free_port_on(host: str) -> int:
-    """support.free_port, for an IPv6 host too."""
-    if ":" not in host:
-        return free_port(host)
-    for _ in range(50):
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as datagrams:
-                try:
-                    datagrams.bind((host, port))
-                    return port
-                except OSError:
-                    continue
-    raise AssertionError("no port free for TCP and UDP on %s" % host)
-
-
 def start_pair(nodepass, target_port: int, server_query: str = "", host: str = HOST,
                server_env=None, client_env=None, client: bool = True):
     """A server (its target port) and, if ``client``, our client to ``target_port``."""
-    tunnel_port, port = free_port_on(host), free_port_on(host)
+    tunnel_port, port = free_port(host), free_port(host)
     bracketed = "[%s]" % host if ":" in host else host
     server = nodepass("server://%s:%d/%s:%d?log=debug%s" % (
         bracketed, tunnel_port, bracketed, port, server_query), server_env, status=True)
