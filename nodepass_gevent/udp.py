@@ -58,7 +58,7 @@ import gevent
 from gevent.event import Event
 from gevent.queue import Full, Queue
 
-from nodepass_gevent import net, protocol, readers, udplink
+from nodepass_gevent import health, net, protocol, readers, udplink
 from nodepass_gevent.log import log
 from nodepass_gevent.protocol import FLOW_FRAME_HEADER, FLOW_IDLE_READ_TIMEOUTS
 from nodepass_gevent.semaphore import UserSemaphore
@@ -497,23 +497,19 @@ class TooLargeDrops:
 
 
 class _Occasional:
-    """A warning said at most once per ``interval``; each line after the first
-    says how many went unsaid since the one before."""
+    """A warning said at most once per ``interval`` (health.Throttle); each line
+    after the first says how many went unsaid since the one before."""
 
     def __init__(self, warn: Callable[..., None], text: str, interval: float,
                  clock: Callable[[], float]) -> None:
-        self._warn, self._text, self._interval, self._clock = warn, text, interval, clock
-        self._next_line = None  # type: Optional[float]
-        self._unsaid = 0
+        self._warn, self._text = warn, text
+        self._throttle = health.Throttle(interval, clock)
 
     def say(self, *args) -> bool:
         """True if the line was written."""
-        now = self._clock()
-        if self._next_line is not None and now < self._next_line:
-            self._unsaid += 1
+        unsaid = self._throttle.due()
+        if unsaid is None:
             return False
-        self._next_line = now + self._interval
-        since = (" (and %d more since the last line)" % self._unsaid) if self._unsaid else ""
-        self._unsaid = 0
+        since = (" (and %d more since the last line)" % unsaid) if unsaid else ""
         self._warn(self._text, *(args + (since,)))
         return True
