@@ -60,9 +60,10 @@ from gevent.queue import Full, Queue
 
 from nodepass_gevent import health, net, protocol, readers, udplink
 from nodepass_gevent.log import log
-from nodepass_gevent.protocol import FLOW_FRAME_HEADER, FLOW_IDLE_READ_TIMEOUTS
+from nodepass_gevent.protocol import FLOW_IDLE_READ_TIMEOUTS
 from nodepass_gevent.semaphore import UserSemaphore
 from nodepass_gevent.stats import Stats
+from nodepass_gevent.udplink import FLOW_FRAME_HEADER
 
 FLOW_QUEUE_SIZE = 256     # datagrams waiting for the data connection; more are dropped
 # ... and their bytes: 256 datagrams of 8192 bytes, as much as before flows

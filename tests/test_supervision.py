@@ -16,7 +16,7 @@ import gevent
 import gevent.socket
 import pytest
 
-from nodepass_gevent import listeners, readers
+from nodepass_gevent import dataconn, listeners
 from nodepass_gevent import pool as pool_module
 from nodepass_gevent.client import Client
 from nodepass_gevent.config import Settings, parse_url
@@ -128,8 +128,8 @@ def test_client_fails_when_its_pool_manager_crashes(records, cooperative_sockets
         raise TypeError("a bug in the data connection handshake")
 
     # Both ways of reading the id: a greenlet's dial, and a plain one from callbacks.
-    monkeypatch.setattr(readers, "read_id", buggy_read_id)
-    monkeypatch.setattr(readers, "check_id", buggy_read_id)
+    monkeypatch.setattr(dataconn, "read_id", buggy_read_id)
+    monkeypatch.setattr(dataconn, "check_id", buggy_read_id)
     server = gevent.spawn(serve_tunnel)
     data_server = gevent.spawn(serve_data)
     config = parse_url("client://%s:%d/%s:%d" % (HOST, tunnel.getsockname()[1], HOST,
