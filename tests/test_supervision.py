@@ -16,13 +16,14 @@ import gevent
 import gevent.socket
 import pytest
 
-from nodepass_gevent import dataconn, listeners
-from nodepass_gevent import pool as pool_module
-from nodepass_gevent.client import Client
+from nodepass_gevent.base.lifecycle import Supervisor
 from nodepass_gevent.config import Settings, parse_url
-from nodepass_gevent.pool import ClientPool
-from nodepass_gevent.server import Server
-from nodepass_gevent.lifecycle import Supervisor
+from nodepass_gevent.tunnel import listeners
+from nodepass_gevent.tunnel import pool as pool_module
+from nodepass_gevent.tunnel.client import Client
+from nodepass_gevent.tunnel.pool import ClientPool
+from nodepass_gevent.tunnel.server import Server
+from nodepass_gevent.wire.v1 import dataconn
 
 from support import HOST, free_port
 

@@ -24,9 +24,12 @@ import gevent
 import gevent.ssl
 import pytest
 
-from nodepass_gevent import config, dataconn, protocol, readers, tls, tlscopy, udp
-from nodepass_gevent.stats import Stats
-from nodepass_gevent.tlsstream import TLSStream, client_handshake, server_handshake
+from nodepass_gevent import config
+from nodepass_gevent.base.stats import Stats
+from nodepass_gevent.copy import readers, tls, tlscopy
+from nodepass_gevent.copy.tlsstream import TLSStream, client_handshake, server_handshake
+from nodepass_gevent.tunnel import udp
+from nodepass_gevent.wire.v1 import dataconn, protocol
 
 from test_zerocopy import joined, read_exactly, read_to_eof, send_all_then_eof, tcp_pair
 

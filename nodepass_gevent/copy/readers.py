@@ -11,8 +11,8 @@ import socket
 import ssl
 from typing import Optional
 
-from nodepass_gevent import net
-from nodepass_gevent.udplink import FLOW_FRAME_HEADER
+from nodepass_gevent.base import net
+from nodepass_gevent.copy.udplink import FLOW_FRAME_HEADER
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:

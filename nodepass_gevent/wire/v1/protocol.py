@@ -48,7 +48,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from nodepass_gevent.config import (  # noqa: F401 (the wire's vocabulary too)
     TLS_MODE_NAMES, TLS_MODES, TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED, UDP_MODE_FLOW, UDP_MODE_V1,
     UDP_MODES, is_tls_mode)
-from nodepass_gevent.udplink import FLOW_FRAME_HEADER  # noqa: F401
+from nodepass_gevent.copy.udplink import FLOW_FRAME_HEADER  # noqa: F401
 from nodepass_gevent.urls import hostname, query_pairs, split_url
 
 # -- v1.0 ----------------------------------------------------------------------

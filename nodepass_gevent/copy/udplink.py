@@ -36,9 +36,9 @@ import gevent
 import gevent.socket
 from gevent.event import Event
 
-from nodepass_gevent import net
+from nodepass_gevent.base import net
+from nodepass_gevent.base.stats import Stats
 from nodepass_gevent.log import log
-from nodepass_gevent.stats import Stats
 
 FLOW_FRAME_HEADER = struct.Struct("!H")  # a flow frame: the datagram's length, big-endian
 READ_SIZE = 262144          # one read of the data connection: many frames at once

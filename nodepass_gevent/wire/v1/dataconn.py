@@ -28,10 +28,12 @@ from typing import Callable, Optional, Tuple
 
 import gevent
 
-from nodepass_gevent import auth, health, net, protocol, readers, tlsstream
+from nodepass_gevent.base import health, net
+from nodepass_gevent.base.stats import Stats
 from nodepass_gevent.config import Address
-from nodepass_gevent.protocol import AUTH_MAC_LENGTH, AUTH_NONCE_LENGTH, HANDSHAKE_TIMEOUT
-from nodepass_gevent.stats import Stats
+from nodepass_gevent.copy import readers, tlsstream
+from nodepass_gevent.wire.v1 import auth, protocol
+from nodepass_gevent.wire.v1.protocol import AUTH_MAC_LENGTH, AUTH_NONCE_LENGTH, HANDSHAKE_TIMEOUT
 
 CONNECT_TIMEOUT = 5.0
 _READ = 1  # libev's EV_READ
