@@ -166,7 +166,8 @@ def run(argv: Optional[List[str]] = None) -> int:
 
 def main(urls: Union[str, List[str]], check_only: bool = False,
          config_file: Optional[str] = None, metrics: Optional[str] = None) -> int:
-    from nodepass_gevent import fleet, log as logging_setup, service
+    from nodepass_gevent import log as logging_setup, service
+    from nodepass_gevent.ops import fleet
     urls = [urls] if isinstance(urls, str) else list(urls)
     try:
         settings = load_settings()
@@ -205,7 +206,7 @@ def main(urls: Union[str, List[str]], check_only: bool = False,
 
 def _check(tunnels, settings, metrics_address, exposed: Optional[str]) -> int:
     """--check after the URLs, file and certificates passed: the ports, then the report."""
-    from nodepass_gevent import portcheck
+    from nodepass_gevent.ops import portcheck
     findings = portcheck.check_tunnels(tunnels, metrics_address)
     fatal = [finding.message for finding in findings if finding.fatal]
     if fatal:
@@ -264,8 +265,8 @@ def _print_for_operator(arguments) -> int:
                          ExitStatus.USAGE)
         print(completion.bash_script(__version__), end="")
         return ExitStatus.OK
-    from nodepass_gevent import statusclient
     from nodepass_gevent.config import parse_address
+    from nodepass_gevent.ops import statusclient
     try:
         address = parse_address(arguments["--metrics"] or statusclient.DEFAULT_ADDRESS,
                                 "--metrics address")

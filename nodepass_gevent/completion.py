@@ -31,9 +31,8 @@ def parameters(role: str) -> List[str]:
 
 def parameter_values() -> Dict[str, List[str]]:
     """The parameters whose value is one of a few words, and those words."""
-    from nodepass_gevent import protocol
-    from nodepass_gevent.config import LOG_FORMATS, LOG_LEVELS, PROXY_VERSIONS
-    return {"log": list(LOG_LEVELS), "tls": ["0", "1", "2"], "udp": list(protocol.UDP_MODES),
+    from nodepass_gevent.config import LOG_FORMATS, LOG_LEVELS, PROXY_VERSIONS, UDP_MODES
+    return {"log": list(LOG_LEVELS), "tls": ["0", "1", "2"], "udp": list(UDP_MODES),
             "proxy": list(PROXY_VERSIONS), "log_format": list(LOG_FORMATS)}
 
 

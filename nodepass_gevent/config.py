@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import List, Mapping, Optional, Tuple, Union
 from urllib.parse import unquote
 
-from nodepass_gevent import protocol
 from nodepass_gevent.urls import query_pairs, split_url
 
 ROLES = ("server", "client")
@@ -33,6 +32,20 @@ LOG_FORMAT_VARIABLE = "NODEPASS_LOG_FORMAT"
 SERVER_PARAMS = ("log", "tls", "crt", "key", "udp", "data_port", "proxy", "allow", "deny", "rate",
                  "per_user", "log_format")
 CLIENT_PARAMS = ("log", "tls", "log_format")
+
+# tls=: how data connections are secured, also the v1.0 tunnel signal's fragment
+# (wire/v1/protocol.py carries it, copy/tls.py makes the contexts).
+TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED = 0, 1, 2
+TLS_MODES = (TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED)
+TLS_MODE_NAMES = {TLS_NONE: "none", TLS_SELF_SIGNED: "self-signed", TLS_VERIFIED: "verified"}
+
+# udp=: the server's UDP carriage, v1.0's or flows (tunnel/udp.py).
+UDP_MODE_V1, UDP_MODE_FLOW = "v1", "flow"
+UDP_MODES = (UDP_MODE_V1, UDP_MODE_FLOW)
+
+
+def is_tls_mode(text: str) -> bool:
+    return text in [str(mode) for mode in TLS_MODES]
 
 
 class ConfigError(ValueError):
@@ -69,7 +82,7 @@ class Config:
     crt: Optional[str] = None
     key: Optional[str] = None
     # Server: "flow" offers the UDP flow extension (udp.py); "v1" does not.
-    udp_mode: str = protocol.UDP_MODE_V1
+    udp_mode: str = UDP_MODE_V1
     # The shared key for authentication; None keeps the v1.0 protocol.
     auth_key: Optional[bytes] = field(default=None, repr=False)
     # Client: every server to fail over between, in order (``tunnel`` first).
@@ -174,14 +187,14 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
     log_level = params.get("log", "info").lower()
     if log_level not in LOG_LEVELS:
         raise ConfigError("bad log level %r: use one of %s" % (log_level, ", ".join(LOG_LEVELS)))
-    tls_mode = _tls_mode(params.get("tls", str(protocol.TLS_NONE)))
+    tls_mode = _tls_mode(params.get("tls", str(TLS_NONE)))
     crt, key = params.get("crt") or None, params.get("key") or None
-    if scheme == "server" and tls_mode == protocol.TLS_VERIFIED and not (crt and key):
+    if scheme == "server" and tls_mode == TLS_VERIFIED and not (crt and key):
         raise ConfigError("tls=2 needs both crt=<certificate file> and key=<private key file>")
-    if scheme == "server" and tls_mode != protocol.TLS_VERIFIED and (crt or key):
+    if scheme == "server" and tls_mode != TLS_VERIFIED and (crt or key):
         raise ConfigError("crt and key are used only with tls=2")
-    udp_mode = params.get("udp", protocol.UDP_MODE_V1)
-    if udp_mode not in protocol.UDP_MODES:
+    udp_mode = params.get("udp", UDP_MODE_V1)
+    if udp_mode not in UDP_MODES:
         raise ConfigError("bad udp value %r: use v1 (one connection per datagram, as NodePass"
                           " v1.0) or flow (one connection per user address)" % udp_mode)
     data_port = _data_port(params.get("data_port", "0"), tunnels[0])
@@ -439,7 +452,7 @@ def repeated_parameter(name: str, first: str, second: str) -> ConfigError:
 
 
 def _tls_mode(text: str) -> int:
-    if not protocol.is_tls_mode(text):
+    if not is_tls_mode(text):
         raise ConfigError("bad tls value %r: use 0 (none), 1 (self-signed) or 2 (crt/key)" % text)
     return int(text)
 

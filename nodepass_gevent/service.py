@@ -17,10 +17,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import gevent
 from gevent.event import Event
 
-from nodepass_gevent import debug, net, systemd
+from nodepass_gevent.base import net
 from nodepass_gevent.config import Address, Config, ConfigError, Settings
-from nodepass_gevent.fleet import Fleet, StartError
 from nodepass_gevent.log import log
+from nodepass_gevent.ops import debug, systemd
+from nodepass_gevent.ops.fleet import Fleet, StartError
 from nodepass_gevent.tunnelset import Tunnel
 
 __all__ = ["StartError", "Failure", "build", "run"]
@@ -33,9 +34,9 @@ class Failure(Exception):
 def build(config: Config, settings: Settings, ssl_context: Optional[ssl.SSLContext],
           name: str = ""):
     if config.role == "server":
-        from nodepass_gevent.server import Server
+        from nodepass_gevent.tunnel.server import Server
         return Server(config, settings, ssl_context, name=name)
-    from nodepass_gevent.client import Client
+    from nodepass_gevent.tunnel.client import Client
     return Client(config, settings, name=name)
 
 
@@ -134,7 +135,7 @@ def _listen_metrics(address: Address):
 
 
 def _start_metrics(address: Address, listener, fleet: Fleet):
-    from nodepass_gevent.metrics import MetricsServer
+    from nodepass_gevent.ops.metrics import MetricsServer
     server = MetricsServer(address, fleet.statuses, listener)
     try:
         server.start()

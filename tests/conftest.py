@@ -140,7 +140,9 @@ def cooperative_sockets(monkeypatch):
     test process (whose helper servers use threads)."""
     import gevent.socket
     import gevent.ssl
-    from nodepass_gevent import control, net, tls
+    from nodepass_gevent.base import net
+    from nodepass_gevent.copy import tls
+    from nodepass_gevent.wire.v1 import control
     for module in (net, control):
         monkeypatch.setattr(module, "socket", gevent.socket)
     monkeypatch.setattr(tls, "ssl", gevent.ssl)

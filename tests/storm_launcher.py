@@ -27,7 +27,10 @@ monkey.patch_all()
 
 import gevent  # noqa: E402
 
-from nodepass_gevent import cli, client, debug, server, service, tls  # noqa: E402,F401
+from nodepass_gevent import cli, service  # noqa: E402,F401
+from nodepass_gevent.copy import tls  # noqa: E402,F401
+from nodepass_gevent.ops import debug  # noqa: E402,F401
+from nodepass_gevent.tunnel import client, server  # noqa: E402,F401
 
 # The parent never runs the gevent hub: the plain functions, not gevent's.
 fork = monkey.get_original("os", "fork")

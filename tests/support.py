@@ -356,7 +356,7 @@ def make_test_ca(folder: str, names: Sequence[str] = ("localhost",),
 
     Returns the paths: ``ca`` (trust this), ``crt`` and ``key`` (the server's).
     """
-    from nodepass_gevent import tls  # noqa: F401 (filters cryptography's old-Python warning)
+    from nodepass_gevent.copy import tls  # noqa: F401 (filters cryptography's old-Python warning)
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec

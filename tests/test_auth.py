@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from nodepass_gevent import auth, protocol
+from nodepass_gevent.wire.v1 import auth, protocol
 from support import HOST, echo_works, free_port, tcp_exchange, wait_until
 
 pytestmark = pytest.mark.matrix  # the core suite, run on every Python

@@ -8,12 +8,13 @@ import gevent
 import gevent.socket
 import pytest
 
-from nodepass_gevent import auth, control, net, protocol
+from nodepass_gevent.base import net
+from nodepass_gevent.base.lifecycle import Supervisor
+from nodepass_gevent.base.stats import Stats
 from nodepass_gevent.config import Settings, parse_url
-from nodepass_gevent.lifecycle import Supervisor
-from nodepass_gevent.listeners import TcpListener
 from nodepass_gevent.log import TunnelLog
-from nodepass_gevent.stats import Stats
+from nodepass_gevent.tunnel.listeners import TcpListener
+from nodepass_gevent.wire.v1 import auth, control, protocol
 
 from support import HOST, free_port
 

@@ -22,9 +22,11 @@ import gevent
 import pytest
 from gevent import socket as gsocket
 
-from nodepass_gevent import config, readers, relay, tls, tlscopy, udp, udplink, zerocopy
-from nodepass_gevent.stats import Stats
-from nodepass_gevent.tlsstream import client_handshake, server_handshake
+from nodepass_gevent import config
+from nodepass_gevent.base.stats import Stats
+from nodepass_gevent.copy import readers, relay, tls, tlscopy, udplink, zerocopy
+from nodepass_gevent.copy.tlsstream import client_handshake, server_handshake
+from nodepass_gevent.tunnel import udp
 
 from test_zerocopy import read_to_eof, tcp_pair
 

@@ -7,13 +7,15 @@ import gevent.pool
 import gevent.socket
 import pytest
 
-from nodepass_gevent import dataconn, net, tls
+from nodepass_gevent.base import net
+from nodepass_gevent.base.lifecycle import Supervisor
+from nodepass_gevent.base.stats import Stats
 from nodepass_gevent.config import Address, parse_url
-from nodepass_gevent.lifecycle import Supervisor
-from nodepass_gevent.listeners import TcpListener
+from nodepass_gevent.copy import tls
 from nodepass_gevent.log import TunnelLog
-from nodepass_gevent.pool import ServerPool
-from nodepass_gevent.stats import Stats
+from nodepass_gevent.tunnel.listeners import TcpListener
+from nodepass_gevent.tunnel.pool import ServerPool
+from nodepass_gevent.wire.v1 import dataconn
 
 from support import HOST, free_port
 

@@ -8,11 +8,11 @@ import ipaddress
 
 import pytest
 
-from nodepass_gevent import proxyheader
-from nodepass_gevent.access import Gate, RefusalLog
+from nodepass_gevent.base.stats import Stats
 from nodepass_gevent.config import ConfigError, parse_url
-from nodepass_gevent.ratelimit import TokenBucket
-from nodepass_gevent.stats import Stats
+from nodepass_gevent.edge import proxyheader
+from nodepass_gevent.edge.access import Gate, RefusalLog
+from nodepass_gevent.edge.ratelimit import TokenBucket
 
 pytestmark = pytest.mark.matrix  # the core suite, run on every Python
 

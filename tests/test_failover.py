@@ -8,7 +8,7 @@ import pytest
 from support import HOST, echo_works, free_port, tcp_exchange, wait_until
 
 from nodepass_gevent.config import Address
-from nodepass_gevent.failover import BACKOFF_MAX_BASE, ServerOrder
+from nodepass_gevent.tunnel.failover import BACKOFF_MAX_BASE, ServerOrder
 
 pytestmark = pytest.mark.matrix  # the core suite, run on every Python
 
@@ -179,8 +179,8 @@ def test_no_server_answers_backs_off_and_recovers(nodepass, echo):
 
 
 def test_status_names_the_current_server_and_the_list():
-    from nodepass_gevent.client import Client
     from nodepass_gevent.config import load_settings, parse_url
+    from nodepass_gevent.tunnel.client import Client
     client = Client(parse_url("client://a.example:1,[::1]:2/127.0.0.1:80"), load_settings({}))
     status = client.status()
     assert (status["tunnel"], status["servers"], status["peer"]) == (

@@ -9,7 +9,7 @@ import pytest
 
 from nodepass_gevent import service
 from nodepass_gevent.config import load_settings
-from nodepass_gevent.fleet import Fleet, StartError
+from nodepass_gevent.ops.fleet import Fleet, StartError
 from nodepass_gevent.tunnelset import parse_file_text, parse_tunnel
 
 from support import HOST, free_port

@@ -18,11 +18,11 @@ import gevent
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodepass_gevent import health
-from nodepass_gevent import pool as pool_module
-from nodepass_gevent.lifecycle import Supervisor
-from nodepass_gevent.pool import ClientPool
-from nodepass_gevent.metrics import MetricsApp, unhealthy_lines
+from nodepass_gevent.base import health
+from nodepass_gevent.base.lifecycle import Supervisor
+from nodepass_gevent.ops.metrics import MetricsApp, unhealthy_lines
+from nodepass_gevent.tunnel import pool as pool_module
+from nodepass_gevent.tunnel.pool import ClientPool
 from support import HOST, EchoServer, echo_works, free_port, make_test_ca, wait_until
 
 MARGIN = 4.0  # on top of health.GRACE: a loaded CI machine

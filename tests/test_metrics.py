@@ -19,7 +19,7 @@ from multi_support import http_get, tunnel_ports, wait_states
 from support import FAST_ENV, HOST, EchoServer, NodepassProcess, free_port, tcp_exchange, \
     wait_until
 
-from nodepass_gevent.metrics import FIGURES
+from nodepass_gevent.ops.metrics import FIGURES
 
 PROMETHEUS_CONFIG = """\
 global:

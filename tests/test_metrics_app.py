@@ -9,7 +9,7 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodepass_gevent.metrics import FIGURES, MetricsApp, healthy
+from nodepass_gevent.ops.metrics import FIGURES, MetricsApp, healthy
 
 pytestmark = pytest.mark.matrix
 

@@ -36,7 +36,7 @@ import pytest
 
 from legacy_python import (NEWEST, OLDEST, Interpreter, LegacyPythonError, build_venvs,
                            own_interpreter)
-from nodepass_gevent.protocol import HEARTBEAT_MISSES  # heartbeats a silent tunnel may miss
+from nodepass_gevent.wire.v1.protocol import HEARTBEAT_MISSES  # heartbeats a silent tunnel may miss
 from support import ChildProcess, NodepassProcess, netns_exec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,10 +5,10 @@ import gevent.event
 import gevent.socket
 import pytest
 
-from nodepass_gevent import pool as pool_module
-from nodepass_gevent.pool import ClientPool, ServerPool
-from nodepass_gevent.protocol import new_connection_id
-from nodepass_gevent.lifecycle import Supervisor
+from nodepass_gevent.base.lifecycle import Supervisor
+from nodepass_gevent.tunnel import pool as pool_module
+from nodepass_gevent.tunnel.pool import ClientPool, ServerPool
+from nodepass_gevent.wire.v1.protocol import new_connection_id
 
 pytestmark = pytest.mark.matrix  # the core suite, run on every Python
 

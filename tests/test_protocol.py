@@ -7,8 +7,8 @@ import re
 import pytest
 from hypothesis import given, strategies as st
 
-from nodepass_gevent import protocol
-from nodepass_gevent.protocol import ProtocolError
+from nodepass_gevent.wire.v1 import protocol
+from nodepass_gevent.wire.v1.protocol import ProtocolError
 
 pytestmark = pytest.mark.matrix  # the core suite, run on every Python
 
@@ -111,7 +111,7 @@ def test_every_citation_of_the_wire_contract_names_a_section_of_docs_protocol_md
                     if line.startswith("#")}
     cited = {}
     sources = [path for folder in ("nodepass_gevent", "tests", "scripts")
-               for path in glob.glob(os.path.join(repo, folder, "*"))
+               for path in glob.glob(os.path.join(repo, folder, "**", "*"), recursive=True)
                if os.path.isfile(path) and not path.endswith(".pyc")]
     for path in sources:
         with open(path, encoding="utf-8") as source:

@@ -13,7 +13,7 @@ import socket
 import pytest
 
 from consumers import HAProxy, Nginx, http_get
-from nodepass_gevent import proxyheader
+from nodepass_gevent.edge import proxyheader
 from reference_peer import ReferenceClient
 from support import HOST, EchoServer, echo_works, free_port, tcp_exchange, wait_until
 

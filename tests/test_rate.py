@@ -12,9 +12,9 @@ import time
 import gevent
 import pytest
 
-from nodepass_gevent import relay, zerocopy
-from nodepass_gevent.ratelimit import TunnelRate
-from nodepass_gevent.stats import Stats
+from nodepass_gevent.base.stats import Stats
+from nodepass_gevent.copy import relay, zerocopy
+from nodepass_gevent.edge.ratelimit import TunnelRate
 
 from support import HOST, EchoServer, sha256, tcp_exchange
 from test_zerocopy import read_to_eof, tcp_pair

@@ -10,10 +10,10 @@ import gevent
 import gevent.event
 import pytest
 
-from nodepass_gevent import semaphore
+from nodepass_gevent.base import semaphore
+from nodepass_gevent.base.semaphore import UserSemaphore
+from nodepass_gevent.base.stats import Stats
 from nodepass_gevent.log import TunnelLog
-from nodepass_gevent.semaphore import UserSemaphore
-from nodepass_gevent.stats import Stats
 
 pytestmark = pytest.mark.matrix  # the core suite, run on every Python
 

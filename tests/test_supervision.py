@@ -16,13 +16,14 @@ import gevent
 import gevent.socket
 import pytest
 
-from nodepass_gevent import listeners, readers
-from nodepass_gevent import pool as pool_module
-from nodepass_gevent.client import Client
+from nodepass_gevent.base.lifecycle import Supervisor
 from nodepass_gevent.config import Settings, parse_url
-from nodepass_gevent.pool import ClientPool
-from nodepass_gevent.server import Server
-from nodepass_gevent.lifecycle import Supervisor
+from nodepass_gevent.tunnel import listeners
+from nodepass_gevent.tunnel import pool as pool_module
+from nodepass_gevent.tunnel.client import Client
+from nodepass_gevent.tunnel.pool import ClientPool
+from nodepass_gevent.tunnel.server import Server
+from nodepass_gevent.wire.v1 import dataconn
 
 from support import HOST, free_port
 
@@ -128,8 +129,8 @@ def test_client_fails_when_its_pool_manager_crashes(records, cooperative_sockets
         raise TypeError("a bug in the data connection handshake")
 
     # Both ways of reading the id: a greenlet's dial, and a plain one from callbacks.
-    monkeypatch.setattr(readers, "read_id", buggy_read_id)
-    monkeypatch.setattr(readers, "check_id", buggy_read_id)
+    monkeypatch.setattr(dataconn, "read_id", buggy_read_id)
+    monkeypatch.setattr(dataconn, "check_id", buggy_read_id)
     server = gevent.spawn(serve_tunnel)
     data_server = gevent.spawn(serve_data)
     config = parse_url("client://%s:%d/%s:%d" % (HOST, tunnel.getsockname()[1], HOST,

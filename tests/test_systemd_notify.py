@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from nodepass_gevent.systemd import Notifier
+from nodepass_gevent.ops.systemd import Notifier
 
 pytestmark = pytest.mark.matrix
 

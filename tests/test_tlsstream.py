@@ -24,9 +24,12 @@ import gevent
 import gevent.ssl
 import pytest
 
-from nodepass_gevent import config, protocol, readers, tls, tlscopy, udp
-from nodepass_gevent.stats import Stats
-from nodepass_gevent.tlsstream import TLSStream, client_handshake, server_handshake
+from nodepass_gevent import config
+from nodepass_gevent.base.stats import Stats
+from nodepass_gevent.copy import readers, tls, tlscopy
+from nodepass_gevent.copy.tlsstream import TLSStream, client_handshake, server_handshake
+from nodepass_gevent.tunnel import udp
+from nodepass_gevent.wire.v1 import dataconn, protocol
 
 from test_zerocopy import joined, read_exactly, read_to_eof, send_all_then_eof, tcp_pair
 
@@ -144,7 +147,7 @@ def test_handshake_then_the_auth_and_id_exchange_run_on_the_readers(streams):
     client.sendall(b"m" * protocol.AUTH_MAC_LENGTH)
     assert readers.recv_exactly(server, protocol.AUTH_MAC_LENGTH) == b"m" * 64
     server.sendall(connection_id.encode("ascii") + b"line one\n")
-    assert readers.read_id(client) == connection_id
+    assert dataconn.read_id(client) == connection_id
     assert readers.recv_line(client, 100) == b"line one\n"
     assert client.getpeername() == server.getsockname()
 
@@ -489,7 +492,7 @@ def test_bytes_the_stream_read_behind_the_id_are_relayed(streams):
     user, plain = tcp_pair()
     try:
         server.sendall(b"0123abcd" + b"first bytes")
-        assert readers.read_id(client) == "0123abcd"
+        assert dataconn.read_id(client) == "0123abcd"
         stats = Stats()
         engine = gevent.spawn(tlscopy.exchange, client, plain, stats.counter(True),
                               stats.counter(False))

@@ -16,8 +16,8 @@ import urllib.request
 
 import pytest
 
-from nodepass_gevent import udp
-from nodepass_gevent.stats import Stats
+from nodepass_gevent.base.stats import Stats
+from nodepass_gevent.tunnel import udp
 from reference_peer import ReferenceClient
 from support import HOST, free_port, udp_exchange, wait_until
 from test_proxy_protocol import has_ipv6_loopback

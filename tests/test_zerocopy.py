@@ -23,8 +23,8 @@ import gevent
 import pytest
 from gevent import socket as gsocket
 
-from nodepass_gevent import relay, zerocopy
-from nodepass_gevent.stats import Stats
+from nodepass_gevent.base.stats import Stats
+from nodepass_gevent.copy import relay, zerocopy
 
 pytestmark = pytest.mark.matrix  # the core suite: the ctypes engine exists for old Pythons
 

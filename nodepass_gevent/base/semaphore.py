@@ -11,7 +11,7 @@ import time
 
 import gevent.pool
 
-from nodepass_gevent.stats import Stats
+from nodepass_gevent.base.stats import Stats
 
 FULL_WARNING_INTERVAL = 5.0  # at most one "semaphore full" warning this often
 

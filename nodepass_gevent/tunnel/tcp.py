@@ -7,7 +7,7 @@ the target and relays. The relay and its copy contract are relay.py's.
 
     user --TCP--> server ==data connection==> client --TCP--> target
 
-With ``proxy=1|2`` (edge.py) the server writes a PROXY protocol header
+With ``proxy=1|2`` (edge/policy.py) the server writes a PROXY protocol header
 (proxyheader.py) on the data connection first, right after the launch
 signal: the client forwards it to the target as the user's first bytes.
 """
@@ -15,10 +15,12 @@ signal: the client forwards it to the target as the user's first bytes.
 import socket
 from typing import Callable, Optional
 
-from nodepass_gevent import net, protocol, relay
+from nodepass_gevent.base import net
+from nodepass_gevent.base.stats import Stats
+from nodepass_gevent.copy import relay
+from nodepass_gevent.edge.ratelimit import TunnelRate
 from nodepass_gevent.log import log
-from nodepass_gevent.ratelimit import TunnelRate
-from nodepass_gevent.stats import Stats
+from nodepass_gevent.wire.v1 import protocol
 
 
 def serve_user(user: socket.socket, peer: tuple, hand_out, stats: Stats,

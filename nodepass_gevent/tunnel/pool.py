@@ -25,10 +25,10 @@ import gevent.pool
 from gevent.event import AsyncResult, Event
 from gevent.queue import Empty, Queue
 
-from nodepass_gevent import health, net
+from nodepass_gevent.base import health, net
+from nodepass_gevent.base.lifecycle import Component
 from nodepass_gevent.log import log
-from nodepass_gevent.lifecycle import Component
-from nodepass_gevent.protocol import HANDSHAKE_TIMEOUT
+from nodepass_gevent.wire.v1.protocol import HANDSHAKE_TIMEOUT
 
 DataConnection = Tuple[str, socket.socket]
 

@@ -26,8 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
-from nodepass_gevent.config import Config, ConfigError
-from nodepass_gevent.protocol import TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED
+from nodepass_gevent.config import TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED, Config, ConfigError
 
 # A peer may pass a half-close on as a bare TCP FIN, without close_notify. With
 # OpenSSL 3 such an EOF would otherwise poison the session: OpenSSL answers it

@@ -22,14 +22,17 @@ from typing import Optional
 import gevent
 import gevent.pool
 
-from nodepass_gevent import auth, control, dataconn, health, net, protocol, tcp, tls, udp
+from nodepass_gevent.base import health, net
+from nodepass_gevent.base.lifecycle import Component
+from nodepass_gevent.base.stats import Stats
 from nodepass_gevent.config import Address, Config, Settings, format_addresses
-from nodepass_gevent.control import SessionError
-from nodepass_gevent.failover import ServerOrder
-from nodepass_gevent.lifecycle import Component
+from nodepass_gevent.copy import tls
 from nodepass_gevent.log import TunnelLog
-from nodepass_gevent.pool import ClientPool
-from nodepass_gevent.stats import Stats
+from nodepass_gevent.tunnel import tcp, udp
+from nodepass_gevent.tunnel.failover import ServerOrder
+from nodepass_gevent.tunnel.pool import ClientPool
+from nodepass_gevent.wire.v1 import auth, control, dataconn, protocol
+from nodepass_gevent.wire.v1.control import SessionError
 
 CONNECT_TIMEOUT = 5.0     # dialing the target
 AUTH_BACKOFF_MAX = 60.0   # longest pause between tries after the key was rejected

@@ -22,7 +22,7 @@ import socket
 import time
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
-from nodepass_gevent import net
+from nodepass_gevent.base import net
 from nodepass_gevent.config import Address
 
 # Another --check of the same URL holds a UDP port for a moment (bind, close):

@@ -3,14 +3,16 @@
 Each reads exactly one handshake line, key proof, connection id, UDP
 datagram (v1.0) or flow frame, and nothing behind it that belongs to the
 next reader (the copy engines in relay.py take the stream over afterwards).
+What a wire's message says is the wire's: the v1.0 connection id, for
+one, is checked in dataconn.py.
 """
 
 import socket
 import ssl
 from typing import Optional
 
-from nodepass_gevent import net, protocol
-from nodepass_gevent.protocol import FLOW_FRAME_HEADER
+from nodepass_gevent.base import net
+from nodepass_gevent.copy.udplink import FLOW_FRAME_HEADER
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -37,19 +39,6 @@ def recv_line(sock: socket.socket, limit: int) -> bytes:
             raise ConnectionError("closed in the middle of a line")
         line += byte
     return line
-
-
-def read_id(sock: socket.socket) -> str:
-    """Exactly ID_LENGTH bytes: the id the server filed this connection under."""
-    return check_id(recv_exactly(sock, protocol.ID_LENGTH))
-
-
-def check_id(received: bytes) -> str:
-    """The id in the ID_LENGTH bytes ``received``; ProtocolError if they are not one."""
-    connection_id = received.decode("ascii", "replace")
-    if not protocol.is_connection_id(connection_id):
-        raise protocol.ProtocolError("bad data connection id %r" % received)
-    return connection_id
 
 
 def read_until_eof(sock: socket.socket, limit: int, timeout: float) -> bytes:

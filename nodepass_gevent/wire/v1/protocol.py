@@ -1,4 +1,4 @@
-"""The NodePass wire protocol: every byte, kind, mode and timeout, defined here once.
+"""The NodePass wire protocol: every byte, kind, mode and timeout, found here.
 
 Glossary:
     tunnel   the plain TCP control channel; the client dials the server's tunnel_addr
@@ -40,10 +40,15 @@ string is ignored by v1.0 clients, which is where extensions are advertised.
 import binascii
 import os
 import re
-import struct
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
+# The tunnel signal's TLS mode and the server's udp= value are the URL's
+# (config.py), the flow frame header the flow engine's (udplink.py).
+from nodepass_gevent.config import (  # noqa: F401 (the wire's vocabulary too)
+    TLS_MODE_NAMES, TLS_MODES, TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED, UDP_MODE_FLOW, UDP_MODE_V1,
+    UDP_MODES, is_tls_mode)
+from nodepass_gevent.copy.udplink import FLOW_FRAME_HEADER  # noqa: F401
 from nodepass_gevent.urls import hostname, query_pairs, split_url
 
 # -- v1.0 ----------------------------------------------------------------------
@@ -64,23 +69,15 @@ KIND_UDP_FLOW = "3"  # extension (udp.py): only after the client acknowledged it
 KIND_AUTH = "auth"   # extension (auth.py): the client's key response, client -> server
 KIND_NAMES = {KIND_TCP: "tcp", KIND_UDP: "udp", KIND_UDP_FLOW: "udp flow"}
 
-# The tunnel signal's fragment: how data connections are secured.
-TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED = 0, 1, 2
-TLS_MODES = (TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED)
-TLS_MODE_NAMES = {TLS_NONE: "none", TLS_SELF_SIGNED: "self-signed", TLS_VERIFIED: "verified"}
-
 # -- extensions ----------------------------------------------------------------
 # Advertised in the tunnel signal's query string (ignored by v1.0 clients) and
 # acknowledged by a line from the client on the tunnel (never read by v1.0
 # servers).
 
-# UDP flows (udp.py): the server's udp= URL value, the offer, the answer,
-# the frame header, and how many UDP_READ_TIMEOUTs an idle flow lives.
-UDP_MODE_V1, UDP_MODE_FLOW = "v1", "flow"
-UDP_MODES = (UDP_MODE_V1, UDP_MODE_FLOW)
+# UDP flows (udp.py): the offer, the answer, and how many UDP_READ_TIMEOUTs an
+# idle flow lives (the frame header is udplink.py's FLOW_FRAME_HEADER).
 EXTENSION_UDP_FLOW = ("udp", "flow")
 ACK_UDP_FLOW = b"//flow#udp\n"
-FLOW_FRAME_HEADER = struct.Struct("!H")  # the datagram's length, big-endian
 FLOW_IDLE_READ_TIMEOUTS = 12
 
 # Shared-key authentication (auth.py): the scheme, the query fields, and the
@@ -125,10 +122,6 @@ def is_connection_id(text: str) -> bool:
 def is_lower_hex(text: str, length: int) -> bool:
     """Ids, nonces and MACs: exactly ``length`` lowercase hex characters."""
     return len(text) == length and not text.strip("0123456789abcdef")
-
-
-def is_tls_mode(text: str) -> bool:
-    return text in [str(mode) for mode in TLS_MODES]
 
 
 def _encode_signal(host: str, kind: object,

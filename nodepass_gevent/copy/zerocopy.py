@@ -42,9 +42,9 @@ from typing import Callable, List, Optional, Tuple
 from gevent import get_hub
 from gevent.event import Event
 
-from nodepass_gevent import net
+from nodepass_gevent.base import net
+from nodepass_gevent.edge.ratelimit import TokenBucket
 from nodepass_gevent.log import log
-from nodepass_gevent.ratelimit import TokenBucket
 
 PIPE_SIZE = 256 * 1024   # bytes a pipe holds: fewer system calls per megabyte
 IDLE_PIPES_KEPT = 32     # pipes kept open for the next burst; more are closed

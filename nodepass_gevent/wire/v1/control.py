@@ -32,10 +32,12 @@ from typing import FrozenSet, Optional, Tuple
 import gevent.pool
 from gevent.lock import Semaphore
 
-from nodepass_gevent import auth, net, protocol, readers
+from nodepass_gevent.base import net
+from nodepass_gevent.base.stats import Stats
 from nodepass_gevent.config import Config, Settings
-from nodepass_gevent.protocol import HANDSHAKE_TIMEOUT, HEARTBEAT_MISSES, Signal
-from nodepass_gevent.stats import Stats
+from nodepass_gevent.copy import readers
+from nodepass_gevent.wire.v1 import auth, protocol
+from nodepass_gevent.wire.v1.protocol import HANDSHAKE_TIMEOUT, HEARTBEAT_MISSES, Signal
 
 MAX_PENDING_CONTROLS = 16  # tunnel connections not yet a session (key handshakes)
 CONNECT_TIMEOUT = 5.0      # dialing the tunnel (client)

@@ -21,11 +21,12 @@ import socket
 import struct
 from typing import Optional
 
-from nodepass_gevent import net, proxyheader
-from nodepass_gevent.access import Gate, RefusalLog, source_ip
+from nodepass_gevent.base import net
+from nodepass_gevent.base.stats import Stats
 from nodepass_gevent.config import Config
-from nodepass_gevent.ratelimit import TunnelRate
-from nodepass_gevent.stats import Stats
+from nodepass_gevent.edge import proxyheader
+from nodepass_gevent.edge.access import Gate, RefusalLog, source_ip
+from nodepass_gevent.edge.ratelimit import TunnelRate
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset

@@ -26,7 +26,7 @@ from typing import Optional
 
 import gevent
 
-from nodepass_gevent import net
+from nodepass_gevent.base import net
 
 # How long data connections may be missing before the tunnel is declared
 # unable to carry users. 5 s is how long a user waits on the server for a data

@@ -28,6 +28,7 @@ object, not the socket.
 import errno
 import os
 import socket
+import struct
 import time
 from typing import Callable, Optional
 
@@ -35,11 +36,11 @@ import gevent
 import gevent.socket
 from gevent.event import Event
 
-from nodepass_gevent import net
+from nodepass_gevent.base import net
+from nodepass_gevent.base.stats import Stats
 from nodepass_gevent.log import log
-from nodepass_gevent.protocol import FLOW_FRAME_HEADER
-from nodepass_gevent.stats import Stats
 
+FLOW_FRAME_HEADER = struct.Struct("!H")  # a flow frame: the datagram's length, big-endian
 READ_SIZE = 262144          # one read of the data connection: many frames at once
 LINK_BUFFER_LIMIT = 1 << 20  # framed bytes waiting for room on the data connection
 # What a frame's 2-byte length can say, and more than any UDP datagram holds

@@ -33,9 +33,9 @@ from typing import Callable, Tuple
 from gevent import get_hub
 from gevent.event import Event
 
-from nodepass_gevent import net
+from nodepass_gevent.base import net
+from nodepass_gevent.copy.tlsstream import TLSStream
 from nodepass_gevent.log import log
-from nodepass_gevent.tlsstream import TLSStream
 
 # 256 KB reads and sends: against 64 KB, a quarter of the system calls,
 # wake-ups of the peer and passes through these callbacks per GB (tunnel CPU

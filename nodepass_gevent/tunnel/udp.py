@@ -58,11 +58,14 @@ import gevent
 from gevent.event import Event
 from gevent.queue import Full, Queue
 
-from nodepass_gevent import health, net, protocol, readers, udplink
+from nodepass_gevent.base import health, net
+from nodepass_gevent.base.semaphore import UserSemaphore
+from nodepass_gevent.base.stats import Stats
+from nodepass_gevent.copy import readers, udplink
+from nodepass_gevent.copy.udplink import FLOW_FRAME_HEADER
 from nodepass_gevent.log import log
-from nodepass_gevent.protocol import FLOW_FRAME_HEADER, FLOW_IDLE_READ_TIMEOUTS
-from nodepass_gevent.semaphore import UserSemaphore
-from nodepass_gevent.stats import Stats
+from nodepass_gevent.wire.v1 import protocol
+from nodepass_gevent.wire.v1.protocol import FLOW_IDLE_READ_TIMEOUTS
 
 FLOW_QUEUE_SIZE = 256     # datagrams waiting for the data connection; more are dropped
 # ... and their bytes: 256 datagrams of 8192 bytes, as much as before flows

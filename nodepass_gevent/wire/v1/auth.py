@@ -29,8 +29,8 @@ import hmac
 import os
 from typing import Optional
 
-from nodepass_gevent import protocol
-from nodepass_gevent.protocol import AUTH_NONCE_LENGTH, FIELD_MAC
+from nodepass_gevent.wire.v1 import protocol
+from nodepass_gevent.wire.v1.protocol import AUTH_NONCE_LENGTH, FIELD_MAC
 
 _LABEL_CLIENT, _LABEL_SERVER, _LABEL_DATA = b"nodepass client", b"nodepass server", b"nodepass data"
 

@@ -24,11 +24,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import gevent
 from gevent.event import Event
 
-from nodepass_gevent import health, tls
-from nodepass_gevent.config import ConfigError
+from nodepass_gevent.base import health
+from nodepass_gevent.base.net import BindError
+from nodepass_gevent.config import TLS_VERIFIED, ConfigError
+from nodepass_gevent.copy import tls
 from nodepass_gevent.log import log
-from nodepass_gevent.net import BindError
-from nodepass_gevent.protocol import TLS_VERIFIED
 from nodepass_gevent.tunnelset import Tunnel, diff
 
 # A replaced server's listeners close at the start of its stop; its successor

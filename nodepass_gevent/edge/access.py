@@ -19,8 +19,8 @@ import time
 from collections import OrderedDict
 from typing import Callable, Dict, Optional, Sequence
 
-from nodepass_gevent.proxyheader import packed_ip
-from nodepass_gevent.stats import Stats
+from nodepass_gevent.base.stats import Stats
+from nodepass_gevent.edge.proxyheader import packed_ip
 
 REFUSAL_LOG_INTERVAL = 10.0  # seconds between two log lines about one source
 REFUSAL_LOG_SOURCES = 4096   # sources remembered for that; beyond, one summary line

@@ -77,7 +77,7 @@ from typing import Dict, List, Optional, Sequence
 PROG = "nodepass-service"
 # The folder holding this package: a checkout (scripts/nodepass-service runs
 # this module from there), or the site-packages pip installed it into.
-CHECKOUT = Path(__file__).resolve().parent.parent
+CHECKOUT = Path(__file__).resolve().parent.parent.parent  # nodepass_gevent/ops/servicectl.py
 PACKAGE_NAME = "nodepass-gevent"
 DEFAULT_PREFIX = "/opt/nodepass-gevent"
 DEFAULT_USER = "nodepass"

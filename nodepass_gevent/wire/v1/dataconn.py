@@ -24,15 +24,16 @@ import logging
 import os
 import socket
 import ssl
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import gevent
 
-from nodepass_gevent import auth, health, net, protocol, readers, tlsstream
+from nodepass_gevent.base import health, net
+from nodepass_gevent.base.stats import Stats
 from nodepass_gevent.config import Address
-from nodepass_gevent.pool import DataConnection, ServerPool
-from nodepass_gevent.protocol import AUTH_MAC_LENGTH, AUTH_NONCE_LENGTH, HANDSHAKE_TIMEOUT
-from nodepass_gevent.stats import Stats
+from nodepass_gevent.copy import readers, tlsstream
+from nodepass_gevent.wire.v1 import auth, protocol
+from nodepass_gevent.wire.v1.protocol import AUTH_MAC_LENGTH, AUTH_NONCE_LENGTH, HANDSHAKE_TIMEOUT
 
 CONNECT_TIMEOUT = 5.0
 _READ = 1  # libev's EV_READ
@@ -51,7 +52,8 @@ class DataPort:
     """
 
     def __init__(self, ssl_context: Optional[ssl.SSLContext], key: Optional[bytes],
-                 pool: ServerPool, stats: Stats, log, current_session: Callable) -> None:
+                 pool, stats: Stats, log, current_session: Callable) -> None:
+        # pool: the role's pool.ServerPool (tunnel/, above this layer), filled by add()
         self.ssl_context, self.key, self.pool = ssl_context, key, pool
         self.stats, self.log = stats, log
         self._current_session = current_session
@@ -168,6 +170,19 @@ class DataPort:
 
 # -- the client half ---------------------------------------------------------------
 
+def read_id(sock: socket.socket) -> str:
+    """Exactly ID_LENGTH bytes: the id the server filed this connection under."""
+    return check_id(readers.recv_exactly(sock, protocol.ID_LENGTH))
+
+
+def check_id(received: bytes) -> str:
+    """The id in the ID_LENGTH bytes ``received``; ProtocolError if they are not one."""
+    connection_id = received.decode("ascii", "replace")
+    if not protocol.is_connection_id(connection_id):
+        raise protocol.ProtocolError("bad data connection id %r" % received)
+    return connection_id
+
+
 class Dialer:
     """Dials one data connection of a session (the client pool's ``dial``).
 
@@ -195,7 +210,7 @@ class Dialer:
                     % (self.sockaddr[1], self.tunnel.port))
         return ""
 
-    def __call__(self) -> DataConnection:
+    def __call__(self) -> Tuple[str, socket.socket]:  # pool.DataConnection
         self.stats.data_dials += 1
         try:
             sock = self._connect()
@@ -211,7 +226,7 @@ class Dialer:
             if self.key is not None:
                 nonce = readers.recv_exactly(sock, AUTH_NONCE_LENGTH).decode("ascii", "replace")
                 sock.sendall(auth.data_response(self.key, nonce))
-            connection_id = readers.read_id(sock)
+            connection_id = read_id(sock)
             sock.settimeout(None)
             return connection_id, sock
         except BaseException as exc:
@@ -295,7 +310,7 @@ class PlainDial:
         self._received += chunk
         if len(self._received) < protocol.ID_LENGTH:
             return None
-        return readers.check_id(self._received)
+        return check_id(self._received)
 
     def _on_deadline(self) -> None:
         self._fail(socket.timeout("timed out"))

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 from gevent.server import DatagramServer, StreamServer
 
-from nodepass_gevent import net
+from nodepass_gevent.base import net
 
 ACCEPT_BACKOFF_FIRST = 0.05
 ACCEPT_BACKOFF_MAX = 1.0

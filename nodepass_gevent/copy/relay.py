@@ -35,11 +35,12 @@ import gevent
 from gevent.event import AsyncResult
 from gevent.socket import wait_read
 
-from nodepass_gevent import net, tlscopy, zerocopy
+from nodepass_gevent.base import net
+from nodepass_gevent.base.stats import Stats
+from nodepass_gevent.copy import tlscopy, zerocopy
+from nodepass_gevent.copy.tlsstream import TLSStream
+from nodepass_gevent.edge.ratelimit import TokenBucket, TunnelRate
 from nodepass_gevent.log import log
-from nodepass_gevent.ratelimit import TokenBucket, TunnelRate
-from nodepass_gevent.stats import Stats
-from nodepass_gevent.tlsstream import TLSStream
 
 CHUNK_SIZE = 262144       # one read from a plain socket; TLS writes it as 16 records
 

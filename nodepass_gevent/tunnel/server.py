@@ -23,15 +23,17 @@ from typing import List, Optional
 
 import gevent.pool
 
-from nodepass_gevent import control, dataconn, health, net, protocol, tcp, udp
+from nodepass_gevent.base import health, net
+from nodepass_gevent.base.lifecycle import Component
+from nodepass_gevent.base.semaphore import UserSemaphore
+from nodepass_gevent.base.stats import Stats
 from nodepass_gevent.config import Address, Config, Settings
-from nodepass_gevent.edge import Edge
-from nodepass_gevent.lifecycle import Component
-from nodepass_gevent.listeners import TcpListener, UdpListener
+from nodepass_gevent.edge.policy import Edge
 from nodepass_gevent.log import TunnelLog
-from nodepass_gevent.pool import ServerPool
-from nodepass_gevent.semaphore import UserSemaphore
-from nodepass_gevent.stats import Stats
+from nodepass_gevent.tunnel import tcp, udp
+from nodepass_gevent.tunnel.listeners import TcpListener, UdpListener
+from nodepass_gevent.tunnel.pool import ServerPool
+from nodepass_gevent.wire.v1 import control, dataconn, protocol
 
 DATA_PORT_RANGE = (1024, 8192)  # as v1.0 picks it
 DATA_PORT_TRIES = 64
@@ -284,7 +286,7 @@ class _User:
 
 class _UserListener(TcpListener):
     """The user TCP listener: asks ``admit(sock, peer)`` (allow=/deny=/per_user=,
-    edge.py) before a user takes a place in the semaphore (which counts the users
+    edge/policy.py) before a user takes a place in the semaphore (which counts the users
     who find it full): a refused user is closed in the accept callback itself."""
 
     def __init__(self, *args, admit=None, **kwargs) -> None:

@@ -22,7 +22,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import gevent.pywsgi
 
-from nodepass_gevent import health
+from nodepass_gevent.base import health
 from nodepass_gevent.config import Address
 from nodepass_gevent.log import log
 
