@@ -365,12 +365,13 @@ def check_hold(args) -> dict:
     return {"held_seconds": round(time.monotonic() - opened, 3)}
 
 
-def echo_session(target: Tuple[str, int], payload: bytes, all_connected: threading.Barrier) -> None:
-    connection = http.client.HTTPConnection(target[0], target[1], timeout=IO_TIMEOUT)
+def echo_session(target: Tuple[str, int], payload: bytes, all_connected: threading.Barrier,
+                 io_timeout: float) -> None:
+    connection = http.client.HTTPConnection(target[0], target[1], timeout=io_timeout)
     connection.connect()
     # Every session holds its tunnel connection open before any sends, so all
     # of them really are concurrent.
-    all_connected.wait(timeout=IO_TIMEOUT)
+    all_connected.wait(timeout=io_timeout)
     connection.request("POST", "/echo", body=payload,
                        headers={"Content-Type": "application/octet-stream"})
     response = connection.getresponse()
@@ -388,7 +389,7 @@ def check_concurrent(args) -> dict:
     def session(number: int) -> None:
         payload = os.urandom(args.session_bytes - number)  # a different length each
         try:
-            echo_session(args.target, payload, all_connected)
+            echo_session(args.target, payload, all_connected, args.io_timeout)
         except Exception as error:  # noqa: BLE001 - every failure is reported below
             all_connected.abort()
             errors.append("session %d: %s: %s" % (number, type(error).__name__, error))
@@ -398,11 +399,11 @@ def check_concurrent(args) -> dict:
                for n in range(args.sessions)]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + IO_TIMEOUT * 2
+    deadline = time.monotonic() + args.io_timeout * 2
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
     if any(thread.is_alive() for thread in threads):
-        errors.append("sessions still running after %.0fs" % (IO_TIMEOUT * 2))
+        errors.append("sessions still running after %.0fs" % (args.io_timeout * 2))
     if errors:
         # The first error is the cause; the others are mostly the broken barrier.
         raise CheckFailed("%d of %d sessions failed; first: %s"
@@ -559,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-loss", type=float, default=1.0,
                        help="udploss: the largest share of unanswered datagrams that passes")
     check.add_argument("--sessions", type=int, default=200)
+    check.add_argument("--io-timeout", type=float, default=IO_TIMEOUT,
+                       help="seconds a concurrent session may go without progress")
     check.add_argument("--session-bytes", type=int, default=64 * 1024)
 
     pki = commands.add_parser("make-pki", help="test CA and server certificate for tls=2")
