@@ -1,0 +1,135 @@
+"""Master mode (ops/master.py): a real master process on loopback, driven with http.client."""
+
+import http.client
+import json
+import os
+import re
+import signal
+import stat
+
+import pytest
+
+from support import echo_works, free_port, wait_until
+
+LISTENING = re.compile(r"Master API listening on http://127\.0\.0\.1:(\d+)/api/v1")
+KEY_CREATED = re.compile(r"API Key created: ([0-9a-f]{32})")
+
+
+class Master:
+    """One master process and an http.client to it."""
+
+    def __init__(self, nodepass, state_dir: str) -> None:
+        self.process = nodepass("master://127.0.0.1:0?state=%s" % state_dir)
+        wait_until(lambda: LISTENING.search(self.process.output()) or not self.process.alive(),
+                   10, what="the master's address in its log")
+        match = LISTENING.search(self.process.output())
+        assert match, self.process.tail()
+        self.port = int(match.group(1))
+        with open(os.path.join(state_dir, "master.json")) as stream:
+            self.key = json.load(stream)["key"]
+
+    def call(self, method: str, path: str, body=None, key=None, raw: bytes = None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        headers = {"X-API-Key": self.key if key is None else key} if key != "" else {}
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                             else None)
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        connection.request(method, "/api/v1" + path, data, headers)
+        reply = connection.getresponse()
+        payload = reply.read()
+        connection.close()
+        return reply.status, (json.loads(payload.decode()) if payload else None), reply
+
+    def instance(self, instance_id: str) -> dict:
+        status, body, _ = self.call("GET", "/instances/" + instance_id)
+        assert status == 200, body
+        return body
+
+
+def tunnel_pair(master, echo):
+    """A server and a client instance carrying users of ``user_port`` to the echo."""
+    tunnel_port, user_port = free_port(), free_port()
+    status, server, _ = master.call("POST", "/instances", {
+        "alias": "srv", "url": "server://127.0.0.1:%d/127.0.0.1:%d" % (tunnel_port, user_port),
+        "unknown_field": 1})
+    assert status == 201, server
+    assert server["status"] == "stopped" and server["restart"] is True
+    status, client, _ = master.call("POST", "/instances", {
+        "url": "client://127.0.0.1:%d/127.0.0.1:%d" % (tunnel_port, echo.port)})
+    assert status == 201, client
+    return server["id"], client["id"], user_port
+
+
+@pytest.mark.timeout(30)
+def test_key_cors_and_refusals(nodepass, tmp_path):
+    master = Master(nodepass, str(tmp_path))
+    assert KEY_CREATED.search(master.process.output()).group(1) == master.key
+    assert stat.S_IMODE(os.stat(str(tmp_path / "master.json")).st_mode) == 0o600
+    status, body, reply = master.call("GET", "/info", key="")
+    assert (status, body) == (401, {"error": "Unauthorized: API key required"})
+    assert reply.getheader("Access-Control-Allow-Origin") == "*"
+    status, body, _ = master.call("GET", "/instances", key="0" * 32)
+    assert (status, body) == (401, {"error": "Unauthorized: Invalid API key"})
+    status, body, reply = master.call("OPTIONS", "/instances", key="")
+    assert status == 200 and "X-API-Key" in reply.getheader("Access-Control-Allow-Headers")
+    status, body, _ = master.call("GET", "/instances")
+    assert status == 200 and body[-1]["id"] == "********" and body[-1]["url"] == master.key
+    assert master.call("POST", "/instances", {"url": "master://127.0.0.1:1/api"})[:2] == (
+        400, {"error": "Invalid URL scheme"})
+    status, body, _ = master.call("POST", "/instances", raw=b"{not json")
+    assert status == 400 and body["error"].startswith("Invalid request body")
+    assert master.call("POST", "/instances", raw=b"x" * (65 * 1024))[0] == 413
+    assert master.call("GET", "/instances/deadbeef")[:2] == (404, {"error": "Instance not found"})
+    assert master.call("DELETE", "/instances")[:2] == (405, {"error": "Method not allowed"})
+    assert master.call("DELETE", "/instances/********")[0] == 403
+    status, info, _ = master.call("GET", "/info")
+    assert status == 200 and info["mem_total"] > 0 and info["os"] == "linux"
+    status, probe, _ = master.call("GET", "/tcping?target=127.0.0.1:%d" % master.port)
+    assert status == 200 and probe["connected"] is True and probe["error"] is None
+
+
+@pytest.mark.timeout(40)
+def test_instances_carry_stop_delete_and_survive_kill(nodepass, echo, tmp_path):
+    master = Master(nodepass, str(tmp_path))
+    server_id, client_id, user_port = tunnel_pair(master, echo)
+    wait_until(lambda: echo_works(user_port), 10, what="an echo through the instances")
+    figures = master.instance(server_id)
+    assert figures["status"] == "running" and figures["tcprx"] > 0, figures
+    assert master.call("PATCH", "/instances/" + server_id, {"action": "explode"})[:2] == (
+        400, {"error": "Invalid action: explode"})
+    status, body, _ = master.call("PATCH", "/instances/" + client_id, {"action": "stop"})
+    assert status == 200
+    wait_until(lambda: master.instance(client_id)["status"] == "stopped", 10,
+               what="the client instance stopped")
+    assert not echo_works(user_port)
+    same = master.instance(server_id)["url"]
+    assert master.call("PUT", "/instances/" + server_id, {"url": same})[:2] == (
+        409, {"error": "Instance URL conflict"})
+    # The stopped client keeps restart=true: after a kill -9 both run again.
+    master.process.send_signal(signal.SIGKILL)
+    master.process.wait(5)
+    again = Master(nodepass, str(tmp_path))
+    assert again.key == master.key and "API Key created" not in again.process.output()
+    ids = [item["id"] for item in again.call("GET", "/instances")[1]]
+    assert ids == [server_id, client_id, "********"]
+    wait_until(lambda: echo_works(user_port), 10, what="the echo after the restart")
+    assert again.call("DELETE", "/instances/" + client_id)[0] == 204
+    assert again.call("GET", "/instances/" + client_id)[0] == 404
+    wait_until(lambda: not echo_works(user_port), 10, what="the echo gone with the client")
+
+
+@pytest.mark.timeout(20)
+def test_a_failing_instance_is_error_and_harms_no_one(nodepass, tmp_path):
+    master = Master(nodepass, str(tmp_path))
+    taken = free_port()
+    status, first, _ = master.call("POST", "/instances", {
+        "url": "server://127.0.0.1:%d/127.0.0.1:%d" % (taken, free_port())})
+    assert status == 201
+    wait_until(lambda: master.instance(first["id"])["status"] == "running", 10,
+               what="the first server running")
+    status, second, _ = master.call("POST", "/instances", {
+        "url": "server://127.0.0.1:%d/127.0.0.1:%d" % (taken, free_port())})
+    wait_until(lambda: master.instance(second["id"])["status"] == "error", 10,
+               what="the second server, on a taken port, in error")
+    assert master.instance(first["id"])["status"] == "running"
