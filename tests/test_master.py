@@ -96,6 +96,8 @@ def test_instances_carry_stop_delete_and_survive_kill(nodepass, echo, tmp_path):
     wait_until(lambda: echo_works(user_port), 10, what="an echo through the instances")
     figures = master.instance(server_id)
     assert figures["status"] == "running" and figures["tcprx"] > 0, figures
+    assert master.call("PATCH", "/instances/" + server_id, {"action": "reset"})[0] == 200
+    wait_until(lambda: master.instance(server_id)["tcprx"] == 0, 5, what="counters reset")
     assert master.call("PATCH", "/instances/" + server_id, {"action": "explode"})[:2] == (
         400, {"error": "Invalid action: explode"})
     status, body, _ = master.call("PATCH", "/instances/" + client_id, {"action": "stop"})
@@ -133,3 +135,51 @@ def test_a_failing_instance_is_error_and_harms_no_one(nodepass, tmp_path):
     wait_until(lambda: master.instance(second["id"])["status"] == "error", 10,
                what="the second server, on a taken port, in error")
     assert master.instance(first["id"])["status"] == "running"
+
+
+def read_events(reply, wanted: int) -> list:
+    """The next ``wanted`` SSE events (``data:`` JSON) of a /events reply."""
+    events = []
+    while len(events) < wanted:
+        line = reply.readline()
+        assert line, "the event stream ended"
+        if line.startswith(b"data: "):
+            events.append(json.loads(line[len(b"data: "):].decode()))
+    return events
+
+
+@pytest.mark.timeout(20)
+def test_events_initial_create_update_delete(nodepass, tmp_path):
+    master = Master(nodepass, str(tmp_path))
+    connection = http.client.HTTPConnection("127.0.0.1", master.port, timeout=10)
+    connection.request("GET", "/api/v1/events", headers={"X-API-Key": master.key})
+    reply = connection.getresponse()
+    assert reply.status == 200 and reply.getheader("Content-Type") == "text/event-stream"
+    assert reply.readline() == b"retry: 3000\n"
+    initial = read_events(reply, 1)[0]
+    assert initial["type"] == "initial" and initial["instance"]["id"] == "********"
+    status, created, _ = master.call("POST", "/instances", {
+        "url": "server://127.0.0.1:%d/127.0.0.1:%d" % (free_port(), free_port())})
+    create, running = read_events(reply, 2)
+    assert create["type"] == "create" and create["instance"]["status"] == "stopped"
+    assert running["type"] == "update" and running["instance"]["status"] == "running"
+    master.call("PATCH", "/instances/" + created["id"], {"action": "stop"})
+    assert read_events(reply, 1)[0]["instance"]["status"] == "stopped"
+    assert master.call("DELETE", "/instances/" + created["id"])[0] == 204
+    deleted = read_events(reply, 1)[0]
+    assert deleted["type"] == "delete" and deleted["instance"]["id"] == created["id"]
+    connection.close()
+
+
+@pytest.mark.timeout(20)
+def test_sigterm_keeps_key_and_restart_policy(nodepass, tmp_path):
+    master = Master(nodepass, str(tmp_path))
+    status, created, _ = master.call("POST", "/instances", {
+        "url": "server://127.0.0.1:%d/127.0.0.1:%d" % (free_port(), free_port())})
+    master.call("PATCH", "/instances/" + created["id"], {"restart": False, "alias": "kept"})
+    assert master.call("PATCH", "/instances/" + created["id"], {"alias": "x" * 257})[0] == 400
+    assert master.process.stop(signal.SIGTERM) == 0
+    again = Master(nodepass, str(tmp_path))
+    assert again.key == master.key
+    kept = again.instance(created["id"])
+    assert (kept["alias"], kept["restart"], kept["status"]) == ("kept", False, "stopped")

@@ -79,22 +79,31 @@ class Instance:
         self.error = ""
         self.fleet = None
         self.watcher = None  # type: Optional[gevent.Greenlet]
+        # The traffic counters at the last "reset" (the role's own Stats are
+        # never rewritten: its gauges and report line stay right).
+        self.baseline = {"bytes_in": 0, "bytes_out": 0}
 
     def record(self) -> dict:
         return {"id": self.id, "alias": self.alias, "url": self.url, "restart": self.restart,
                 "meta": self.meta}
 
+    def role_status(self) -> dict:
+        statuses = self.fleet.statuses() if self.fleet is not None else []
+        return statuses[0] if statuses else {}
+
+    def reset_counters(self) -> None:
+        status = self.role_status()
+        self.baseline = {name: status.get(name, 0) for name in self.baseline}
+
     def figures(self) -> dict:
-        status = {}
-        if self.fleet is not None:
-            statuses = self.fleet.statuses()
-            status = statuses[0] if statuses else {}
+        status = self.role_status()
         mode = 0
         if status.get("state") == "up":
             mode = 1 if self.type == "server" else 2
         return {"mode": mode, "ping": 0, "pool": status.get("pool_idle", 0),
                 "tcps": status.get("tcp_active", 0), "udps": status.get("udp_flows_active", 0),
-                "tcprx": status.get("bytes_in", 0), "tcptx": status.get("bytes_out", 0),
+                "tcprx": status.get("bytes_in", 0) - self.baseline["bytes_in"],
+                "tcptx": status.get("bytes_out", 0) - self.baseline["bytes_out"],
                 "udprx": 0, "udptx": 0}
 
     def to_json(self) -> dict:
@@ -201,6 +210,7 @@ class Instances:
             self.publish("update", instance)
             return
         instance.fleet, instance.status, instance.error = fleet, "running", ""
+        instance.baseline = {name: 0 for name in instance.baseline}  # fresh Stats
         instance.watcher = gevent.spawn(self._watch, instance, fleet)
         self.publish("update", instance)
 

@@ -180,9 +180,9 @@ class MasterApp:
             self.instances.stop(instance)
         if action in ("start", "restart"):
             self.instances.start(instance)
-        if action == "reset" and instance.fleet is not None:
-            for role in instance.fleet.roles():
-                role.stats.__init__()
+        if action == "reset":
+            instance.reset_counters()
+            self.instances.publish("update", instance)
 
     def key_route(self, method: str, environ):
         if method == "GET":
