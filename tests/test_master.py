@@ -137,14 +137,19 @@ def test_a_failing_instance_is_error_and_harms_no_one(nodepass, tmp_path):
     assert master.instance(first["id"])["status"] == "running"
 
 
-def read_events(reply, wanted: int) -> list:
-    """The next ``wanted`` SSE events (``data:`` JSON) of a /events reply."""
+def read_events(reply, wanted: int, logs=None) -> list:
+    """The next ``wanted`` SSE events (``data:`` JSON) of a /events reply;
+    ``log`` events go to ``logs`` instead (they come between the others)."""
     events = []
     while len(events) < wanted:
         line = reply.readline()
         assert line, "the event stream ended"
         if line.startswith(b"data: "):
-            events.append(json.loads(line[len(b"data: "):].decode()))
+            event = json.loads(line[len(b"data: "):].decode())
+            if event["type"] == "log" and logs is not None:
+                logs.append(event)
+            else:
+                events.append(event)
     return events
 
 
@@ -160,13 +165,16 @@ def test_events_initial_create_update_delete(nodepass, tmp_path):
     assert initial["type"] == "initial" and initial["instance"]["id"] == "********"
     status, created, _ = master.call("POST", "/instances", {
         "url": "server://127.0.0.1:%d/127.0.0.1:%d" % (free_port(), free_port())})
-    create, running = read_events(reply, 2)
+    logs = []
+    create, running = read_events(reply, 2, logs)
     assert create["type"] == "create" and create["instance"]["status"] == "stopped"
     assert running["type"] == "update" and running["instance"]["status"] == "running"
     master.call("PATCH", "/instances/" + created["id"], {"action": "stop"})
-    assert read_events(reply, 1)[0]["instance"]["status"] == "stopped"
+    assert read_events(reply, 1, logs)[0]["instance"]["status"] == "stopped"
+    assert any("Server: tunnel" in event["logs"] and event["instance"]["id"] == created["id"]
+               for event in logs), logs
     assert master.call("DELETE", "/instances/" + created["id"])[0] == 204
-    deleted = read_events(reply, 1)[0]
+    deleted = read_events(reply, 1, logs)[0]
     assert deleted["type"] == "delete" and deleted["instance"]["id"] == created["id"]
     connection.close()
 

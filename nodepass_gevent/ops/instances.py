@@ -13,6 +13,7 @@ subscribers (the /events streams) as a dict ``{"type", "instance"}``.
 """
 
 import binascii
+import logging
 import os
 from typing import Callable, Dict, List, Optional
 
@@ -251,11 +252,11 @@ class Instances:
 
     # -- events --------------------------------------------------------
 
-    def publish(self, kind: str, instance: Optional[Instance], body: Optional[dict] = None
-                ) -> None:
-        if body is None and instance is not None:
-            body = instance.to_json()
-        event = {"type": kind, "instance": body}
+    def publish(self, kind: str, instance: Optional[Instance], logs: str = "") -> None:
+        if not self.subscribers:
+            return  # no stream listens: not even the figures are worth reading
+        body = instance.to_json() if instance is not None else None
+        event = {"type": kind, "instance": body, "logs": logs}
         for subscriber in list(self.subscribers):
             subscriber(event)
 
@@ -265,6 +266,27 @@ class Instances:
             for instance in self.all():
                 if instance.status == "running":
                     self.publish("update", instance)
+
+
+class LogRelay(logging.Handler):
+    """Sends each log line of an instance's tunnel (its records carry the
+    instance id as ``tunnel``) to the event streams as a ``log`` event."""
+
+    def __init__(self, instances: Instances, formatter: Optional[logging.Formatter]) -> None:
+        super().__init__()
+        self.instances = instances
+        if formatter is not None:
+            self.setFormatter(formatter)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        instance = self.instances._by_id.get(getattr(record, "tunnel", "") or "")
+        if instance is None or not self.instances.subscribers:
+            return
+        try:
+            line = self.format(record)
+        except Exception:  # a bad format string: the process's own handler reports it
+            return
+        self.instances.publish("log", instance, line)
 
 
 def check_value(value, what: str) -> str:

@@ -27,7 +27,8 @@ from nodepass_gevent import __version__
 from nodepass_gevent.config import ConfigError, parse_address, parse_url
 from nodepass_gevent.log import log
 from nodepass_gevent.ops import hostinfo
-from nodepass_gevent.ops.instances import KEY_ID, ApiError, Instances, check_value, empty_meta
+from nodepass_gevent.ops.instances import (KEY_ID, ApiError, Instances, LogRelay, check_value,
+                                           empty_meta)
 from nodepass_gevent.ops.masterstate import MasterState, default_directory
 from nodepass_gevent.urls import query_pairs, split_url
 
@@ -85,6 +86,10 @@ class MasterApp:
             status, body, headers = self.route(environ)
         except ApiError as exc:
             status, body, headers = exc.status, {"error": str(exc)}, []
+        except Exception as exc:  # a bug of ours: one line, and the API goes on
+            log.error("master API: %s %s failed: %r", environ["REQUEST_METHOD"],
+                      environ.get("PATH_INFO", ""), exc)
+            status, body, headers = 500, {"error": "Internal error"}, []
         if callable(body):  # a stream (SSE)
             start_response(REASONS[status], CORS + headers)
             return body()
@@ -223,7 +228,7 @@ class MasterApp:
 
     def events_stream(self):
         queue = gevent.queue.Queue()
-        initial = [{"type": "initial", "instance": body} for body in self.instances.listing()]
+        initial = [{"type": "initial", "instance": body, "logs": ""} for body in self.instances.listing()]
         self.instances.subscribers.add(queue.put)
 
         def stream():
@@ -248,7 +253,6 @@ class MasterApp:
 def sse_event(event: dict) -> bytes:
     body = dict(event)
     body["time"] = rfc3339_now()
-    body.setdefault("logs", "")
     ordered = {name: body[name] for name in ("type", "time", "instance", "logs")}
     return b"event: instance\ndata: " + json_text(ordered).rstrip(b"\n") + b"\n\n"
 
@@ -314,6 +318,8 @@ def serve(master_url: MasterUrl, settings, build: Callable, listener=None,
     if state.created_key:
         log.info("API Key created: %s", state.key)
     instances = Instances(state, settings, master_url.log_level, build)
+    relay = LogRelay(instances, log.handlers[0].formatter if log.handlers else None)
+    log.addHandler(relay)
     context = tls.server_context(master_url.tls_config)
     if listener is None:
         from nodepass_gevent.base import net
@@ -339,6 +345,7 @@ def serve(master_url: MasterUrl, settings, build: Callable, listener=None,
         instances.publish("shutdown", None)
         server.stop(timeout=1)
         instances.stop_all()
+        log.removeHandler(relay)
         log.info("Stopped")
 
 
