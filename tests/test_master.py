@@ -191,3 +191,36 @@ def test_sigterm_keeps_key_and_restart_policy(nodepass, tmp_path):
     assert again.key == master.key
     kept = again.instance(created["id"])
     assert (kept["alias"], kept["restart"], kept["status"]) == ("kept", False, "stopped")
+
+
+@pytest.mark.timeout(20)
+def test_openapi_document_and_router_agree(nodepass, tmp_path):
+    master = Master(nodepass, str(tmp_path))
+    status, document, _ = master.call("GET", "/openapi.json", key="")
+    assert status == 200 and document["openapi"] == "3.1.1"
+    status, _, _ = master.call("GET", "/events", key="0" * 32)
+    assert status == 401
+    documented = {(path, method.upper()) for path, item in document["paths"].items()
+                  for method in item if method != "parameters"}
+    # Every documented route is served (never 404/405): an unknown id gives the
+    # route's own 404 body, a bad body the route's own 400.
+    for path, method in sorted(documented):
+        if path in ("/events", "/docs"):
+            continue  # a stream (test_events_initial_create_update_delete), a page (below)
+        concrete = path.replace("{id}", "deadbeef")
+        status, body, _ = master.call(method, concrete + ("?target=127.0.0.1:1"
+                                                          if path == "/tcping" else ""),
+                                      raw=b"{}" if method in ("POST", "PATCH", "PUT") else None)
+        assert status not in (405,) and body != {"error": "Not found"}, (method, path, body)
+    # And every route or method the document leaves out is refused.
+    for method in ("GET", "POST", "PATCH", "PUT", "DELETE"):
+        for path in ("/instances", "/instances/{id}", "/info", "/tcping", "/events"):
+            if (path, method) not in documented:
+                status, _, _ = master.call(method, path.replace("{id}", "deadbeef"))
+                assert status == 405, (method, path)
+    assert master.call("GET", "/nothing")[:2] == (404, {"error": "Not found"})
+    connection = http.client.HTTPConnection("127.0.0.1", master.port, timeout=10)
+    connection.request("GET", "/api/v1/docs")
+    page = connection.getresponse()
+    assert page.status == 200 and b"/api/v1/openapi.json" in page.read()
+    connection.close()

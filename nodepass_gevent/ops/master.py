@@ -26,7 +26,7 @@ from gevent.pywsgi import WSGIServer
 from nodepass_gevent import __version__
 from nodepass_gevent.config import ConfigError, parse_address, parse_url
 from nodepass_gevent.log import log
-from nodepass_gevent.ops import hostinfo
+from nodepass_gevent.ops import hostinfo, masteropenapi
 from nodepass_gevent.ops.instances import (KEY_ID, ApiError, Instances, LogRelay, check_value,
                                            empty_meta)
 from nodepass_gevent.ops.masterstate import MasterState, default_directory
@@ -93,9 +93,9 @@ class MasterApp:
         if callable(body):  # a stream (SSE)
             start_response(REASONS[status], CORS + headers)
             return body()
-        if body is None:
+        if body is None or isinstance(body, bytes):  # empty, or a page
             start_response(REASONS[status], CORS + headers)
-            return [b""]
+            return [body or b""]
         data = json_text(body)
         start_response(REASONS[status], CORS + [("Content-Type", "application/json")] + headers)
         return [data]
@@ -110,21 +110,32 @@ class MasterApp:
         if not path.startswith(self.url.prefix + "/"):
             raise ApiError(404, "Not found")
         path = path[len(self.url.prefix):]
-        self.authenticate(environ)
-        if path == "/instances":
-            return self.instances_route(method, environ)
+        template = path
         if path.startswith("/instances/") and path.count("/") == 2:
-            return self.instance_route(method, path[len("/instances/"):], environ)
-        if path == "/info" and method in ("GET", "POST"):
-            return self.info(method, environ)
-        if path == "/tcping" and method == "GET":
-            return self.tcping(environ)
-        if path == "/events" and method == "GET":
-            return 200, self.events_stream(), [("Content-Type", "text/event-stream"),
-                                                ("Cache-Control", "no-cache")]
-        if path in ("/info", "/tcping", "/events"):
+            template = "/instances/{id}"
+        if template in masteropenapi.PUBLIC and method == "GET":
+            return self.public(template)
+        self.authenticate(environ)
+        if template not in masteropenapi.ROUTES:
+            raise ApiError(404, "Not found")
+        if method.lower() not in masteropenapi.ROUTES[template]:
             raise ApiError(405, "Method not allowed")
-        raise ApiError(404, "Not found")
+        if template == "/instances":
+            return self.instances_route(method, environ)
+        if template == "/instances/{id}":
+            return self.instance_route(method, path[len("/instances/"):], environ)
+        if template == "/info":
+            return self.info(method, environ)
+        if template == "/tcping":
+            return self.tcping(environ)
+        return 200, self.events_stream(), [("Content-Type", "text/event-stream"),
+                                            ("Cache-Control", "no-cache")]
+
+    def public(self, template: str):
+        if template == "/docs":
+            return 200, masteropenapi.swagger_page(self.url.prefix), [
+                ("Content-Type", "text/html; charset=utf-8")]
+        return 200, masteropenapi.document(self.url.prefix), []
 
     def authenticate(self, environ) -> None:
         given = environ.get("HTTP_X_API_KEY", "")
@@ -139,17 +150,13 @@ class MasterApp:
     def instances_route(self, method: str, environ):
         if method == "GET":
             return 200, self.instances.listing(), []
-        if method == "POST":
-            body = read_json(environ)
-            instance = self.instances.create(body.get("url"), body.get("alias", ""))
-            return 201, instance.to_json(), []
-        raise ApiError(405, "Method not allowed")
+        body = read_json(environ)
+        instance = self.instances.create(body.get("url"), body.get("alias", ""))
+        return 201, instance.to_json(), []
 
     def instance_route(self, method: str, instance_id: str, environ):
         if instance_id == KEY_ID:
             return self.key_route(method, environ)
-        if method not in ("GET", "PATCH", "PUT", "DELETE"):
-            raise ApiError(405, "Method not allowed")
         instance = self.instances.get(instance_id)
         if method == "GET":
             return 200, instance.to_json(), []
