@@ -224,3 +224,32 @@ def test_openapi_document_and_router_agree(nodepass, tmp_path):
     page = connection.getresponse()
     assert page.status == 200 and b"/api/v1/openapi.json" in page.read()
     connection.close()
+
+
+@pytest.mark.timeout(20)
+def test_tls_master_and_warning_off_loopback(nodepass, tmp_path):
+    import ssl
+    process = nodepass("master://127.0.0.1:0/manage?tls=1&state=%s" % tmp_path)
+    https = re.compile(r"Master API listening on https://127\.0\.0\.1:(\d+)/manage/v1")
+    wait_until(lambda: https.search(process.output()) or not process.alive(), 10,
+               what="the https master's address")
+    port = int(https.search(process.output()).group(1))
+    assert "no TLS" not in process.output()
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+    connection.request("GET", "/manage/v1/info")
+    reply = connection.getresponse()
+    assert (reply.status, json.loads(reply.read().decode())) == (
+        401, {"error": "Unauthorized: API key required"})
+    connection.close()
+
+
+@pytest.mark.timeout(5)
+def test_clear_text_warning_off_loopback_only():
+    from nodepass_gevent.ops.master import MasterUrl, clear_text_warning
+    assert "has no TLS" in clear_text_warning(MasterUrl("master://0.0.0.0:9090/api"))
+    assert "has no TLS" in clear_text_warning(MasterUrl("master://:9090"))
+    for url in ("master://127.0.0.1:9090", "master://[::1]:9090", "master://localhost:1",
+                "master://0.0.0.0:9090?tls=1"):
+        assert clear_text_warning(MasterUrl(url)) is None, url

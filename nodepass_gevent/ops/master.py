@@ -11,6 +11,7 @@ ignored, as v1.14 ignores them. Instances are instances.py's.
 """
 
 import hmac
+import ipaddress
 import json
 import signal
 import socket
@@ -42,7 +43,6 @@ REASONS = {200: "200 OK", 201: "201 Created", 204: "204 No Content", 400: "400 B
            405: "405 Method Not Allowed", 409: "409 Conflict", 413: "413 Payload Too Large",
            500: "500 Internal Server Error"}
 SSE_KEEPALIVE = 15.0
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class MasterUrl:
@@ -337,9 +337,9 @@ def serve(master_url: MasterUrl, settings, build: Callable, listener=None,
     host, port = listener.getsockname()[:2]
     log.info("Master API listening on %s://%s:%d%s", "https" if context else "http",
              host, port, master_url.prefix)
-    if context is None and master_url.address.host not in LOOPBACK:
-        log.warning("the master API on %s has no TLS: the API key crosses the network in"
-                    " clear; use tls=1 or tls=2", master_url.address)
+    warning = clear_text_warning(master_url)
+    if warning:
+        log.warning("%s", warning)
     instances.start_saved()
     stop = stop or Event()
     handlers = [gevent.signal_handler(signal.SIGTERM, stop.set),
@@ -354,6 +354,23 @@ def serve(master_url: MasterUrl, settings, build: Callable, listener=None,
         instances.stop_all()
         log.removeHandler(relay)
         log.info("Stopped")
+
+
+def clear_text_warning(master_url: MasterUrl) -> Optional[str]:
+    """The warning for an API off loopback without TLS (None if it is fine)."""
+    if master_url.tls != "0" or is_loopback(master_url.address.host):
+        return None
+    return ("the master API on %s has no TLS: the API key crosses the network in clear;"
+            " use tls=1 or tls=2" % master_url.address)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "" (every interface) or a name
 
 
 def main(text: str, build: Callable) -> int:
