@@ -80,6 +80,13 @@ def test_key_cors_and_refusals(nodepass, tmp_path):
     status, body, _ = master.call("POST", "/instances", raw=b"{not json")
     assert status == 400 and body["error"].startswith("Invalid request body")
     assert master.call("POST", "/instances", raw=b"x" * (65 * 1024))[0] == 413
+    chunked = http.client.HTTPConnection("127.0.0.1", master.port, timeout=10)
+    chunked.request("POST", "/api/v1/instances", iter([b'{"url": "udp://', b'1.2.3.4:5"}']),
+                    {"X-API-Key": master.key}, encode_chunked=True)
+    reply = chunked.getresponse()
+    assert (reply.status, json.loads(reply.read().decode())) == (
+        400, {"error": "Invalid URL scheme"})
+    chunked.close()
     assert master.call("GET", "/instances/deadbeef")[:2] == (404, {"error": "Instance not found"})
     assert master.call("DELETE", "/instances")[:2] == (405, {"error": "Method not allowed"})
     assert master.call("DELETE", "/instances/********")[0] == 403

@@ -18,6 +18,7 @@ import os
 from typing import Callable, Dict, List, Optional
 
 import gevent
+import gevent.lock
 
 from nodepass_gevent.config import ConfigError, Settings
 from nodepass_gevent.log import log
@@ -30,6 +31,7 @@ MAX_VALUE = 256      # v1.14 refuses longer aliases, tags, peer fields
 MAX_URL = 4096
 FIGURES_INTERVAL = 5.0  # v1.14's CHECK_POINT period: one update event each
 STOP_GRACE = 5.0        # v1.14 gives a child 5 s after SIGTERM
+ERROR_RETRY = 3600.0    # v1.14 restarts instances in error hourly
 
 
 class ApiError(Exception):
@@ -80,6 +82,7 @@ class Instance:
         self.error = ""
         self.fleet = None
         self.watcher = None  # type: Optional[gevent.Greenlet]
+        self.lock = gevent.lock.RLock()  # one start or stop at a time
         # The traffic counters at the last "reset" (the role's own Stats are
         # never rewritten: its gauges and report line stay right).
         self.baseline = {"bytes_in": 0, "bytes_out": 0}
@@ -131,6 +134,7 @@ class Instances:
                 continue
             self._by_id[instance.id] = instance
         self._ticker = None  # type: Optional[gevent.Greenlet]
+        self._retrier = None  # type: Optional[gevent.Greenlet]
 
     # -- reading -------------------------------------------------------
 
@@ -198,8 +202,12 @@ class Instances:
     # -- running -------------------------------------------------------
 
     def start(self, instance: Instance) -> None:
-        if instance.fleet is not None:
-            return
+        with instance.lock:
+            self._start(instance)
+
+    def _start(self, instance: Instance) -> None:
+        if instance.fleet is not None or instance.id not in self._by_id:
+            return  # running already, or deleted meanwhile
         from nodepass_gevent.ops.fleet import Fleet, StartError, server_context
         try:
             tunnel = parse_tunnel(instance.url, self.settings, instance.id)
@@ -225,6 +233,10 @@ class Instances:
         self.publish("update", instance)
 
     def stop(self, instance: Instance, publish: bool = True) -> None:
+        with instance.lock:
+            self._stop(instance, publish)
+
+    def _stop(self, instance: Instance, publish: bool) -> None:
         fleet, instance.fleet = instance.fleet, None
         if instance.watcher is not None and instance.watcher is not gevent.getcurrent():
             instance.watcher.kill(block=False)
@@ -241,14 +253,23 @@ class Instances:
             if instance.restart:
                 self.start(instance)
         self._ticker = gevent.spawn(self._publish_figures_forever)
+        self._retrier = gevent.spawn(self._retry_errors_forever)
 
     def stop_all(self) -> None:
-        if self._ticker is not None:
-            self._ticker.kill(block=False)
+        gevent.killall([greenlet for greenlet in (self._ticker, self._retrier)
+                        if greenlet is not None], block=False)
         for instance in self.all():
             fleet, instance.fleet = instance.fleet, None
             if fleet is not None:
                 fleet.stop(0)
+
+    def _retry_errors_forever(self) -> None:
+        while True:
+            gevent.sleep(ERROR_RETRY)
+            for instance in self.all():
+                if instance.status == "error":
+                    log.info("%s: in error for an hour: starting it again", instance.id)
+                    self.start(instance)
 
     # -- events --------------------------------------------------------
 

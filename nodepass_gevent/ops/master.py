@@ -285,12 +285,15 @@ def checked_meta(meta) -> dict:
 
 def read_json(environ) -> dict:
     try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
+        length = int(environ.get("CONTENT_LENGTH") or -1)
     except ValueError:
         raise ApiError(400, "Invalid request body: bad Content-Length") from None
     if length > MAX_BODY:
         raise ApiError(413, "Request body larger than %d bytes" % MAX_BODY)
-    data = environ["wsgi.input"].read(length) if length else b""
+    # No length: a chunked body (or none), read up to one byte past the bound.
+    data = environ["wsgi.input"].read(length if length >= 0 else MAX_BODY + 1)
+    if len(data) > MAX_BODY:
+        raise ApiError(413, "Request body larger than %d bytes" % MAX_BODY)
     try:
         body = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
