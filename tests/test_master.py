@@ -123,6 +123,13 @@ def test_instances_carry_stop_delete_and_survive_kill(nodepass, echo, tmp_path):
     ids = [item["id"] for item in again.call("GET", "/instances")[1]]
     assert ids == [server_id, client_id, "********"]
     wait_until(lambda: echo_works(user_port), 10, what="the echo after the restart")
+    moved_port = free_port()
+    moved = again.instance(server_id)["url"].replace(":%d?" % user_port, ":%d?" % moved_port)
+    status, body, _ = again.call("PUT", "/instances/" + server_id, {"url": moved})
+    assert status == 200 and body["url"] == moved, body
+    wait_until(lambda: echo_works(moved_port), 10, what="the echo on the moved user port")
+    assert not echo_works(user_port)
+    user_port = moved_port
     assert again.call("DELETE", "/instances/" + client_id)[0] == 204
     assert again.call("GET", "/instances/" + client_id)[0] == 404
     wait_until(lambda: not echo_works(user_port), 10, what="the echo gone with the client")
