@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import stat
+import time
 
 import pytest
 
@@ -267,3 +268,38 @@ def test_clear_text_warning_off_loopback_only():
     for url in ("master://127.0.0.1:9090", "master://[::1]:9090", "master://localhost:1",
                 "master://0.0.0.0:9090?tls=1"):
         assert clear_text_warning(MasterUrl(url)) is None, url
+
+
+@pytest.mark.timeout(20)
+def test_dashboard_call_sequence(nodepass, tmp_path):
+    """The calls NodePassDash makes (wire-v114 README), in its order."""
+    master = Master(nodepass, str(tmp_path))
+    stream = http.client.HTTPConnection("127.0.0.1", master.port, timeout=10)
+    stream.request("GET", "/api/v1/events", headers={"X-API-Key": master.key,
+                                                     "Cache-Control": "no-cache"})
+    events = stream.getresponse()
+    assert read_events(events, 1)[0]["type"] == "initial"
+    listing = [item for item in master.call("GET", "/instances")[1] if item["id"] != "********"]
+    assert listing == []
+    assert master.call("GET", "/info")[1]["ver"]
+    url = "server://127.0.0.1:%d/127.0.0.1:%d" % (free_port(), free_port())
+    status, created, _ = master.call("POST", "/instances", {"url": url})
+    assert status == 201
+    path = "/instances/" + created["id"]
+    assert master.call("PATCH", path, {"alias": "web"})[1]["alias"] == "web"
+    assert master.call("PATCH", path, {"restart": False})[1]["restart"] is False
+    assert master.call("PATCH", path, {"action": "restart"})[0] == 200
+    new_url = "server://127.0.0.1:%d/127.0.0.1:%d" % (free_port(), free_port())
+    assert master.call("PUT", path, {"url": new_url})[0] == 200
+    wait_until(lambda: master.instance(created["id"])["status"] == "running", 10,
+               what="the instance running on its new URL")
+    for _ in range(5):  # the dashboard's tcping: 5 times, 100 ms apart
+        probe = master.call("GET", "/tcping?target=127.0.0.1:%d" % master.port)[1]
+        assert probe["connected"] is True
+        time.sleep(0.1)
+    assert master.call("DELETE", path)[0] == 204
+    kinds = [event["type"] for event in read_events(events, 1)]
+    while "delete" not in kinds:
+        kinds += [event["type"] for event in read_events(events, 1)]
+    assert kinds.count("create") == 1 and "update" in kinds
+    stream.close()
