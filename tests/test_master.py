@@ -19,8 +19,8 @@ KEY_CREATED = re.compile(r"API Key created: ([0-9a-f]{32})")
 class Master:
     """One master process and an http.client to it."""
 
-    def __init__(self, nodepass, state_dir: str) -> None:
-        self.process = nodepass("master://127.0.0.1:0?state=%s" % state_dir)
+    def __init__(self, nodepass, state_dir: str, extra: str = "") -> None:
+        self.process = nodepass("master://127.0.0.1:0?state=%s%s" % (state_dir, extra))
         wait_until(lambda: LISTENING.search(self.process.output()) or not self.process.alive(),
                    10, what="the master's address in its log")
         match = LISTENING.search(self.process.output())
@@ -138,7 +138,7 @@ def test_instances_carry_stop_delete_and_survive_kill(nodepass, echo, tmp_path):
 
 @pytest.mark.timeout(20)
 def test_a_failing_instance_is_error_and_harms_no_one(nodepass, tmp_path):
-    master = Master(nodepass, str(tmp_path))
+    master = Master(nodepass, str(tmp_path), "&metrics=127.0.0.1:0")
     taken = free_port()
     status, first, _ = master.call("POST", "/instances", {
         "url": "server://127.0.0.1:%d/127.0.0.1:%d" % (taken, free_port())})
@@ -150,6 +150,14 @@ def test_a_failing_instance_is_error_and_harms_no_one(nodepass, tmp_path):
     wait_until(lambda: master.instance(second["id"])["status"] == "error", 10,
                what="the second server, on a taken port, in error")
     assert master.instance(first["id"])["status"] == "running"
+    # metrics=: the running instances in /status, by id.
+    metrics_port = int(re.search(r"Metrics: http://127\.0\.0\.1:(\d+)/metrics",
+                                 master.process.output()).group(1))
+    connection = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+    connection.request("GET", "/status")
+    tunnels = json.loads(connection.getresponse().read().decode())["tunnels"]
+    connection.close()
+    assert [tunnel["name"] for tunnel in tunnels] == [first["id"]]
 
 
 def read_events(reply, wanted: int, logs=None) -> list:

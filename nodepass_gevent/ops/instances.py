@@ -154,6 +154,12 @@ class Instances:
             raise ApiError(404, "Instance not found")
         return instance
 
+    def statuses(self) -> List[dict]:
+        """Each running instance's tunnel status (its name is the instance id),
+        for metrics=: /metrics, /status, /healthz."""
+        return [status for instance in self.all() if instance.fleet is not None
+                for status in instance.fleet.statuses()]
+
     def all(self) -> List[Instance]:
         return list(self._by_id.values())
 

@@ -59,6 +59,9 @@ class MasterUrl:
         self.tls = params.get("tls", "0")
         self.crt, self.key = params.get("crt", ""), params.get("key", "")
         self.state = params.get("state") or default_directory()
+        # metrics=HOST:PORT: /metrics, /status and /healthz of the running instances.
+        self.metrics = (parse_address(params["metrics"], "metrics= address", lowest_port=0)
+                        if params.get("metrics") else None)
         # The TLS checks are the tunnels': a server URL with the same tls=, crt=, key=.
         query = "tls=%s&log=%s" % (self.tls, self.log_level)
         if self.crt or self.key:
@@ -335,7 +338,8 @@ def serve(master_url: MasterUrl, settings, build: Callable, listener=None,
         from nodepass_gevent.base import net
         listener = net.listen_tcp(master_url.address, role="master API")
     server = WSGIServer(listener, MasterApp(instances, master_url), log=None,
-                        error_log=log, **({"ssl_context": context} if context else {}))
+                        error_log=_ErrorLog(), **({"ssl_context": context} if context else {}))
+    metrics = _metrics_server(master_url, instances)
     server.start()
     host, port = listener.getsockname()[:2]
     log.info("Master API listening on %s://%s:%d%s", "https" if context else "http",
@@ -354,9 +358,32 @@ def serve(master_url: MasterUrl, settings, build: Callable, listener=None,
             handler.cancel()
         instances.publish("shutdown", None)
         server.stop(timeout=1)
+        if metrics is not None:
+            metrics.stop()
         instances.stop_all()
         log.removeHandler(relay)
         log.info("Stopped")
+
+
+class _ErrorLog:
+    """pywsgi's error log (a failing stream's traceback) as one warning line."""
+
+    def write(self, text: str) -> None:
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        if lines:
+            log.warning("master API: %s", lines[-1].strip())
+
+
+def _metrics_server(master_url: MasterUrl, instances: Instances):
+    """The metrics= server over every running instance (None without metrics=)."""
+    if master_url.metrics is None:
+        return None
+    from nodepass_gevent.base import net
+    from nodepass_gevent.ops.metrics import MetricsServer
+    listener = net.listen_tcp(master_url.metrics, role="master metrics= port")
+    server = MetricsServer(master_url.metrics, instances.statuses, listener)
+    server.start()
+    return server
 
 
 def clear_text_warning(master_url: MasterUrl) -> Optional[str]:
