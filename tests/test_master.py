@@ -311,3 +311,22 @@ def test_dashboard_call_sequence(nodepass, tmp_path):
         kinds += [event["type"] for event in read_events(events, 1)]
     assert kinds.count("create") == 1 and "update" in kinds
     stream.close()
+
+
+@pytest.mark.timeout(20)
+def test_key_regeneration_ends_streams(nodepass, tmp_path):
+    master = Master(nodepass, str(tmp_path))
+    stream = http.client.HTTPConnection("127.0.0.1", master.port, timeout=10)
+    stream.request("GET", "/api/v1/events", headers={"X-API-Key": master.key})
+    events = stream.getresponse()
+    read_events(events, 1)
+    status, body, _ = master.call("PATCH", "/instances/********", {"action": "restart"})
+    assert status == 200 and body["url"] != master.key and len(body["url"]) == 32
+    shutdown = read_events(events, 1)[0]
+    assert shutdown["type"] == "shutdown" and shutdown["instance"] is None
+    assert events.read().strip() == b""  # the stream ends after it
+    stream.close()
+    assert master.call("GET", "/instances")[0] == 401
+    with open(str(tmp_path / "master.json")) as state:
+        assert json.load(state)["key"] == body["url"]
+    assert master.call("GET", "/instances", key=body["url"])[0] == 200
