@@ -43,6 +43,7 @@ REASONS = {200: "200 OK", 201: "201 Created", 204: "204 No Content", 400: "400 B
            405: "405 Method Not Allowed", 409: "409 Conflict", 413: "413 Payload Too Large",
            500: "500 Internal Server Error"}
 SSE_KEEPALIVE = 15.0
+SSE_BACKLOG = 1000  # events waiting for one slow stream
 
 
 class MasterUrl:
@@ -237,18 +238,19 @@ class MasterApp:
     # -- events ------------------------------------------------------------
 
     def events_stream(self):
-        queue = gevent.queue.Queue()
-        initial = [{"type": "initial", "instance": body, "logs": ""} for body in self.instances.listing()]
-        self.instances.subscribers.add(queue.put)
+        subscriber = _Subscriber()
+        initial = [{"type": "initial", "instance": body, "logs": ""}
+                   for body in self.instances.listing()]
+        self.instances.subscribers.add(subscriber)
 
         def stream():
             try:
                 yield b"retry: 3000\n\n"
                 for event in initial:
                     yield sse_event(event)
-                while True:
+                while not subscriber.overflowed:
                     try:
-                        event = queue.get(timeout=SSE_KEEPALIVE)
+                        event = subscriber.queue.get(timeout=SSE_KEEPALIVE)
                     except gevent.queue.Empty:
                         yield b": keepalive\n\n"
                         continue
@@ -256,8 +258,24 @@ class MasterApp:
                     if event["type"] == "shutdown":
                         return
             finally:
-                self.instances.subscribers.discard(queue.put)
+                self.instances.subscribers.discard(subscriber)
         return stream
+
+
+class _Subscriber:
+    """One /events stream's backlog. A client that stops reading would make it
+    grow without end: past SSE_BACKLOG events its stream is ended instead (the
+    client reconnects, as SSE clients do, and gets fresh initial events)."""
+
+    def __init__(self) -> None:
+        self.queue = gevent.queue.Queue(SSE_BACKLOG)
+        self.overflowed = False
+
+    def __call__(self, event: dict) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except gevent.queue.Full:
+            self.overflowed = True
 
 
 def sse_event(event: dict) -> bytes:
