@@ -59,6 +59,10 @@ def tunnel_pair(master, echo):
     status, client, _ = master.call("POST", "/instances", {
         "url": "client://127.0.0.1:%d/127.0.0.1:%d" % (tunnel_port, echo.port)})
     assert status == 201, client
+    # config: the URL with the values in force written out, keys sorted.
+    assert server["config"] == ("server://127.0.0.1:%d/127.0.0.1:%d?data_port=0&log=info&max="
+                                "1024&proxy=0&slot=1024&tls=0&udp=v1" % (tunnel_port, user_port))
+    assert "min=" in client["config"] and "udp=" not in client["config"]
     return server["id"], client["id"], user_port
 
 

@@ -68,6 +68,25 @@ def normalise_url(url: str, log_level: str) -> str:
     return text + ("#" + parts.fragment if parts.fragment else "")
 
 
+def expanded_url(url: str, settings: Settings) -> str:
+    """v1.14's ``config``: the URL with the values in force written out where
+    it leaves them to a default (our parameters, not v1.14's), keys sorted."""
+    tunnel = parse_tunnel(url, settings, "config")
+    config, tuned = tunnel.config, tunnel.settings
+    defaults = {"log": config.log_level, "tls": str(config.tls_mode),
+                "max": str(tuned.max_pool_capacity), "slot": str(tuned.semaphore_limit)}
+    if config.role == "server":
+        defaults.update({"udp": config.udp_mode, "data_port": str(config.data_port),
+                         "proxy": str(config.proxy_version)})
+    else:
+        defaults["min"] = str(tuned.min_pool_capacity)
+    parts = split_url(url)
+    given = {name for name, _ in query_pairs(parts.query, True)}
+    pieces = [piece for piece in parts.query.split("&") if piece]
+    pieces += ["%s=%s" % (name, value) for name, value in defaults.items() if name not in given]
+    return "%s://%s%s?%s" % (parts.scheme, parts.netloc, parts.path, "&".join(sorted(pieces)))
+
+
 class Instance:
     """One saved tunnel and, while it runs, its Fleet."""
 
@@ -78,6 +97,7 @@ class Instance:
         self.restart = bool(record.get("restart", True))
         self.meta = record.get("meta") if isinstance(record.get("meta"), dict) else empty_meta()
         self.type = split_url(self.url).scheme
+        self.config = record.get("config") or self.url
         self.status = "stopped"
         self.error = ""
         self.fleet = None
@@ -88,8 +108,8 @@ class Instance:
         self.baseline = {"bytes_in": 0, "bytes_out": 0}
 
     def record(self) -> dict:
-        return {"id": self.id, "alias": self.alias, "url": self.url, "restart": self.restart,
-                "meta": self.meta}
+        return {"id": self.id, "alias": self.alias, "url": self.url, "config": self.config,
+                "restart": self.restart, "meta": self.meta}
 
     def role_status(self) -> dict:
         statuses = self.fleet.statuses() if self.fleet is not None else []
@@ -112,7 +132,7 @@ class Instance:
 
     def to_json(self) -> dict:
         body = {"id": self.id, "alias": self.alias, "type": self.type, "status": self.status,
-                "url": self.url, "config": self.url, "restart": self.restart,
+                "url": self.url, "config": self.config, "restart": self.restart,
                 "meta": self.meta}
         body.update(self.figures())
         return body
@@ -171,7 +191,8 @@ class Instances:
         while instance_id in self._by_id:
             instance_id = binascii.hexlify(os.urandom(4)).decode("ascii")
         instance = Instance({"id": instance_id, "alias": check_value(alias, "alias"),
-                             "url": url, "restart": True})
+                             "url": url, "config": expanded_url(url, self.settings),
+                             "restart": True})
         self._by_id[instance_id] = instance
         self.save()
         self.publish("create", instance)
@@ -192,6 +213,7 @@ class Instances:
             raise ApiError(409, "Instance URL conflict")
         self.stop(instance)
         instance.url, instance.type = url, split_url(url).scheme
+        instance.config = expanded_url(url, self.settings)
         self.save()
         self.start(instance)
 
