@@ -170,7 +170,6 @@ def main(urls: Union[str, List[str]], check_only: bool = False,
     from nodepass_gevent.ops import fleet
     urls = [urls] if isinstance(urls, str) else list(urls)
     if len(urls) == 1 and urls[0].startswith("master://") and not config_file:
-        from nodepass_gevent import service
         from nodepass_gevent.ops import master  # the management API (docs/master.md)
         return master.main(urls[0], service.build)
     try:
