@@ -12,7 +12,7 @@ import v114_transcripts as captures
 from reference_peer_v114 import ReferenceServer
 from support import FAST_ENV, HOST, EchoServer, NodepassProcess, tcp_exchange, wait_until
 from nodepass_gevent.config import ConfigError, parse_url
-from nodepass_gevent.wire.v114 import handshake
+from nodepass_gevent.wire.v114 import handshake, signals
 
 FAST_PING = 1.0  # the reference server's ping (v1.14: 5 s); its verify follows one
 
@@ -102,3 +102,24 @@ def test_the_wire_parameter_is_parsed_and_checked():
         parse_url("client://h:1/h:2?wire=2")
     with pytest.raises(ConfigError, match="unknown URL parameter 'wire'"):
         parse_url("server://:1/h:2?wire=1.14")  # the server side is not there yet
+
+
+@pytest.mark.timeout(20)
+def test_bad_lines_are_skipped_unknown_actions_ignored_and_flush_empties_the_pool(started):
+    echo = EchoServer()
+    started(echo)
+    server = ReferenceServer(ping_interval=FAST_PING)
+    started(server)
+    client = run_client(started, "client://%s:%d/%s:%d?wire=1.14"
+                        % (HOST, server.tunnel_port, HOST, echo.port))
+    client.wait_for_output("(v1.14 wire, tls=0", timeout=5)
+    wait_until(lambda: len(server.pool) >= 4, 5, what="pooled connections")
+    with server.write_lock:
+        server.control.sendall(b"not base64!\n" + signals.encode_signal(
+            signals.Signal("reboot"), server.key))
+    server.send(signals.flush())
+    client.wait_for_output("control line skipped: control line is not base64", timeout=5)
+    client.wait_for_output("asked for a flush", timeout=5)
+    server.pool.close()  # the Go sender flushes its own idle connections too
+    assert tcp_exchange(server.user_port, b"still here") == b"still here"
+    assert "reboot" not in client.output() and "Traceback" not in client.output()

@@ -17,7 +17,7 @@ from nodepass_gevent.base import net
 from nodepass_gevent.config import Address
 from nodepass_gevent.tunnel import tcp
 from nodepass_gevent.tunnel.pool import ClientPool
-from nodepass_gevent.wire.v114 import client_session, control, pool_dial
+from nodepass_gevent.wire.v114 import client_session, control, handshake, pool_dial
 
 CONTROL_WAIT = 10.0  # v1.14: 5 s for a pooled connection, then 5 s for id 0
 TLS_NAMES = {"0": "plain", "1": "self-signed, checked by verify", "2": "verified"}
@@ -39,7 +39,9 @@ class V114Session:
                             " tls=%d" % (server, self.tls_mode, client.config.tls_mode))
         self.data_port = server.port  # one port for everything
         self._control_sock = AsyncResult()
-        self.dialer = pool_dial.PoolDialer(server, self.tls_code, "", self._control_sock.set)
+        # tls=2 checks the name the Host header carries: "none" for an IP, as v1.14.
+        sni = handshake.server_name(server.host)
+        self.dialer = pool_dial.PoolDialer(server, self.tls_code, sni, self._control_sock.set)
         self.pool = None  # type: Optional[ClientPool]
         self.channel = None  # type: Optional[control.ControlChannel]
 
@@ -85,6 +87,8 @@ class V114Session:
         return self.dialer.forget(name) or ""
 
     def flush(self) -> None:
+        self.client.log.info("Client: the server asked for a flush: %d idle pool connections"
+                             " closed", self.pool.idle)
         self.pool.flush()
         self.dialer.fingerprints.clear()  # of the connections just closed
 
