@@ -120,7 +120,7 @@ from typing import List, Optional, Union
 from docopt import DocoptExit, docopt
 
 from nodepass_gevent import __version__, tunnelset
-from nodepass_gevent.config import (KEY_VARIABLE, LOG_LEVELS, SETTINGS, ConfigError,
+from nodepass_gevent.config import (KEY_VARIABLE, LOG_LEVELS, SETTINGS, WIRE_V1, ConfigError,
                                     format_addresses, load_settings, without_key)
 
 PROGRAM = "nodepass"
@@ -284,10 +284,11 @@ def _print_for_operator(arguments) -> int:
 def _check_line(tunnel: "tunnelset.Tunnel", settings) -> str:
     config = tunnel.config
     edge = config.edge_summary()
-    line = ("ok: %s%s tunnel=%s target=%s tls=%d log=%s auth=%s%s%s"
+    line = ("ok: %s%s tunnel=%s target=%s tls=%d log=%s auth=%s%s%s%s"
             % (tunnel.name + ": " if tunnel.name else "", config.role,
                format_addresses(config.servers), config.target, config.tls_mode,
                config.log_level, "on" if config.auth_key else "off",
+               " wire=%s" % config.wire if config.wire != WIRE_V1 else "",
                " data_port=%d" % config.data_port if config.data_port else "",
                " " + edge if edge else ""))
     overrides = [(parameter, getattr(tunnel.settings, SETTINGS_BY_NAME[variable].attribute))

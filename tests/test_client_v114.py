@@ -10,7 +10,8 @@ import pytest
 
 import v114_transcripts as captures
 from reference_peer_v114 import ReferenceServer
-from support import FAST_ENV, HOST, EchoServer, NodepassProcess, tcp_exchange, wait_until
+from support import (FAST_ENV, HOST, EchoServer, NodepassProcess, run_nodepass, tcp_exchange,
+                     wait_until)
 from nodepass_gevent.config import ConfigError, parse_url
 from nodepass_gevent.wire.v114 import handshake, signals
 
@@ -102,6 +103,15 @@ def test_the_wire_parameter_is_parsed_and_checked():
         parse_url("client://h:1/h:2?wire=2")
     with pytest.raises(ConfigError, match="unknown URL parameter 'wire'"):
         parse_url("server://:1/h:2?wire=1.14")  # the server side is not there yet
+
+
+@pytest.mark.timeout(10)
+def test_check_shows_the_wire_and_a_bad_one_is_one_line():
+    good = run_nodepass(["--check", "client://127.0.0.1:1/127.0.0.1:2?wire=1.14"])
+    assert good.returncode == 0 and " auth=off wire=1.14\n" in good.stdout
+    bad = run_nodepass(["--check", "client://127.0.0.1:1/127.0.0.1:2?wire=1.4"])
+    assert bad.returncode != 0 and "bad wire value '1.4'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.timeout(20)
