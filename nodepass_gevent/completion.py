@@ -31,9 +31,10 @@ def parameters(role: str) -> List[str]:
 
 def parameter_values() -> Dict[str, List[str]]:
     """The parameters whose value is one of a few words, and those words."""
-    from nodepass_gevent.config import LOG_FORMATS, LOG_LEVELS, PROXY_VERSIONS, UDP_MODES
+    from nodepass_gevent.config import LOG_FORMATS, LOG_LEVELS, PROXY_VERSIONS, UDP_MODES, WIRES
     return {"log": list(LOG_LEVELS), "tls": ["0", "1", "2"], "udp": list(UDP_MODES),
-            "proxy": list(PROXY_VERSIONS), "log_format": list(LOG_FORMATS)}
+            "proxy": list(PROXY_VERSIONS), "log_format": list(LOG_FORMATS),
+            "wire": list(WIRES)}
 
 
 def bash_script(version: str) -> str:

@@ -25,10 +25,10 @@ import gevent.pool
 from nodepass_gevent.base import health, net
 from nodepass_gevent.base.lifecycle import Component
 from nodepass_gevent.base.stats import Stats
-from nodepass_gevent.config import Address, Config, Settings, format_addresses
+from nodepass_gevent.config import WIRE_V114, Address, Config, Settings, format_addresses
 from nodepass_gevent.copy import tls
 from nodepass_gevent.log import TunnelLog
-from nodepass_gevent.tunnel import tcp, udp
+from nodepass_gevent.tunnel import client_v114, tcp, udp
 from nodepass_gevent.tunnel.failover import ServerOrder
 from nodepass_gevent.tunnel.pool import ClientPool
 from nodepass_gevent.wire.v1 import auth, control, dataconn, protocol
@@ -97,7 +97,7 @@ class Client(Component):
                 self.log.error("Client: authentication failed: %s", exc)
             except control.TunnelRefused as exc:  # told: error; inferred: it may pass
                 (self.log.error if exc.certain else self.log.warning)("Client: %s", exc)
-            except SessionError as exc:
+            except (SessionError, client_v114.V114Error) as exc:
                 self.log.error("Client: %s", exc)
             except control.ServerUnreachable as exc:
                 self.log.warning("Client: %s", exc)
@@ -142,6 +142,10 @@ class Client(Component):
         return " (%s)" % self.servers.position if len(self.servers.servers) > 1 else ""
 
     def _serve_session(self, server: Address) -> None:
+        if self.config.wire == WIRE_V114:  # NodePass v1.14's wire (client_v114.py)
+            self.session = client_v114.V114Session(self, server)
+            self.session.serve()
+            return
         # The control channel dials config.tunnel: this session's server.
         config = dataclasses.replace(self.config, tunnel=server)
         session = self.session = control.open_client_session(config, self.settings, self.log)
@@ -169,6 +173,14 @@ class Client(Component):
         self.ready.set()
         while True:
             self._launch(self.pool, session.next_launch(self.log))
+
+    def opened_session(self) -> None:
+        """A v1.14 session opened: the same bookkeeping as a v1.0 one's."""
+        self._opened = True
+        if self._down.active:
+            self._down.end()
+        self._auth_failures = 0
+        self.ready.set()
 
     def _say_verified(self, certificate: dict) -> None:
         self.log.info("Client: tls=2 verified: %s, for %s", tls.describe_certificate(certificate),

@@ -28,4 +28,7 @@ pool connection 00000000; *flow* "-" when the server accepts users (reverse),
 
 Modules: keys (key, bearer, certificate fingerprint), handshake (the HTTP
 exchange), signals (control lines), ids (connection ids).
+The client's I/O on top of them (TCP pool, reverse mode): client_session
+(the handshake over a socket), pool_dial (pool connections), control (the
+control channel); tunnel/client_v114.py wires them to the pool and the target.
 """
