@@ -16,30 +16,21 @@ from typing import Callable, Dict, Optional, Tuple
 
 from nodepass_gevent.base import net
 from nodepass_gevent.config import Address
-from nodepass_gevent.copy import tlsstream
+from nodepass_gevent.copy import tls, tlsstream
 from nodepass_gevent.wire.v114 import ids
 from nodepass_gevent.wire.v114.keys import certificate_fingerprint
 
 CONNECT_TIMEOUT = 5.0   # NP_TCP_DIAL_TIMEOUT
 TLS_TIMEOUT = 5.0       # NP_HANDSHAKE_TIMEOUT
 TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED = "0", "1", "2"
-# A bare FIN (no close_notify) ends a TLS stream, as copy/tls.py sets for v1.0:
-# OpenSSL 3 would otherwise answer it with a fatal alert. 0x80 is its value.
-HALF_CLOSE_OPTIONS = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF",
-                             0x80 if ssl.OPENSSL_VERSION_INFO >= (3,) else 0)
 
 
 def client_context(tls_code: str, sni: str) -> Optional[ssl.SSLContext]:
-    """TLS 1.3 only, as v1.14: no verification at tls=1, the system roots at tls=2."""
-    if tls_code == TLS_NONE:
+    """v1.0's client context for that mode (copy/tls.py: no checks at tls=1, the
+    system roots at tls=2, a bare FIN ends a stream), held to TLS 1.3 as v1.14 is."""
+    context = tls.client_context(int(tls_code))
+    if context is None:
         return None
-    if tls_code == TLS_VERIFIED:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    else:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    context.options |= HALF_CLOSE_OPTIONS
     if hasattr(ssl, "TLSVersion"):  # 3.7+
         context.minimum_version = ssl.TLSVersion.TLSv1_3
     else:
