@@ -8,7 +8,7 @@ import sys
 from types import ModuleType
 from typing import Dict, List, Optional, Sequence
 
-from nodepass_gevent.ops.servicectl.instance import TunnelsFile, TunnelUrl  # noqa: F401 (annotations)
+from nodepass_gevent.ops.servicectl.instance import Runs
 from nodepass_gevent.ops.servicectl.layout import (CONFIG_DIR, HIDDEN_PREFIXES, NAME_PATTERN,
                                                    PATH_VARIABLES, SECRET_VARIABLES, Layout)
 from nodepass_gevent.ops.servicectl.output import PROG, ServiceError, Status, warn
@@ -131,7 +131,7 @@ def under(path: str, prefixes: Sequence[str]) -> bool:
     return any(normal == p or normal.startswith(p + "/") for p in prefixes)
 
 
-def check_certificate_paths(layout: Layout, tunnel: "TunnelUrl | TunnelsFile") -> None:
+def check_certificate_paths(layout: Layout, tunnel: Runs) -> None:
     for path in tunnel.certificate_paths():
         if under(path, HIDDEN_PREFIXES):
             raise ServiceError("{} is invisible to the service (it has a private /tmp, /var/tmp "

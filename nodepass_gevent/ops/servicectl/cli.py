@@ -1,7 +1,8 @@
 """Manage nodepass-gevent tunnels as systemd services.
 
-Each instance of the template unit nodepass@.service runs one tunnel (a URL)
-or a whole tunnels file (--config: many tunnels in one process, reloaded live),
+Each instance of the template unit nodepass@.service runs one tunnel (a URL),
+a whole tunnels file (--config: many tunnels in one process, reloaded live) or
+a master (a master:// URL: NodePass's REST API, running the tunnels it is given),
 configured by its own environment file /etc/nodepass/NAME.env (the URL and the
 tuning variables), /etc/nodepass/NAME.tunnels for a tunnels file, and, when
 needed, drop-ins in nodepass@NAME.service.d/.
@@ -23,7 +24,11 @@ commands:
   create NAME URL [--env KEY=VALUE]... [--force] [--no-start]
                  a tunnel as a service, enabled at boot and started; creates
                  the service user too if it does not exist (a tunnel made
-                 before install, or a user removed since)
+                 before install, or a user removed since). A master URL
+                 (master://HOST:PORT[/PREFIX]?...: the REST API) keeps its API
+                 key and instances in /var/lib/nodepass-gevent/NAME
+                 (StateDirectory=), which delete keeps and uninstall --purge
+                 removes
   create NAME --config FILE [--metrics HOST:PORT] [--env KEY=VALUE]...
          [--force] [--no-start]
                  every tunnel of a tunnels file (see nodepass --help) in one
@@ -31,7 +36,8 @@ commands:
                  FILE is copied to /etc/nodepass/NAME.tunnels
   reload NAME [--config FILE]
                  re-read the tunnels file (replaced by FILE, checked first)
-                 and tls=2 certificates without a restart (SIGHUP)
+                 and tls=2 certificates without a restart (SIGHUP); not a
+                 master (restart it)
   start|stop|restart|status NAME
   list           every tunnel with its state and URL
   delete NAME    stop, disable and remove a tunnel

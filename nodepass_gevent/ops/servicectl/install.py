@@ -15,8 +15,8 @@ from nodepass_gevent.ops.servicectl.commands import delete_tunnel
 from nodepass_gevent.ops.servicectl.files import (copy_atomically, remove_empty_dir, remove_file,
                                                   write_atomically)
 from nodepass_gevent.ops.servicectl.layout import (CHECKOUT, CONFIG_DIR, HOME_PREFIXES,
-                                                   PACKAGE_NAME, PYZ_MANIFEST, SYSTEM_PYTHON,
-                                                   Layout, read_record)
+                                                   PACKAGE_NAME, PYZ_MANIFEST, STATE_ROOT,
+                                                   SYSTEM_PYTHON, Layout, read_record)
 from nodepass_gevent.ops.servicectl.output import PROG, ServiceError, Status, say, warn
 from nodepass_gevent.ops.servicectl.system import System, require_root_user, user_exists
 from nodepass_gevent.ops.servicectl.units import render_template
@@ -210,7 +210,7 @@ def cmd_uninstall(layout: Layout, system: System, args: argparse.Namespace) -> S
         raise ServiceError("tunnels exist: {}; delete them first or uninstall --purge"
                            .format(", ".join(names)))
     for name in names:
-        delete_tunnel(layout, system, name)
+        delete_tunnel(layout, system, name, purge=True)
     remove_file(layout.disk(layout.template))
     system.run(["systemctl", "daemon-reload"])
     shutil.rmtree(str(layout.disk(layout.venv)), ignore_errors=True)
@@ -220,6 +220,7 @@ def cmd_uninstall(layout: Layout, system: System, args: argparse.Namespace) -> S
     remove_empty_dir(layout.disk(layout.prefix))
     if args.purge:
         remove_empty_dir(layout.disk(CONFIG_DIR))
+        remove_empty_dir(layout.disk(STATE_ROOT))  # the masters' states went with them
         if user_exists(layout.user):
             system.run(["userdel", layout.user], check=False)
         elif system.dry:

@@ -20,6 +20,11 @@ RECORD = CONFIG_DIR / "install.json"  # what install chose: prefix, user, source
 # ProtectSystem=strict.
 CACHE_NAME = "nodepass-gevent"
 CACHE_DIR = PurePosixPath("/var/cache") / CACHE_NAME
+# A master's state (API key, instances): StateDirectory=nodepass-gevent/NAME,
+# which systemd makes for the service user and the master finds in
+# $STATE_DIRECTORY. MASTER_STATE_FILE is ops/masterstate.py's STATE_FILE.
+STATE_ROOT = PurePosixPath("/var/lib") / CACHE_NAME
+MASTER_STATE_FILE = "master.json"
 SYSTEM_PYTHON = "/usr/bin/python3"
 PYZ_MANIFEST = "nodepass-pyz.json"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -73,6 +78,10 @@ class Layout:
     @staticmethod
     def tunnels_file(name: str) -> PurePosixPath:
         return CONFIG_DIR / "{}.tunnels".format(name)
+
+    @staticmethod
+    def state_dir(name: str) -> PurePosixPath:
+        return STATE_ROOT / name
 
     @staticmethod
     def dropin_dir(name: str) -> PurePosixPath:

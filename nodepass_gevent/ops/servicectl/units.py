@@ -5,8 +5,8 @@ from types import ModuleType
 from typing import Dict, Optional
 
 from nodepass_gevent.ops.servicectl.checks import choice_variables, under
-from nodepass_gevent.ops.servicectl.instance import TunnelsFile, TunnelUrl  # noqa: F401 (annotations)
-from nodepass_gevent.ops.servicectl.layout import (CACHE_NAME, CONFIG_DIR, CONFIG_VARIABLE,
+from nodepass_gevent.ops.servicectl.instance import Runs
+from nodepass_gevent.ops.servicectl.layout import (CACHE_NAME, STATE_ROOT, CONFIG_DIR, CONFIG_VARIABLE,
                                                    HOME_PREFIXES, PATH_VARIABLES,
                                                    SECRET_VARIABLES, Layout)
 from nodepass_gevent.ops.servicectl.output import PROG
@@ -117,10 +117,11 @@ def render_env_file(config: ModuleType, name: str, url: Optional[str],
     return "\n".join(lines) + "\n"
 
 
-def render_dropins(config: ModuleType, tunnel: "TunnelUrl | TunnelsFile",
-                   variables: Dict[str, str],
-                   tunnels_conf: Optional[str] = None) -> Dict[str, Optional[str]]:
-    """Per-instance drop-ins by file name; None means the file must not exist."""
+def render_dropins(config: ModuleType, tunnel: Runs, variables: Dict[str, str],
+                   by_kind: Optional[Dict[str, Optional[str]]] = None
+                   ) -> Dict[str, Optional[str]]:
+    """Per-instance drop-ins by file name; None means the file must not exist.
+    ``by_kind``: tunnels.conf for a tunnels file, master.conf for a master."""
     shutdown = variables.get("SHUTDOWN_TIMEOUT",
                              settings_by_name(config)["SHUTDOWN_TIMEOUT"].default)
     shutdown_ms = duration_ms(config, shutdown)
@@ -131,8 +132,10 @@ def render_dropins(config: ModuleType, tunnel: "TunnelUrl | TunnelsFile",
             systemd_span(shutdown_ms + STOP_MARGIN_MS)),
         "bind.conf": None,
         "tls.conf": None,
-        "tunnels.conf": tunnels_conf,
+        "tunnels.conf": None,
+        "master.conf": None,
     }
+    dropins.update(by_kind or {})
     if tunnel.listens_below_1024():
         dropins["bind.conf"] = ("[Service]\n"
                                 "CapabilityBoundingSet=CAP_NET_BIND_SERVICE\n"
@@ -160,6 +163,24 @@ ExecStart=
 ExecStart={exec_start} --config {tunnels}{metrics}
 """.format(exec_start=layout.exec_start(), tunnels=unit_quote(str(layout.tunnels_file(name))),
            metrics=metrics_option)
+
+
+def render_master_dropin(name: str) -> str:
+    """A master instance (master:// URL): the template runs it as is; this adds
+    its state directory and takes away the reload."""
+    return """\
+[Service]
+# A master: NodePass's REST API, running the tunnels it is given. Type=simple
+# (the template's) fits: the master sends no sd_notify, and listens at once.
+# Its API key and instances live in {state}, systemd's
+# $STATE_DIRECTORY, which the master reads: made for the service user,
+# private to it, writable under ProtectSystem=strict, kept across restarts,
+# updates and delete (uninstall --purge removes it).
+StateDirectory={cache}/{name}
+StateDirectoryMode=0700
+# The master re-reads nothing on SIGHUP (it would end it): no reload.
+ExecReload=
+""".format(state=STATE_ROOT / name, cache=CACHE_NAME, name=name)
 
 
 def unit_quote(path: str) -> str:
