@@ -64,7 +64,7 @@ exit status: 0 done, 1 failed (unknown tunnel, a command failed), 2 bad input
 import argparse
 import functools
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from nodepass_gevent.ops.servicectl.commands import (cmd_create, cmd_delete, cmd_list, cmd_reload,
                                                      cmd_status, cmd_systemctl)
@@ -166,7 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_global_options(after, default=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add = functools.partial(commands.add_parser, parents=[after])
+    add_package_commands(add)
+    add_instance_commands(add)
+    return parser
 
+
+def add_package_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """install, update, uninstall: the package and the template unit."""
     install = add("install", help="install the package into PREFIX/venv")
     install.add_argument("--source", help="path or requirement (default: this checkout)")
     install.add_argument("--python", default=None,
@@ -177,7 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="let the venv see the interpreter's packages")
     install.add_argument("--pip-arg", action="append", default=[], metavar="ARG",
                          help="extra pip install argument (repeatable)")
+    update = add("update", help="upgrade the package, restart tunnels")
+    update.add_argument("--source", help="path or requirement (default: the one installed from)")
+    update.add_argument("--pyz", metavar="FILE",
+                        help="the new nodepass.pyz (default: the file installed from)")
+    uninstall = add("uninstall", help="remove the package and template unit")
+    uninstall.add_argument("--purge", action="store_true",
+                           help="also delete every tunnel, /etc/nodepass and the user")
 
+
+def add_instance_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """create, start ... delete, reload, list: the instances."""
     create = add("create", help="a tunnel (or a tunnels file) as a systemd service")
     create.add_argument("name")
     create.add_argument("url", nargs="?")
@@ -188,21 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a tuning variable, e.g. SHUTDOWN_TIMEOUT=10s (repeatable)")
     create.add_argument("--force", action="store_true", help="replace an existing tunnel")
     create.add_argument("--no-start", action="store_true", help="enable at boot, do not start")
-
     for verb in ("start", "stop", "restart", "status", "delete"):
         add(verb, help="{} a tunnel".format(verb)).add_argument("name")
     reload = add("reload", help="re-read a tunnels file and certificates (SIGHUP)")
     reload.add_argument("name")
     reload.add_argument("--config", metavar="FILE", help="replace the tunnels file first")
     add("list", help="every tunnel, its state and URL")
-    update = add("update", help="upgrade the package, restart tunnels")
-    update.add_argument("--source", help="path or requirement (default: the one installed from)")
-    update.add_argument("--pyz", metavar="FILE",
-                        help="the new nodepass.pyz (default: the file installed from)")
-    uninstall = add("uninstall", help="remove the package and template unit")
-    uninstall.add_argument("--purge", action="store_true",
-                           help="also delete every tunnel, /etc/nodepass and the user")
-    return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:

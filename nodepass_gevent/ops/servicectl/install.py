@@ -32,12 +32,7 @@ def cmd_install(layout: Layout, system: System, args: argparse.Namespace) -> Sta
     source = args.source or default_source()
     venv = layout.disk(layout.venv)
     if not (venv / "bin" / "python").exists():
-        say("creating virtual environment {}".format(venv))
-        command = [args.python, "-m", "venv"]
-        if args.system_site_packages:
-            command.append("--system-site-packages")
-        run_or_fail(command + [str(venv)], "creating the virtual environment failed "
-                    "(on Debian: apt-get install python3-venv)")
+        make_venv(venv, args.python, args.system_site_packages)
     pip_install(venv, source, args.pip_arg)
     version = installed_version(layout)
     # After pip: a failed install leaves no user behind.
@@ -50,6 +45,15 @@ def cmd_install(layout: Layout, system: System, args: argparse.Namespace) -> Sta
     system.run(["systemctl", "daemon-reload"])
     say("installed {} into {}".format(version, venv))
     return Status.OK
+
+
+def make_venv(venv: Path, python: str, system_site_packages: bool) -> None:
+    say("creating virtual environment {}".format(venv))
+    command = [python, "-m", "venv"]
+    if system_site_packages:
+        command.append("--system-site-packages")
+    run_or_fail(command + [str(venv)], "creating the virtual environment failed "
+                "(on Debian: apt-get install python3-venv)")
 
 
 def installed_version(layout: Layout) -> str:
@@ -213,18 +217,27 @@ def cmd_uninstall(layout: Layout, system: System, args: argparse.Namespace) -> S
         delete_tunnel(layout, system, name, purge=True)
     remove_file(layout.disk(layout.template))
     system.run(["systemctl", "daemon-reload"])
+    remove_package(layout)
+    if args.purge:
+        purge_config_and_user(layout, system)
+    say("uninstalled from {}".format(layout.disk(layout.prefix)))
+    return Status.OK
+
+
+def remove_package(layout: Layout) -> None:
+    """The venv or the pyz with its cache, the install record, PREFIX if empty."""
     shutil.rmtree(str(layout.disk(layout.venv)), ignore_errors=True)
     remove_file(layout.disk(layout.pyz))
     shutil.rmtree(str(layout.disk(layout.cache)), ignore_errors=True)
     remove_file(layout.disk(layout.record))
     remove_empty_dir(layout.disk(layout.prefix))
-    if args.purge:
-        remove_empty_dir(layout.disk(CONFIG_DIR))
-        remove_empty_dir(layout.disk(STATE_ROOT))  # the masters' states went with them
-        if user_exists(layout.user):
-            system.run(["userdel", layout.user], check=False)
-        elif system.dry:
-            say("--root given: service user {} does not exist on this host, no userdel needed"
-                .format(layout.user))
-    say("uninstalled from {}".format(layout.disk(layout.prefix)))
-    return Status.OK
+
+
+def purge_config_and_user(layout: Layout, system: System) -> None:
+    remove_empty_dir(layout.disk(CONFIG_DIR))
+    remove_empty_dir(layout.disk(STATE_ROOT))  # the masters' states went with them
+    if user_exists(layout.user):
+        system.run(["userdel", layout.user], check=False)
+    elif system.dry:
+        say("--root given: service user {} does not exist on this host, no userdel needed"
+            .format(layout.user))
