@@ -32,6 +32,9 @@ MAX_URL = 4096
 FIGURES_INTERVAL = 5.0  # v1.14's CHECK_POINT period: one update event each
 STOP_GRACE = 5.0        # v1.14 gives a child 5 s after SIGTERM
 ERROR_RETRY = 3600.0    # v1.14 restarts instances in error hourly
+# Stats counters (by status() name) the figures read; "reset" takes a baseline of each.
+COUNTERS = ("bytes_in", "bytes_out", "udp_bytes_in", "udp_bytes_out")
+TRAFFIC = ("tcprx", "tcptx", "udprx", "udptx")  # v1.14's names of those figures
 
 
 class ApiError(Exception):
@@ -105,7 +108,9 @@ class Instance:
         self.lock = gevent.lock.RLock()  # one start or stop at a time
         # The traffic counters at the last "reset" (the role's own Stats are
         # never rewritten: its gauges and report line stay right).
-        self.baseline = {"bytes_in": 0, "bytes_out": 0}
+        self.baseline = dict.fromkeys(COUNTERS, 0)
+        self.mode = 0  # v1.14 keeps the last mode seen (0 until the tunnel was up)
+        self.last = dict.fromkeys(("mode", "ping", "pool", "tcps", "udps") + TRAFFIC, 0)
 
     def record(self) -> dict:
         return {"id": self.id, "alias": self.alias, "url": self.url, "config": self.config,
@@ -117,18 +122,33 @@ class Instance:
 
     def reset_counters(self) -> None:
         status = self.role_status()
-        self.baseline = {name: status.get(name, 0) for name in self.baseline}
+        self.baseline = {name: status.get(name, 0) for name in COUNTERS}
+        self.last.update(dict.fromkeys(TRAFFIC, 0))
 
     def figures(self) -> dict:
+        """v1.14's figures from the role's status(): ``mode`` 1 for a server
+        (reverse: it takes the users) and 2 for a client (dual-end: it dials
+        the target) once the tunnel has been up; ``ping`` the control
+        connection's round trip in ms, as the kernel measured it. A stopped
+        instance keeps its last traffic counters and mode, as in v1.14."""
+        if self.fleet is None:
+            return self.last
         status = self.role_status()
-        mode = 0
         if status.get("state") == "up":
-            mode = 1 if self.type == "server" else 2
-        return {"mode": mode, "ping": 0, "pool": status.get("pool_idle", 0),
-                "tcps": status.get("tcp_active", 0), "udps": status.get("udp_flows_active", 0),
-                "tcprx": status.get("bytes_in", 0) - self.baseline["bytes_in"],
-                "tcptx": status.get("bytes_out", 0) - self.baseline["bytes_out"],
-                "udprx": 0, "udptx": 0}
+            self.mode = 1 if self.type == "server" else 2
+        counted = {name: status.get(name, 0) - self.baseline[name] for name in COUNTERS}
+        rtt = status.get("control_rtt")
+        self.last = {"mode": self.mode, "ping": int(rtt * 1000) if rtt is not None else 0,
+                     "pool": status.get("pool_idle", 0), "tcps": status.get("tcp_active", 0),
+                     "udps": status.get("udp_flows_active", 0),
+                     "tcprx": counted["bytes_in"] - counted["udp_bytes_in"],
+                     "tcptx": counted["bytes_out"] - counted["udp_bytes_out"],
+                     "udprx": counted["udp_bytes_in"], "udptx": counted["udp_bytes_out"]}
+        return self.last
+
+    def stopped_figures(self) -> None:
+        """Keep the last counters of a tunnel being stopped (gauges to 0)."""
+        self.last = dict(self.figures(), ping=0, pool=0, tcps=0, udps=0)
 
     def to_json(self) -> dict:
         body = {"id": self.id, "alias": self.alias, "type": self.type, "status": self.status,
@@ -247,7 +267,7 @@ class Instances:
             self.publish("update", instance)
             return
         instance.fleet, instance.status, instance.error = fleet, "running", ""
-        instance.baseline = {name: 0 for name in instance.baseline}  # fresh Stats
+        instance.baseline = dict.fromkeys(COUNTERS, 0)  # fresh Stats
         instance.watcher = gevent.spawn(self._watch, instance, fleet)
         self.publish("update", instance)
 
@@ -265,6 +285,7 @@ class Instances:
             self._stop(instance, publish)
 
     def _stop(self, instance: Instance, publish: bool) -> None:
+        instance.stopped_figures()
         fleet, instance.fleet = instance.fleet, None
         if instance.watcher is not None and instance.watcher is not gevent.getcurrent():
             instance.watcher.kill(block=False)
