@@ -161,14 +161,15 @@ def test_a_failing_instance_is_error_and_harms_no_one(nodepass, tmp_path):
     wait_until(lambda: master.instance(second["id"])["status"] == "error", 10,
                what="the second server, on a taken port, in error")
     assert master.instance(first["id"])["status"] == "running"
-    # metrics=: the running instances in /status, by id.
+    # metrics=: every instance in /status, by id, the failed one too.
     metrics_port = int(re.search(r"Metrics: http://127\.0\.0\.1:(\d+)/metrics",
                                  master.process.output()).group(1))
     connection = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
     connection.request("GET", "/status")
     tunnels = json.loads(connection.getresponse().read().decode())["tunnels"]
     connection.close()
-    assert [tunnel["name"] for tunnel in tunnels] == [first["id"]]
+    assert [(tunnel["name"], tunnel["state"]) for tunnel in tunnels] == [
+        (first["id"], "waiting"), (second["id"], "failed")]  # waiting: no client
 
 
 def read_events(reply, wanted: int, logs=None) -> list:

@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional
 import gevent
 import gevent.lock
 
+from nodepass_gevent.base import health
+from nodepass_gevent.base.stats import Stats
 from nodepass_gevent.config import ConfigError, Settings
 from nodepass_gevent.log import log
 from nodepass_gevent.ops.masterstate import MasterState
@@ -31,6 +33,7 @@ MAX_VALUE = 256      # v1.14 refuses longer aliases, tags, peer fields
 MAX_URL = 4096
 FIGURES_INTERVAL = 5.0  # v1.14's CHECK_POINT period: one update event each
 STOP_GRACE = 5.0        # v1.14 gives a child 5 s after SIGTERM
+STOP_ALL_WAIT = 0.5     # at the master's stop, for every instance's listeners to close
 ERROR_RETRY = 3600.0    # v1.14 restarts instances in error hourly
 # Stats counters (by status() name) the figures read; "reset" takes a baseline of each.
 COUNTERS = ("bytes_in", "bytes_out", "udp_bytes_in", "udp_bytes_out")
@@ -120,6 +123,20 @@ class Instance:
         statuses = self.fleet.statuses() if self.fleet is not None else []
         return statuses[0] if statuses else {}
 
+    def idle_status(self) -> dict:
+        """status() of an instance that does not run: its definition, zero counters."""
+        parts = split_url(self.url)
+        state = "failed" if self.status == "error" else "stopped"
+        status = dict.fromkeys(Stats.FIELDS, 0)
+        status.update({"name": self.id, "role": self.type, "state": state, "error": self.error,
+                       "tunnel": parts.netloc.rpartition("@")[2], "target": parts.path[1:],
+                       "peer": None, "data_port": None, "pool_idle": 0,
+                       "tls": dict(query_pairs(parts.query)).get("tls", ""),
+                       "pool_capacity": 0, "udp_datagrams": 0, "last_heartbeat_age": None,
+                       "control_rtt": None})
+        status.update(health.not_running(state, self.error))
+        return status
+
     def reset_counters(self) -> None:
         status = self.role_status()
         self.baseline = {name: status.get(name, 0) for name in COUNTERS}
@@ -195,10 +212,9 @@ class Instances:
         return instance
 
     def statuses(self) -> List[dict]:
-        """Each running instance's tunnel status (its name is the instance id),
-        for metrics=: /metrics, /status, /healthz."""
-        return [status for instance in self.all() if instance.fleet is not None
-                for status in instance.fleet.statuses()]
+        """Each instance's tunnel status (its name is the instance id; a stopped
+        or failed one with zero counters), for /metrics and /status."""
+        return [instance.role_status() or instance.idle_status() for instance in self.all()]
 
     def all(self) -> List[Instance]:
         return list(self._by_id.values())
@@ -305,12 +321,16 @@ class Instances:
         self._retrier = gevent.spawn(self._retry_errors_forever)
 
     def stop_all(self) -> None:
+        """At the master's stop: every instance at once, without a drain (v1.14's
+        children get a SIGTERM each); the state file keeps them as they are."""
         gevent.killall([greenlet for greenlet in (self._ticker, self._retrier)
                         if greenlet is not None], block=False)
+        stops = []
         for instance in self.all():
             fleet, instance.fleet = instance.fleet, None
             if fleet is not None:
-                fleet.stop(0)
+                stops.append(gevent.spawn(fleet.stop, 0))
+        gevent.joinall(stops, timeout=STOP_ALL_WAIT)
 
     def _retry_errors_forever(self) -> None:
         while True:
