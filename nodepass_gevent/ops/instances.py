@@ -74,10 +74,33 @@ def normalise_url(url: str, log_level: str) -> str:
     return text + ("#" + parts.fragment if parts.fragment else "")
 
 
+# v1.14 parameters our tunnels do not take, with the values that ask for what
+# they do anyway: mode=0 (auto) or 1 (reverse) for a server, 0 or 2 (dual-end)
+# for a client. A dashboard's URL carries them; they are kept in ``url``.
+V114_MODES = {"server": ("0", "1"), "client": ("0", "2")}
+
+
+def runnable_url(url: str) -> str:
+    """The URL our CLI would run: v1.14's ``mode=`` taken out (ConfigError
+    for a mode ours does not have)."""
+    parts = split_url(url)
+    pieces = []
+    for piece in (piece for piece in parts.query.split("&") if piece):
+        name, _, value = piece.partition("=")
+        if name != "mode":
+            pieces.append(piece)
+        elif value not in V114_MODES.get(parts.scheme, ()):
+            raise ConfigError("mode=%s is not supported: a %s here runs mode %s"
+                              % (value, parts.scheme, " or ".join(V114_MODES[parts.scheme])))
+    text = "%s://%s%s" % (parts.scheme, parts.netloc, parts.path)
+    return text + ("?" + "&".join(pieces) if pieces else "") + (
+        "#" + parts.fragment if parts.fragment else "")
+
+
 def expanded_url(url: str, settings: Settings) -> str:
     """v1.14's ``config``: the URL with the values in force written out where
     it leaves them to a default (our parameters, not v1.14's), keys sorted."""
-    tunnel = parse_tunnel(url, settings, "config")
+    tunnel = parse_tunnel(runnable_url(url), settings, "config")
     config, tuned = tunnel.config, tunnel.settings
     defaults = {"log": config.log_level, "tls": str(config.tls_mode),
                 "max": str(tuned.max_pool_capacity), "slot": str(tuned.semaphore_limit)}
@@ -238,7 +261,7 @@ class Instances:
     def checked_url(self, url: str) -> str:
         url = normalise_url(url, self.log_level)
         try:
-            parse_tunnel(url, self.settings, "check")
+            parse_tunnel(runnable_url(url), self.settings, "check")
         except ConfigError as exc:
             raise ApiError(400, "Invalid URL: %s" % exc) from None
         return url
@@ -274,7 +297,7 @@ class Instances:
             return  # running already, or deleted meanwhile
         from nodepass_gevent.ops.fleet import Fleet, StartError, server_context
         try:
-            tunnel = parse_tunnel(instance.url, self.settings, instance.id)
+            tunnel = parse_tunnel(runnable_url(instance.url), self.settings, instance.id)
             fleet = Fleet(self._build, restart_failed=False)
             fleet.start([tunnel], {tunnel.name: server_context(tunnel)})
         except (ConfigError, StartError, OSError) as exc:
