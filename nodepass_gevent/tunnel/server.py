@@ -248,6 +248,7 @@ class Server(Component):
             "pool_idle": self.pool.idle, "pool_capacity": self.pool.capacity,
             "last_heartbeat_age": (time.monotonic() - heartbeat
                                    if heartbeat is not None else None),
+            "control_rtt": net.smoothed_rtt(session.control) if session is not None else None,
         }
         figures.update(self.stats.figures())
         figures.update(self.health(figures["state"], session))
