@@ -161,7 +161,7 @@ def test_flow_carries_large_datagrams_whole_both_ways(nodepass, target):
 
 
 def test_flow_over_tls_carries_large_datagrams_whole_both_ways(nodepass, target):
-    # TLS data connections take udp.py's greenlet path, not udplink's callbacks.
+    # TLS data connections take udplink's TLSFrameLink: records cut across reads.
     check_flow_carries_every_size(nodepass, target.port, HOST, SIZES, tls=1)
 
 

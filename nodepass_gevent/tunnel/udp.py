@@ -249,7 +249,7 @@ class ServerFlow:
         """Pass a user datagram on (from the receive callback: never blocks);
         drop it if the flow is this far behind (UDP may)."""
         link = self._link
-        if link is not None:  # plain data connection: written from this callback
+        if link is not None:  # a link (plain or TLS): written from this callback
             # frame(datagram), without the call: this runs for every datagram
             if link.send_frame(_pack_length(len(datagram)) + datagram):
                 self.stats.udp_datagram(len(datagram))
@@ -298,7 +298,7 @@ class ServerFlow:
     def _run_link(self, data: socket.socket) -> None:
         reply = udplink.reply_sender(self.listener, self.peer,
                                      self.stats.counter(inbound=False), self.pass_reply)
-        link = udplink.FrameLink(data, self.size_limit, reply)
+        link = udplink.open_link(data, self.size_limit, reply)
         while not self.queue.empty():  # what came while the connection was taken
             datagram = self.queue.get_nowait()
             self.queued_bytes -= len(datagram)
@@ -415,8 +415,8 @@ def client_flow(data: socket.socket, target: socket.socket, stats: Stats,
 
 def _client_link(data: socket.socket, target: socket.socket, stats: Stats,
                  size_limit: int, read_timeout: float) -> None:
-    """client_flow over a plain data connection: udplink's callbacks both ways."""
-    link = udplink.FrameLink(data, size_limit, None)
+    """client_flow over a link (plain or TLS): udplink's callbacks both ways."""
+    link = udplink.open_link(data, size_limit, None)
     target_side = udplink.TargetSide(target, link, stats)
     link.on_datagram = target_side.send
     link.start()
