@@ -266,34 +266,45 @@ class TLSFrameLink(FrameLink):
     def _decrypt(self) -> None:
         """Every record that has arrived, decrypted into _frames_in and handed on;
         the link ends at the stream's end (close_notify or a bare FIN)."""
+        pending, incoming = self._tls.pending, self._to_tls
         while self.open:
             kept = len(self._incoming)
             if kept:
                 _frames_in[:kept] = self._incoming
-            size, ended = kept, ""
+            size, got = kept, 1
             while size < READ_SIZE:
-                try:
-                    got = self._tls.read(READ_SIZE - size, _frames_view[size:])
-                except ssl.SSLWantReadError:
-                    break
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    got = 0
-                except (OSError, ValueError) as exc:  # a bad record
-                    self.end("TLS read failed: %s" % exc)
-                    return
-                if not got:
-                    ended = "closed by the peer"
+                got = self._read_clear(size)
+                if got <= 0:
                     break
                 size += got
+                if not incoming.pending and not pending():
+                    # Nothing left to decrypt: skip the read that would only
+                    # raise SSLWantReadError, an exception per datagram.
+                    break
+            if not self.open:  # a bad record
+                return
             if self._from_tls.pending:  # OpenSSL answered something (a key update)
                 self._send_records()
             if size > kept:
                 self.last_active = time.monotonic()
                 self._deliver(size)
-            if ended:
-                self.end(ended, abort=False)
+            if got == 0:
+                self.end("closed by the peer", abort=False)
             if size < READ_SIZE:  # else more may wait in OpenSSL: another round
                 return
+
+    def _read_clear(self, size: int) -> int:
+        """One SSLObject.read into _frames_in[size:]: the bytes, 0 at the stream's
+        end, -1 if no whole record is there (or a bad one ended the link)."""
+        try:
+            return self._tls.read(READ_SIZE - size, _frames_view[size:] if size else _frames_in)
+        except ssl.SSLWantReadError:
+            return -1
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return 0
+        except (OSError, ValueError) as exc:
+            self.end("TLS read failed: %s" % exc)
+            return -1
 
 
 def wait_until_idle_or_ended(link: FrameLink, idle_timeout: float) -> None:
