@@ -52,6 +52,11 @@ targets with pass/miss, the exact command, the machine) and exits non-zero when 
 workload fails outright (a tool failed, a route never came up, data was lost).
 --smoke runs every workload path with tiny counts in seconds (used by CI) and
 prints the report instead of writing BENCHMARKS.md, unless --output is given.
+The report goes between two marker comments of its file (appended when the file
+has none): the hand-written text around them is never rewritten. --results DIR
+also writes every figure as JSON lines (DIR/<workload>.jsonl, with run.json and
+report.md) and, when matplotlib is importable (the `bench` extra), PNG charts
+of them.
 --profile records the tunnel processes with py-spy during an extra, unmeasured
 run of each workload that missed a target (or of every workload) and adds the
 top frames to the report.
@@ -93,11 +98,13 @@ from .base import (
     TUNNEL_MODES,
     say,
 )
+from .charts import draw_charts
 from .peers import join_query, nodepass_refusal
 from .profile import profile_workloads
 from .pythons import Interpreter, InterpreterError, probe_interpreter, python_modes
 from .report import render_report
 from .report_tables import verdicts_of
+from .results import write_report
 from .runner import Bench
 from .workloads import DEFAULT_WORKLOADS, WORKLOADS
 
@@ -178,8 +185,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--output",
         metavar="FILE",
-        help="where to write the report (default: BENCHMARKS.md at the repository root; "
-        "with --smoke: stdout only)",
+        help="where to write the report, between its marker comments: the rest of FILE is "
+        "left as it is (default: BENCHMARKS.md at the repository root; with --smoke: stdout only)",
+    )
+    parser.add_argument(
+        "--results",
+        metavar="DIR",
+        help="also write every figure as JSON lines, one file per workload, into DIR "
+        "(with run.json, report.md and, when matplotlib is importable, PNG charts)",
     )
     parser.add_argument(
         "--only",
@@ -427,9 +440,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     report = render_report(bench, options.only, command, time.monotonic() - started)
     output = options.output or (None if options.smoke else os.path.join(REPO_ROOT, "BENCHMARKS.md"))
+    bench.results.sections(bench.section_values)
+    bench.results.run_description(command, time.monotonic() - started,
+                                  {mode: bench.title(mode) for mode in bench.modes},
+                                  options.smoke)
+    bench.results.report(report)
+    if options.results:
+        say(draw_charts(options.results))
     if output:
-        with open(output, "w") as out:
-            out.write(report)
+        # Only the section between the markers is the bench's: prose around it stays.
+        write_report(output, report)
         say("report written to %s" % output)
     if options.smoke or not output:
         sys.stdout.write(report)

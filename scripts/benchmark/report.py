@@ -9,6 +9,7 @@ from .report_machine import PROFILE_LEGEND, machine_lines, setup_lines
 from .report_sections import cpu_lines, rate_lines, tunnels_lines
 from .report_tables import results_table, runs_table, targets_table, variants_table, verdicts_of
 from .runner import Bench
+from .summary import summary_lines
 
 
 def render_report(bench: Bench, numbers: Sequence[int], command: str, seconds: float) -> str:
@@ -27,6 +28,11 @@ def render_report(bench: Bench, numbers: Sequence[int], command: str, seconds: f
         command,
         "```",
         "",
+    ]
+    summary = summary_lines(bench.medians(), bench.modes, {m: bench.title(m) for m in bench.modes})
+    if len(summary) > 2:
+        lines += ["## Summary (medians; ×d: ratio to direct, ×s: to socat)", ""] + summary + [""]
+    lines += [
         "## Machine",
         "",
     ]

@@ -34,6 +34,7 @@ from .peers import (
 )
 from .processes import Processes, free_port, is_listening, wait_until
 from .pythons import Interpreter, newest_mode
+from .results import ResultsDir
 from .targets import EchoTarget, IperfTarget, NginxTarget, Route, Target
 
 
@@ -47,6 +48,7 @@ class Bench:
         self.scale = scale
         self.workdir = workdir
         self.procs = Processes(workdir)
+        self.results = ResultsDir(getattr(options, "results", None))
         self.targets: Dict[str, Target] = {}
         self.values = collections.defaultdict(lambda: collections.defaultdict(list))
         self.failures: List[str] = []
@@ -170,6 +172,7 @@ class Bench:
         say("FAILED: " + text)
         self.failures.append(text)
         self.failed_cells.update((workload.number, mode) for mode in modes)
+        self.results.failed(workload, modes, text)
 
     def target(self, name: str) -> Target:
         if name not in self.targets:
@@ -332,6 +335,7 @@ class Bench:
         for key, value in figures.items():
             if value is not None:
                 self.values[key][route.mode].append(value)
+        self.results.measured(workload, route.mode, self.title(route.mode), run, figures)
         say(
             "%s: %s"
             % (label, ", ".join("%s=%.4g" % (k, v) for k, v in figures.items() if v is not None))
