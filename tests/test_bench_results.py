@@ -83,6 +83,7 @@ def test_summary_gives_ratios_to_direct_and_the_cpu_per_connection_to_socat():
                "op_sys_churn": {"socat": 100.0, "tls0": 50.0}}
     lines = summary_lines(medians, ["direct", "socat", "tls0"], {"tls0": "nodepass tls=0"})
     assert lines[0] == "| workload | unit | direct | socat | nodepass tls=0 |"
-    assert lines[2] == "| churn, new connections | req/s | 40,000 | 4,000 (0.10×d) | 6,000 (0.15×d) |"
+    assert lines[2] == ("| churn, new connections | req/s | 40,000 | 4,000 (0.10×d) | "
+                        "6,000 (0.15×d) |")
     assert lines[3] == "| churn, tunnel CPU per connection | µs | — | 400 | 200 (0.50×s) |"
     assert len(lines) == 4  # workloads not measured have no row

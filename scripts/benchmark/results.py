@@ -80,8 +80,8 @@ def read_jsonl(path: str) -> List[Dict]:
 def with_generated_section(existing: Optional[str], generated: str) -> str:
     """existing with its marked section replaced by generated; the section is appended
     when existing has none, and is the whole text when there is no file yet."""
-    block = "%s\n%s%s\n" % (BEGIN_MARKER, generated if generated.endswith("\n") else generated + "\n",
-                            END_MARKER)
+    body = generated if generated.endswith("\n") else generated + "\n"
+    block = "%s\n%s%s\n" % (BEGIN_MARKER, body, END_MARKER)
     if not existing:
         return block
     begin = existing.find(BEGIN_MARKER)
