@@ -19,6 +19,7 @@ from benchmark.charts import CHARTS, draw_charts, medians_of  # noqa: E402
 
 pytestmark = pytest.mark.timeout(20)
 CHURN = Workload(2, "churn", "nginx", False, None)
+LATENCY = Workload(3, "latency", "echo", False, None)
 
 
 def test_new_file_is_the_marked_section(tmp_path):
@@ -60,20 +61,47 @@ def test_figures_are_json_lines_per_workload_and_their_medians_read_back(tmp_pat
     assert json.load(open(os.path.join(directory, "run.json")))["smoke"] is True
 
 
-def test_charts_are_drawn_or_skipped_with_a_reason(tmp_path):
-    directory = str(tmp_path)
+def churn_fixture(directory):
+    """A small results directory: churn and latency, three runs of two modes, one failed cell."""
     store = results.ResultsDir(directory)
-    store.measured(CHURN, "direct", "direct", 0, {"churn_rps": 900.0})
-    store.measured(CHURN, "tls0", "nodepass tls=0", 0, {"churn_rps": 300.0})
-    message = draw_charts(directory)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert message.startswith("charts skipped: matplotlib is not importable")
-        return
-    assert message.endswith(": churn.png")
-    assert os.path.getsize(os.path.join(directory, "churn.png")) > 1000
-    assert "churn.png" in [name for name, _, _, _ in CHARTS]
+    for run in range(3):
+        store.measured(CHURN, "direct", "direct", run, {"churn_rps": 9000.0 + run})
+        store.measured(CHURN, "tls0", "nodepass tls=0", run,
+                       {"churn_rps": 3000.0 + run, "op_user_churn": 150.0, "op_sys_churn": 50.0})
+        store.measured(LATENCY, "tls0", "nodepass tls=0", run, {"ping_p50": 60.0, "ping_p99": 90.0})
+    store.failed(LATENCY, ["direct"], "the echo target did not answer")
+    store.run_description("scripts/bench --only churn,latency", 1.0,
+                          {"direct": "direct", "tls0": "nodepass tls=0"}, False)
+    return store
+
+
+def test_charts_are_drawn_from_the_json_lines(tmp_path):
+    pytest.importorskip("matplotlib")
+    directory = str(tmp_path)
+    churn_fixture(directory)
+    drawn, message = draw_charts(directory)
+    assert drawn == ["churn.png", "latency.png"]  # nothing measured for the others
+    assert message == "charts written to %s: churn.png, latency.png" % directory
+    from matplotlib import image
+    picture = image.imread(os.path.join(directory, "churn.png"))
+    assert picture.shape[1] > picture.shape[0] > 300  # two panels side by side, 100 dpi
+    assert [name for name, _, _ in CHARTS] == ["throughput.png", "churn.png", "latency.png",
+                                               "idle-memory.png", "udp.png"]
+
+
+def test_charts_without_matplotlib_say_how_to_get_it(tmp_path, monkeypatch):
+    churn_fixture(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    assert draw_charts(str(tmp_path)) == (
+        [], "charts skipped: matplotlib is not importable (pip install '.[bench]')")
+    assert not any(name.endswith(".png") for name in os.listdir(str(tmp_path)))
+
+
+def test_a_new_run_replaces_only_the_files_of_the_last_one(tmp_path):
+    store = churn_fixture(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("kept")
+    store.clear(["churn.jsonl", "latency.jsonl", "run.json", "udp.jsonl"])
+    assert os.listdir(str(tmp_path)) == ["notes.txt"]
 
 
 def test_summary_gives_ratios_to_direct_and_the_cpu_per_connection_to_socat():
@@ -84,6 +112,6 @@ def test_summary_gives_ratios_to_direct_and_the_cpu_per_connection_to_socat():
     lines = summary_lines(medians, ["direct", "socat", "tls0"], {"tls0": "nodepass tls=0"})
     assert lines[0] == "| workload | unit | direct | socat | nodepass tls=0 |"
     assert lines[2] == ("| churn, new connections | req/s | 40,000 | 4,000 (0.10×d) | "
-                        "6,000 (0.15×d) |")
+                        "6,000 (0.15×d, 1.50×s) |")
     assert lines[3] == "| churn, tunnel CPU per connection | µs | — | 400 | 200 (0.50×s) |"
     assert len(lines) == 4  # workloads not measured have no row

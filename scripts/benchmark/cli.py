@@ -55,8 +55,10 @@ prints the report instead of writing BENCHMARKS.md, unless --output is given.
 The report goes between two marker comments of its file (appended when the file
 has none): the hand-written text around them is never rewritten. --results DIR
 also writes every figure as JSON lines (DIR/<workload>.jsonl, with run.json and
-report.md) and, when matplotlib is importable (the `bench` extra), PNG charts
-of them.
+report.md) and, when matplotlib is importable (the `bench` extra:
+pip install '.[bench]'), PNG charts of them, which the report shows; a run that
+writes the default BENCHMARKS.md does so into docs/bench/. A run replaces the
+files an earlier one left there.
 --profile records the tunnel processes with py-spy during an extra, unmeasured
 run of each workload that missed a target (or of every workload) and adds the
 top frames to the report.
@@ -98,7 +100,7 @@ from .base import (
     TUNNEL_MODES,
     say,
 )
-from .charts import draw_charts
+from .charts import CHARTS, draw_charts
 from .peers import join_query, nodepass_refusal
 from .profile import profile_workloads
 from .pythons import Interpreter, InterpreterError, probe_interpreter, python_modes
@@ -113,6 +115,10 @@ from .workloads import DEFAULT_WORKLOADS, WORKLOADS
 # Command line.
 
 WORKLOAD_NAMES = {w.name: w.number for w in WORKLOADS.values()}
+# What a run writes into its results directory, and the next run into it replaces.
+RESULT_FILES = ([name + ".jsonl" for name in WORKLOAD_NAMES] + ["run.json", "report.md"]
+                + [name for name, _, _ in CHARTS])
+DEFAULT_RESULTS = os.path.join(REPO_ROOT, "docs", "bench")
 
 
 def parse_workloads(text: str) -> List[int]:
@@ -192,7 +198,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "--results",
         metavar="DIR",
         help="also write every figure as JSON lines, one file per workload, into DIR "
-        "(with run.json, report.md and, when matplotlib is importable, PNG charts)",
+        "(with run.json, report.md and, when matplotlib is importable, PNG charts the report "
+        "shows); default: docs/bench when the report goes to the default BENCHMARKS.md",
     )
     parser.add_argument(
         "--only",
@@ -312,6 +319,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         options.modes = [] if options.pythons else list(MODES)
     if options.only is None:
         options.only = list(PYTHONS_WORKLOADS if options.pythons else DEFAULT_WORKLOADS)
+    if options.results is None and not (options.smoke or options.output):
+        options.results = DEFAULT_RESULTS  # beside the default BENCHMARKS.md, which shows them
     options.nodepass_env = dict(list(NODEPASS_ENV.items()) + options.nodepass_env)
     return options
 
@@ -377,6 +386,30 @@ def stop_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop everything
 
 
+def report_path(options: argparse.Namespace) -> Optional[str]:
+    """Where the report goes: --output, else BENCHMARKS.md (nowhere for --smoke: stdout)."""
+    if options.output:
+        return options.output
+    return None if options.smoke else os.path.join(REPO_ROOT, "BENCHMARKS.md")
+
+
+def write_results(bench: Bench, options: argparse.Namespace, command: str,
+                  seconds: float) -> Tuple[Optional[str], List[str]]:
+    """The run's description and section figures into the results directory, and its
+    charts: (the report's path, the charts' paths relative to the report's directory)."""
+    output = report_path(options)
+    bench.results.sections(bench.section_values)
+    bench.results.run_description(command, seconds,
+                                  {mode: bench.title(mode) for mode in bench.modes},
+                                  options.smoke)
+    if not options.results:
+        return output, []
+    drawn, message = draw_charts(options.results)
+    say(message)
+    start = os.path.dirname(os.path.abspath(output)) if output else os.getcwd()
+    return output, [os.path.relpath(os.path.join(options.results, name), start) for name in drawn]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     options = parse_args(argv)
     scale = SMOKE if options.smoke else FULL
@@ -414,6 +447,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "%s imports nodepass_gevent from %s, not from this checkout"
                 % (bench.title(mode), interpreter.package)
             )
+    bench.results.clear(RESULT_FILES)
     started = time.monotonic()
     try:
         bench.prepare_variants()
@@ -438,15 +472,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             say("temporary files kept in %s" % workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    report = render_report(bench, options.only, command, time.monotonic() - started)
-    output = options.output or (None if options.smoke else os.path.join(REPO_ROOT, "BENCHMARKS.md"))
-    bench.results.sections(bench.section_values)
-    bench.results.run_description(command, time.monotonic() - started,
-                                  {mode: bench.title(mode) for mode in bench.modes},
-                                  options.smoke)
+    output, charts = write_results(bench, options, command, time.monotonic() - started)
+    report = render_report(bench, options.only, command, time.monotonic() - started, charts)
     bench.results.report(report)
-    if options.results:
-        say(draw_charts(options.results))
     if output:
         # Only the section between the markers is the bench's: prose around it stays.
         write_report(output, report)

@@ -1,19 +1,24 @@
 """The markdown report, assembled from its sections."""
 
 import collections
+import os
 import time
-from typing import Sequence
+from typing import List, Sequence
 
 from .base import PYTHONS_TOLERANCE
-from .report_machine import PROFILE_LEGEND, machine_lines, setup_lines
+from .report_machine import PROFILE_LEGEND, machine_lines, machine_summary, setup_lines
 from .report_sections import cpu_lines, rate_lines, tunnels_lines
 from .report_tables import results_table, runs_table, targets_table, variants_table, verdicts_of
 from .runner import Bench
 from .summary import summary_lines
 
 
-def render_report(bench: Bench, numbers: Sequence[int], command: str, seconds: float) -> str:
-    verdicts = verdicts_of(bench, numbers)
+GO_NOTE = ("NodePass itself (the Go original) is not in the table: the bench runs the "
+           "relays it finds on this machine, and has no Go build of NodePass to run.")
+
+
+def front_lines(bench: Bench, command: str, seconds: float, charts: Sequence[str]) -> List[str]:
+    """The first screen: when, the command, the machine, a headline per workload, the charts."""
     lines = [
         "# Benchmarks per Python" if bench.per_python else "# Benchmarks",
         "",
@@ -28,10 +33,26 @@ def render_report(bench: Bench, numbers: Sequence[int], command: str, seconds: f
         command,
         "```",
         "",
+        machine_summary(bench),
+        "",
     ]
     summary = summary_lines(bench.medians(), bench.modes, {m: bench.title(m) for m in bench.modes})
     if len(summary) > 2:
-        lines += ["## Summary (medians; ×d: ratio to direct, ×s: to socat)", ""] + summary + [""]
+        lines += ["## Summary (medians; ×d: ratio to direct, ×s: to socat)", ""] + summary
+        lines += ["", GO_NOTE, ""]
+    if charts:
+        lines += ["## Charts", ""]
+        lines += ["![%s](%s)" % (os.path.splitext(os.path.basename(path))[0], path)
+                  for path in charts]
+        lines += [""]
+    return lines
+
+
+def render_report(bench: Bench, numbers: Sequence[int], command: str, seconds: float,
+                  charts: Sequence[str] = ()) -> str:
+    """The markdown report; charts are the PNG paths to show, relative to the report's file."""
+    verdicts = verdicts_of(bench, numbers)
+    lines = front_lines(bench, command, seconds, charts)
     lines += [
         "## Machine",
         "",

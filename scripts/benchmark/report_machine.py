@@ -27,18 +27,35 @@ def command_output(argv: Sequence[str], env: Optional[Dict[str, str]] = None) ->
     return lines[0].strip() if lines else "not available"
 
 
-def machine_lines(bench: Bench) -> List[str]:
-    cpu = "unknown CPU"
+def cpu_name() -> str:
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as info:
-            names = [
-                line.split(":", 1)[1].strip() for line in info if line.startswith("model name")
-            ]
-            cpu = names[0] if names else cpu
-    memory = "?"
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def memory_size() -> str:
     with contextlib.suppress(OSError, ValueError, IndexError):
         with open("/proc/meminfo") as info:
-            memory = "%.1f GiB" % (int(info.readline().split()[1]) / 1048576.0)
+            return "%.1f GiB" % (int(info.readline().split()[1]) / 1048576.0)
+    return "?"
+
+
+def machine_summary(bench: Bench) -> str:
+    """The machine in one line, for the top of the report (## Machine has the rest)."""
+    commit = command_output(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"])
+    pythons = sorted({i.version for i in bench.interpreters.values()}) or [platform.python_version()]
+    return ("Machine: %s, %d logical cores, %s; %s %s; commit %s; tunnel on Python %s; "
+            "load average %.2f at the start, %.2f at the end (1 min)."
+            % (cpu_name(), os.cpu_count() or 0, memory_size(), platform.system(),
+               platform.release(), commit, ", ".join(pythons), bench.load_at_start[0],
+               os.getloadavg()[0]))
+
+
+def machine_lines(bench: Bench) -> List[str]:
+    cpu, memory = cpu_name(), memory_size()
     env = nodepass_env({})
     commit = command_output(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"])
     # Only the package measured counts: a changed test or README does not change a figure.

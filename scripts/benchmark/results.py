@@ -7,11 +7,13 @@ DIR/<workload>.jsonl one line per measurement: {"workload", "number", "mode",
                     with their own section (tunnels, rate) one line per figure
                     key with every run's value
 DIR/report.md       the markdown report of the run, whole
+DIR/*.png           the charts drawn from the JSON lines (charts.py), when matplotlib is there
 
 The report goes into its file between two marker comments: what is outside
 them (hand-written prose) is never rewritten.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -28,6 +30,13 @@ class ResultsDir:
         self.directory = directory
         if directory:
             os.makedirs(directory, exist_ok=True)
+
+    def clear(self, names: Sequence[str]) -> None:
+        """Remove the files of these names an earlier run left: its figures would be read
+        back (and charted) with this run's. Other files in the directory stay."""
+        for name in names if self.directory else ():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path(name))
 
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name)
