@@ -33,9 +33,10 @@ URLs:
         client: the least TLS mode it accepts from the server (default 0).
   wire  client: the NodePass wire it speaks: 1.0 (default) or 1.14 (NodePass
         v1.14's one-port wire, TCP pool, reverse mode; TCP users only).
-  udp   server: v1 (default) carries each UDP datagram on a connection of its
-        own, as NodePass v1.0; flow offers one connection per user address,
-        much faster, used when the client is nodepass-gevent too.
+  udp   server: flow (default) offers one connection per user address, much
+        faster, which a nodepass-gevent client takes; a NodePass v1.0 client
+        ignores the offer and gets v1. v1 carries each UDP datagram on a
+        connection of its own, as NodePass v1.0, and offers nothing.
   data_port  server: the TCP port, on tunnel_addr's host, where the client
         opens its data connections (a firewall must let the client reach it,
         as the tunnel port). 0 or absent: a random free one in 1024-8191 at
@@ -120,8 +121,8 @@ from typing import List, Optional, Union
 from docopt import DocoptExit, docopt
 
 from nodepass_gevent import __version__, tunnelset
-from nodepass_gevent.config import (KEY_VARIABLE, LOG_LEVELS, SETTINGS, WIRE_V1, ConfigError,
-                                    format_addresses, load_settings, without_key)
+from nodepass_gevent.config import (KEY_VARIABLE, LOG_LEVELS, SETTINGS, UDP_MODE_FLOW, WIRE_V1,
+                                    ConfigError, format_addresses, load_settings, without_key)
 
 PROGRAM = "nodepass"
 KEY_HELP = "The shared key, if not given in the URL"
@@ -304,11 +305,12 @@ def _print_for_operator(arguments) -> int:
 def _check_line(tunnel: "tunnelset.Tunnel", settings) -> str:
     config = tunnel.config
     edge = config.edge_summary()
-    line = ("ok: %s%s tunnel=%s target=%s tls=%d log=%s auth=%s%s%s%s"
+    line = ("ok: %s%s tunnel=%s target=%s tls=%d log=%s auth=%s%s%s%s%s"
             % (tunnel.name + ": " if tunnel.name else "", config.role,
                format_addresses(config.servers), config.target, config.tls_mode,
                config.log_level, "on" if config.auth_key else "off",
                " wire=%s" % config.wire if config.wire != WIRE_V1 else "",
+               " udp=%s" % config.udp_mode if config.udp_mode != UDP_MODE_FLOW else "",
                " data_port=%d" % config.data_port if config.data_port else "",
                " " + edge if edge else ""))
     overrides = [(parameter, getattr(tunnel.settings, SETTINGS_BY_NAME[variable].attribute))

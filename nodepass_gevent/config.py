@@ -4,7 +4,7 @@ Everything here is pure: strings in, frozen dataclasses out, ``ConfigError``
 (one readable line) for anything wrong. No sockets, no files beyond checking
 that certificate paths were given.
 
-    server://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<0|1|2>&crt=<file>&key=<file>&udp=<v1|flow>
+    server://[KEY@]<tunnel_addr>/<target_addr>?log=<level>&tls=<0|1|2>&crt=<file>&key=<file>&udp=<flow|v1>
         &data_port=<port>&proxy=<1|2>&allow=<cidrs>&deny=<cidrs>&rate=<Mbit/s>&per_user=<n>
     client://[KEY@]<tunnel_addr>[,<tunnel_addr>...]/<target_addr>?log=<level>&tls=<minimum mode>
 
@@ -43,9 +43,11 @@ TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED = 0, 1, 2
 TLS_MODES = (TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED)
 TLS_MODE_NAMES = {TLS_NONE: "none", TLS_SELF_SIGNED: "self-signed", TLS_VERIFIED: "verified"}
 
-# udp=: the server's UDP carriage, v1.0's or flows (tunnel/udp.py).
-UDP_MODE_V1, UDP_MODE_FLOW = "v1", "flow"
-UDP_MODES = (UDP_MODE_V1, UDP_MODE_FLOW)
+# udp=: the server's UDP carriage (tunnel/udp.py). "flow", the default, offers
+# flows, which a client that takes them gets and a v1.0 client never sees; "v1"
+# pins v1.0's one connection per datagram and its tunnel signal, byte for byte.
+UDP_MODE_FLOW, UDP_MODE_V1 = "flow", "v1"
+UDP_MODES = (UDP_MODE_FLOW, UDP_MODE_V1)
 
 
 def is_tls_mode(text: str) -> bool:
@@ -86,7 +88,7 @@ class Config:
     crt: Optional[str] = None
     key: Optional[str] = None
     # Server: "flow" offers the UDP flow extension (udp.py); "v1" does not.
-    udp_mode: str = UDP_MODE_V1
+    udp_mode: str = UDP_MODE_FLOW
     # The shared key for authentication; None keeps the v1.0 protocol.
     auth_key: Optional[bytes] = field(default=None, repr=False)
     # Client: every server to fail over between, in order (``tunnel`` first).
@@ -153,7 +155,8 @@ SETTINGS = (
     Setting("MAX_POOL_CAPACITY", "int", "1024", "Most pooled data connections"),
     # On the v1.0 wire (one data connection per datagram), as in v1.0: a peer
     # reads a datagram or reply with one read of this size, so a larger one is
-    # dropped whole (udp.py). udp=flow carries any datagram, whatever it says.
+    # dropped whole (udp.py). Flows (udp=flow, the default, with a client that
+    # takes them) carry any datagram, whatever it says.
     Setting("UDP_DATA_BUF_SIZE", "int", "8192", "Largest UDP datagram (v1.0 wire), bytes"),
     Setting("UDP_READ_TIMEOUT", "duration", "5s", "How long a UDP exchange waits for a reply"),
     Setting("REPORT_INTERVAL", "duration", "5s", "Heartbeat and traffic report interval"),
@@ -198,10 +201,11 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
         raise ConfigError("tls=2 needs both crt=<certificate file> and key=<private key file>")
     if scheme == "server" and tls_mode != TLS_VERIFIED and (crt or key):
         raise ConfigError("crt and key are used only with tls=2")
-    udp_mode = params.get("udp", UDP_MODE_V1)
+    udp_mode = params.get("udp", UDP_MODE_FLOW)
     if udp_mode not in UDP_MODES:
-        raise ConfigError("bad udp value %r: use v1 (one connection per datagram, as NodePass"
-                          " v1.0) or flow (one connection per user address)" % udp_mode)
+        raise ConfigError("bad udp value %r: use flow (one connection per user address where"
+                          " the client takes it, the default) or v1 (one connection per"
+                          " datagram, as NodePass v1.0)" % udp_mode)
     data_port = _data_port(params.get("data_port", "0"), tunnels[0])
     wire = params.get("wire", WIRE_V1)
     if wire not in WIRES:

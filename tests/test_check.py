@@ -96,6 +96,14 @@ def test_the_data_port_must_differ_from_the_tunnel_and_target_ports():
         "the target and data ports are both %d: each needs a port of its own" % target
 
 
+def test_check_shows_udp_v1_only_where_it_pins_the_old_default():
+    pinned = run_nodepass(["--check", server_url("udp=v1")])
+    assert pinned.returncode == 0, pinned.stderr
+    assert pinned.stdout.endswith(" auth=off udp=v1\n"), pinned.stdout
+    default = run_nodepass(["--check", server_url()])
+    assert default.returncode == 0 and "udp=" not in default.stdout, default.stdout
+
+
 def test_check_shows_the_data_port():
     port = free_port()
     result = run_nodepass(["--check", server_url("data_port=%d" % port)])

@@ -123,9 +123,10 @@ def test_one_tunnel_address_is_a_list_of_one():
     assert config.tunnels == ()  # the Config is the one it always was
 
 
-def test_udp_mode():
-    assert parse_url("server://a:1/b:2").udp_mode == "v1"
+def test_udp_mode_offers_flows_unless_pinned_to_v1():
+    assert parse_url("server://a:1/b:2").udp_mode == "flow"
     assert parse_url("server://a:1/b:2?udp=flow").udp_mode == "flow"
+    assert parse_url("server://a:1/b:2?udp=v1").udp_mode == "v1"
 
 
 def test_address_formats_back_to_url_form():

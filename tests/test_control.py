@@ -74,7 +74,7 @@ def open_session(config):
 
 
 def test_handshake_gives_the_client_the_data_port_and_tls_mode(tunnel_server):
-    server = tunnel_server(query="?tls=1")
+    server = tunnel_server(query="?tls=1&udp=v1")  # v1.0's signal: no flow offer
     session = open_session(server.client_config())
     try:
         assert (session.data_port, session.tls_mode) == (DATA_PORT, 1)
@@ -87,7 +87,7 @@ def test_handshake_gives_the_client_the_data_port_and_tls_mode(tunnel_server):
 
 def test_launches_pass_and_heartbeats_unknown_and_unoffered_kinds_are_skipped(tunnel_server,
                                                                                records):
-    server = tunnel_server()
+    server = tunnel_server(query="?udp=v1")
     session = open_session(server.client_config())
     try:
         server_side = server.wait_session()

@@ -17,6 +17,7 @@ UDP side is a real UDP socket:
 
 import os
 import socket
+import sys
 
 import gevent
 import pytest
@@ -82,11 +83,12 @@ TCP_ENGINES = {
 }
 
 
-def tls_pair():
-    """(server-side TLSStream, client-side TLSStream) over loopback TCP, tls=1."""
+def tls_pair(pair=tcp_pair):
+    """(server-side TLSStream, client-side TLSStream) over loopback TCP (or
+    ``pair()``'s sockets), tls=1."""
     server_context = tls.server_context(
         config.parse_url("server://127.0.0.1:1/127.0.0.1:2?tls=1"))
-    near, far = tcp_pair()
+    near, far = pair()
     for sock in (near, far):
         sock.settimeout(WAIT)
     client = gevent.spawn(client_handshake, near, tls.client_context(1), None)
@@ -177,6 +179,18 @@ def udp_echo(sock) -> None:
         sock.sendto(b"re:" + datagram, peer)
 
 
+def unix_pair():
+    return gsocket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+
+def tls_unix_pair():
+    """A unix socket pair with TLS (tls=1) on both ends: TLSStreams, handshake done."""
+    return tls_pair(unix_pair)
+
+
+flow_pair = unix_pair  # the flow_engine fixture's choice: a flow's data connection and its peer
+
+
 def read_frames(sock, count: int):
     reader = sock.makefile("rb")
     try:
@@ -187,7 +201,7 @@ def read_frames(sock, count: int):
 
 class ClientFlowLink:
     def __init__(self) -> None:
-        self.server_end, self.data = gsocket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server_end, self.data = flow_pair()
         self.echo_socket = udp_socket()
         self.echo = gevent.spawn(udp_echo, self.echo_socket)
         self.target = udp_socket()
@@ -208,7 +222,7 @@ class ClientFlowLink:
 
 class ServerFlowLink:
     def __init__(self) -> None:
-        self.data, self.client_end = gsocket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.data, self.client_end = flow_pair()
         self.listener = udp_socket()
         self.user = udp_socket()
         self.stats = Stats()
@@ -225,12 +239,15 @@ class ServerFlowLink:
             sock.close()
 
 
-@pytest.fixture(params=["callbacks", "greenlets"])
+@pytest.fixture(params=["callbacks", "callbacks over TLS", "greenlets"])
 def flow_engine(request, monkeypatch):
-    """Both flow engines: udplink's callbacks (plain data connections) and
-    the greenlet pair (TLS ones), forced here on a plain socket."""
+    """Every flow engine: udplink's FrameLink (plain data connections), its
+    TLSFrameLink (TLSStreams), and udp.py's greenlet pair (any other socket),
+    forced here on a plain one."""
     if request.param == "greenlets":
         monkeypatch.setattr(udplink, "usable", lambda data: False)
+    if request.param == "callbacks over TLS":
+        monkeypatch.setattr(sys.modules[__name__], "flow_pair", tls_unix_pair)
     return request.param
 
 
@@ -269,11 +286,15 @@ def test_client_flow_aborts_both_sides_when_a_reply_cannot_be_written(client_flo
 
 
 @pytest.mark.timeout(30)
-def test_server_flow_ends_on_eof_closes_its_data_and_counts_both_sides(server_flow):
+def test_server_flow_ends_on_eof_closes_its_data_and_counts_both_sides(server_flow,
+                                                                      flow_engine):
     datagrams = [os.urandom(size) for size in (1, 100, 1400, 9000)]
     for datagram in datagrams:
         server_flow.flow.offer(datagram)
     assert read_frames(server_flow.client_end, len(datagrams)) == datagrams
+    engine = {"callbacks": udplink.FrameLink, "callbacks over TLS": udplink.TLSFrameLink,
+              "greenlets": type(None)}[flow_engine]
+    assert type(server_flow.flow._link) is engine
     replies = [b"re:" + d for d in datagrams]
     for reply in replies:
         server_flow.client_end.sendall(udp.frame(reply))
@@ -297,7 +318,7 @@ def test_server_flow_aborts_both_sides_when_a_datagram_cannot_be_written(server_
 def test_server_flow_lives_while_only_the_user_sends_and_ends_when_idle(flow_engine):
     # Regression (greenlet engine): its reader's first timeout ended a flow that
     # carried datagrams one way only.
-    data, client_end = gsocket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    data, client_end = flow_pair()
     listener, user, stats = udp_socket(), udp_socket(), Stats()
     flow = udp.ServerFlow(listener, user.getsockname(), stats, 65535, 0.05)  # idle: 0.6 s
     engine = gevent.spawn(flow.run, lambda: data)

@@ -438,7 +438,7 @@ def test_target_port_slowloris_does_not_starve_real_users(make_tunnel):
 
 
 def test_target_udp_noise_and_oversized_datagrams(make_tunnel):
-    tunnel = make_tunnel()
+    tunnel = make_tunnel(server_query="&udp=v1")  # the wire with a size limit
     baselines = Baselines(tunnel)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
         for size in [0, 1, 8192, 8193, 65507] + [random.randint(1, 9000) for _ in range(50)]:
@@ -487,7 +487,8 @@ def test_tcp_flood_past_semaphore_limit_waits_and_is_served_after(make_tunnel):
 
 @MATRIX
 def test_udp_flood_past_semaphore_limit(make_tunnel):
-    tunnel = make_tunnel(env={"SEMAPHORE_LIMIT": "8"})
+    # udp=v1: a place per datagram (a flow would take one place for them all).
+    tunnel = make_tunnel(env={"SEMAPHORE_LIMIT": "8"}, server_query="&udp=v1")
     baselines = Baselines(tunnel)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
         for _ in range(2000):

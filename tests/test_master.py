@@ -69,7 +69,7 @@ def tunnel_pair(master, echo):
     assert status == 201, client
     # config: the URL with the values in force written out, keys sorted.
     assert server["config"] == ("server://127.0.0.1:%d/127.0.0.1:%d?data_port=0&log=info&max="
-                                "1024&proxy=0&slot=1024&tls=0&udp=v1" % (tunnel_port, user_port))
+                                "1024&proxy=0&slot=1024&tls=0&udp=flow" % (tunnel_port, user_port))
     assert "min=" in client["config"] and "udp=" not in client["config"]
     return server["id"], client["id"], user_port
 

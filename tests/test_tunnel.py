@@ -58,9 +58,9 @@ def test_udp_datagram_gets_its_reply(make_tunnel, test_ca, tls):
 
 @pytest.mark.parametrize("tls", [0, 1])
 def test_concurrent_udp_senders_each_get_their_own_replies_in_order(make_tunnel, tls):
-    # v1.0 UDP: a data connection per datagram, dialed (tls=0: from callbacks)
-    # and filed (tls=0: in the accept callback) as fast as senders use them up.
-    tunnel = make_tunnel(tls=tls)
+    # v1.0 UDP (udp=v1): a data connection per datagram, dialed (tls=0: from
+    # callbacks) and filed (tls=0: in the accept callback) as fast as senders use them up.
+    tunnel = make_tunnel(tls=tls, server_query="&udp=v1")
     senders, rounds = 16, 10
     socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(senders)]
     try:

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.matrix  # the core suite, run on every Python
 
 
 def flow_tunnel(nodepass, echo, tls=0, env=None):
+    # Default URLs on both sides: flows are the default between our peers.
     tunnel_port, port = free_port(), free_port()
-    server = nodepass("server://%s:%d/%s:%d?log=debug&tls=%d&udp=flow"
+    server = nodepass("server://%s:%d/%s:%d?log=debug&tls=%d"
                       % (HOST, tunnel_port, HOST, port, tls), env)
     client = nodepass("client://%s:%d/%s:%d?log=debug" % (HOST, tunnel_port, HOST, echo.port),
                       env)
@@ -121,8 +122,7 @@ def test_idle_flow_closes_and_a_new_one_opens(nodepass, echo):
 
 def test_v1_client_gets_v1_datagrams_from_a_flow_server(nodepass, echo):
     tunnel_port, port = free_port(), free_port()
-    server = nodepass("server://%s:%d/%s:%d?log=debug&udp=flow" % (HOST, tunnel_port, HOST,
-                                                                   port))
+    server = nodepass("server://%s:%d/%s:%d?log=debug" % (HOST, tunnel_port, HOST, port))
     wait_until(lambda: "Server: tunnel" in server.output(), 10, what="server start")
     client = ReferenceClient(tunnel_port, echo.port)
     try:

@@ -1,6 +1,6 @@
 """UDP datagrams of every size a socket carries.
 
-Flows (udp=flow, both sides ours) carry every datagram whole: 65,507 bytes
+Flows (the default: both sides ours, the server not pinned to udp=v1) carry every datagram whole: 65,507 bytes
 over IPv4, 65,527 over IPv6. The v1.0 wire cannot (a v1.0 peer reads a
 datagram or reply with one read of UDP_DATA_BUF_SIZE and passes on what it
 got, cut), so there a larger one is dropped whole, on the side that finds
@@ -161,7 +161,7 @@ def test_flow_carries_large_datagrams_whole_both_ways(nodepass, target):
 
 
 def test_flow_over_tls_carries_large_datagrams_whole_both_ways(nodepass, target):
-    # TLS data connections take udp.py's greenlet path, not udplink's callbacks.
+    # TLS data connections take udplink's TLSFrameLink: records cut across reads.
     check_flow_carries_every_size(nodepass, target.port, HOST, SIZES, tls=1)
 
 
@@ -177,7 +177,7 @@ def test_flow_carries_the_largest_ipv6_datagram_whole(nodepass):
 # -- the v1.0 wire: dropped whole, counted, said once ----------------------------------
 
 def test_v1_wire_drops_large_datagrams_whole_counts_and_logs_once(nodepass, target):
-    server, _, port = start_pair(nodepass, target.port)
+    server, _, port = start_pair(nodepass, target.port, "&udp=v1")
     wait_for_udp(port)
     assert exchange(port, b"x" * 8192) == b"x" * 8192  # the limit itself passes
     assert no_reply(port, os.urandom(9000))  # not cut to 8192 and passed on: dropped
@@ -186,7 +186,7 @@ def test_v1_wire_drops_large_datagrams_whole_counts_and_logs_once(nodepass, targ
     lines = [line for line in server.output().splitlines() if DROPPED.search(line)]
     assert len(lines) == 1, lines
     assert re.search(r"WARN .*UDP datagram of 9000 bytes from 127\.0\.0\.1:\d+ dropped"
-                     r" whole: above UDP_DATA_BUF_SIZE=8192.* udp=flow", lines[0]), lines[0]
+                     r" whole: above UDP_DATA_BUF_SIZE=8192.* udp=v1", lines[0]), lines[0]
     for size in SIZES[1:]:
         assert no_reply(port, os.urandom(size))
     dropped(server, "udp_too_large_datagrams", 3)
@@ -198,7 +198,7 @@ def test_v1_wire_drops_large_datagrams_whole_counts_and_logs_once(nodepass, targ
 
 
 def test_v1_wire_drops_a_large_reply_at_the_client(nodepass, target):
-    server, tunnel_port, port = start_pair(nodepass, target.port, client=False)
+    server, tunnel_port, port = start_pair(nodepass, target.port, "&udp=v1", client=False)
     client = nodepass("client://%s:%d/%s:%d" % (HOST, tunnel_port, HOST, target.port),
                       status=True)
     wait_for_udp(port)
@@ -213,7 +213,7 @@ def test_v1_wire_drops_a_large_reply_at_the_client(nodepass, target):
 def test_v1_wire_limits_differ_the_side_with_the_smaller_one_drops(nodepass, target):
     # A server allowing 16384 passes 9000 bytes; our client, at 8192, drops them
     # (a v1.0 client would cut them) and says that the server's limit is larger.
-    server, tunnel_port, port = start_pair(nodepass, target.port, client=False,
+    server, tunnel_port, port = start_pair(nodepass, target.port, "&udp=v1", client=False,
                                            server_env={"UDP_DATA_BUF_SIZE": "16384"})
     client = nodepass("client://%s:%d/%s:%d" % (HOST, tunnel_port, HOST, target.port),
                       status=True)
@@ -262,7 +262,7 @@ def test_too_large_warning_first_at_once_then_once_per_interval_with_the_count()
     assert len(lines) == 1
     assert lines[0].startswith("Target: UDP datagram of 9000 bytes from 192.0.2.1:5000"
                                " dropped whole: above UDP_DATA_BUF_SIZE=8192")
-    assert "raise UDP_DATA_BUF_SIZE on both sides" in lines[0] and "udp=flow" in lines[0]
+    assert "raise UDP_DATA_BUF_SIZE on both sides" in lines[0] and "udp=v1" in lines[0]
     assert "more since" not in lines[0]
     for size in (9001, 9002, 9003):
         now[0] += 3.0

@@ -1,6 +1,7 @@
 """Wire compatibility, tested against a v1.0 peer built from docs/protocol.md alone."""
 
 import os
+import re
 import threading
 import time
 
@@ -8,6 +9,11 @@ import pytest
 
 from reference_peer import LAUNCH_SIGNAL, TUNNEL_SIGNAL, ReferenceClient, ReferenceServer
 from support import HOST, echo_works, free_port, sha256, tcp_exchange, udp_exchange, wait_until
+
+# Our server's tunnel signal by default: v1.0's with the UDP flow offer in the
+# query string, which a v1.0 client's URL parser reads past (docs/protocol.md,
+# "Extension: UDP flows").
+TUNNEL_SIGNAL_OFFERING_FLOWS = re.compile(rb"^//(\d+)\?udp=flow#([012])\n$")
 
 pytestmark = pytest.mark.matrix  # the core suite, run on every Python
 
@@ -80,7 +86,7 @@ def test_v1_client_serves_our_server(nodepass, echo, reference_client, tls):
                                                                  tls))
     wait_until(lambda: "Server: tunnel" in server.output(), 10, what="server start")
     client = reference_client(tunnel_port, echo.port)
-    assert TUNNEL_SIGNAL.match(client.first_line)
+    assert TUNNEL_SIGNAL_OFFERING_FLOWS.match(client.first_line), client.first_line
     assert client.tls_mode == tls
     assert 1024 <= client.data_port < 8192  # v1.0's random range
     wait_until(lambda: echo_works(port), 15, what="traffic via our server")
@@ -96,5 +102,18 @@ def test_v1_client_serves_our_server(nodepass, echo, reference_client, tls):
     assert {m.group(1) for m in launches} <= set(client.ids_seen)
     ids = [m.group(1) for m in launches]
     assert len(ids) == len(set(ids))  # every data connection is used once
+    # It never acknowledged the flow offer: v1.0 datagrams (#2), never a flow (#3).
     assert {m.group(2) for m in launches} == {b"1", b"2"}
     assert all(len(i) == 8 for i in client.ids_seen)
+    assert "uses UDP flows" not in server.output()
+
+
+@pytest.mark.parametrize("tls", [0, 1])
+def test_udp_v1_pins_the_v1_tunnel_signal_byte_for_byte(nodepass, reference_client, tls):
+    tunnel_port, port = free_port(), free_port()
+    server = nodepass("server://%s:%d/%s:%d?tls=%d&udp=v1" % (HOST, tunnel_port, HOST, port,
+                                                               tls))
+    wait_until(lambda: "Server: tunnel" in server.output(), 10, what="server start")
+    client = reference_client(tunnel_port, port)
+    assert client.first_line == b"//%d#%d\n" % (client.data_port, tls)
+    assert TUNNEL_SIGNAL.match(client.first_line)

@@ -92,10 +92,10 @@ class Server(Component):
         self.spawn(self._report_forever)
         self.ready.set()
         edge = self.config.edge_summary()
-        self.log.info("Server: tunnel %s, data port %d, target %s (tcp+udp), tls=%d, auth=%s%s",
-                      self.config.tunnel, self.data_port, self.config.target,
+        self.log.info("Server: tunnel %s, data port %d, target %s (tcp+udp), tls=%d, auth=%s,"
+                      " udp=%s%s", self.config.tunnel, self.data_port, self.config.target,
                       self.config.tls_mode, "on" if self.config.auth_key else "off",
-                      ", " + edge if edge else "")
+                      self.config.udp_mode, ", " + edge if edge else "")
 
     def _wire(self, tunnel: socket.socket, data: socket.socket, target_tcp: socket.socket,
               target_udp: socket.socket) -> None:

@@ -19,10 +19,10 @@ A flow ends when nothing has passed for FLOW_IDLE_READ_TIMEOUTS x
 UDP_READ_TIMEOUT (60 s by default; the server closes the data connection, the
 client follows). Any number of replies per datagram pass, and none of them
 has to come within UDP_READ_TIMEOUT. The header, the timeout and the launch
-kind are protocol.py's. Switched on by the server (``udp=flow`` in its URL),
+kind are protocol.py's. Offered by the server unless its URL pins ``udp=v1``,
 advertised in the tunnel signal's query string, and used only after the
-client acknowledges it on the tunnel (control.py). A v1.0 client never
-acknowledges, so it keeps getting v1.0 datagrams.
+client acknowledges it on the tunnel (control.py), as ours does. A v1.0
+client never acknowledges, so it keeps getting v1.0 datagrams.
 
 Server side, datagrams are handled in the UDP listener's receive callback
 (listeners.py), so that one slow user never holds up another's datagrams: a
@@ -45,7 +45,7 @@ wire UDP_DATA_BUF_SIZE keeps its v1.0 meaning, the largest datagram or
 reply, and one above it is dropped whole, on either side and in either
 direction: counted (``udp_too_large_datagrams``, ``udp_too_large_replies``)
 and said in a warning with the remedy, at most once per
-TOO_LARGE_LOG_INTERVAL (TooLargeDrops).
+TOO_LARGE_LOG_INTERVAL (udpdrops.py).
 """
 
 import socket
@@ -58,12 +58,13 @@ import gevent
 from gevent.event import Event
 from gevent.queue import Full, Queue
 
-from nodepass_gevent.base import health, net
+from nodepass_gevent.base import net
 from nodepass_gevent.base.semaphore import UserSemaphore
 from nodepass_gevent.base.stats import Stats
 from nodepass_gevent.copy import readers, udplink
 from nodepass_gevent.copy.udplink import FLOW_FRAME_HEADER
 from nodepass_gevent.log import log
+from nodepass_gevent.tunnel.udpdrops import TooLargeDrops
 from nodepass_gevent.wire.v1 import protocol
 from nodepass_gevent.wire.v1.protocol import FLOW_IDLE_READ_TIMEOUTS
 
@@ -76,7 +77,6 @@ ADMISSION_QUEUE_SIZE = 1024  # datagrams waiting for a place in the semaphore
 # room for any datagram, so that one too large is seen whole, never cut.
 # (recvfrom(65535) costs what recvfrom(8192) does: the bytes are shrunk to fit.)
 RECEIVE_SIZE = udplink.LARGEST_DATAGRAM
-TOO_LARGE_LOG_INTERVAL = 10.0  # at most one "too large" warning a direction this often
 
 
 class UdpUsers:
@@ -249,7 +249,7 @@ class ServerFlow:
         """Pass a user datagram on (from the receive callback: never blocks);
         drop it if the flow is this far behind (UDP may)."""
         link = self._link
-        if link is not None:  # plain data connection: written from this callback
+        if link is not None:  # a link (plain or TLS): written from this callback
             # frame(datagram), without the call: this runs for every datagram
             if link.send_frame(_pack_length(len(datagram)) + datagram):
                 self.stats.udp_datagram(len(datagram))
@@ -298,7 +298,7 @@ class ServerFlow:
     def _run_link(self, data: socket.socket) -> None:
         reply = udplink.reply_sender(self.listener, self.peer,
                                      self.stats.udp_reply, self.pass_reply)
-        link = udplink.FrameLink(data, self.size_limit, reply)
+        link = udplink.open_link(data, self.size_limit, reply)
         while not self.queue.empty():  # what came while the connection was taken
             datagram = self.queue.get_nowait()
             self.queued_bytes -= len(datagram)
@@ -415,8 +415,8 @@ def client_flow(data: socket.socket, target: socket.socket, stats: Stats,
 
 def _client_link(data: socket.socket, target: socket.socket, stats: Stats,
                  size_limit: int, read_timeout: float) -> None:
-    """client_flow over a plain data connection: udplink's callbacks both ways."""
-    link = udplink.FrameLink(data, size_limit, None)
+    """client_flow over a link (plain or TLS): udplink's callbacks both ways."""
+    link = udplink.open_link(data, size_limit, None)
     target_side = udplink.TargetSide(target, link, stats)
     link.on_datagram = target_side.send
     link.start()
@@ -445,74 +445,3 @@ def _send_replies(target: socket.socket, data: socket.socket, stats: Stats) -> N
             net.abort(data)  # wakes the reader; client_flow owns the socket and closes it
             return
         stats.udp_reply(len(reply))
-
-
-# What a dropped datagram or reply says, by (role, direction): which limit, and
-# what to do. The v1.0 wire's own limit is the peer's UDP_DATA_BUF_SIZE; this
-# side's is the one it knows, so a datagram from the peer that is above it
-# shows that the peer's is larger.
-_FLOW_REMEDY = "or use udp=flow in the server's URL (both sides nodepass-gevent)"
-_TOO_LARGE_LINES = {
-    ("server", "datagram"):
-        "Target: UDP datagram of %d bytes from %s dropped whole: above UDP_DATA_BUF_SIZE=%d,"
-        " the most the v1.0 wire carries (a v1.0 client would cut it); raise"
-        " UDP_DATA_BUF_SIZE on both sides, " + _FLOW_REMEDY + "%s",
-    ("server", "reply"):
-        "Target: UDP reply of %d bytes for %s dropped whole: above UDP_DATA_BUF_SIZE=%d here,"
-        " the client's is larger; give both sides the same UDP_DATA_BUF_SIZE, "
-        + _FLOW_REMEDY + "%s",
-    ("client", "datagram"):
-        "Client: UDP datagram of %d bytes for target %s dropped whole: above"
-        " UDP_DATA_BUF_SIZE=%d here, the server's is larger; give both sides the same"
-        " UDP_DATA_BUF_SIZE, " + _FLOW_REMEDY + "%s",
-    ("client", "reply"):
-        "Client: UDP reply of %d bytes from target %s dropped whole: above"
-        " UDP_DATA_BUF_SIZE=%d, the most the v1.0 wire carries (a v1.0 server would cut"
-        " it); raise UDP_DATA_BUF_SIZE on both sides, " + _FLOW_REMEDY + "%s",
-}
-
-
-class TooLargeDrops:
-    """One role's datagrams and replies above UDP_DATA_BUF_SIZE on the v1.0 wire
-    (see the module docstring): each already dropped whole by the caller, here
-    counted in Stats and said in a warning with its size, the limit and the
-    remedy: the first at once, then at most one line a direction per
-    ``interval``, which says how many more went unsaid since the line before."""
-
-    def __init__(self, role: str, limit: int, stats: Stats, log,
-                 interval: float = TOO_LARGE_LOG_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.limit, self.stats = limit, stats
-        self._datagrams = _Occasional(log.warning, _TOO_LARGE_LINES[role, "datagram"],
-                                      interval, clock)
-        self._replies = _Occasional(log.warning, _TOO_LARGE_LINES[role, "reply"],
-                                    interval, clock)
-
-    def datagram(self, size: int, party: str) -> None:
-        """A datagram towards the target (``party``: from whom, or for which target)."""
-        self.stats.udp_too_large_datagrams += 1
-        self._datagrams.say(size, party, self.limit)
-
-    def reply(self, size: int, party: str) -> None:
-        """A reply towards the user (``party``: for whom, or from which target)."""
-        self.stats.udp_too_large_replies += 1
-        self._replies.say(size, party, self.limit)
-
-
-class _Occasional:
-    """A warning said at most once per ``interval`` (health.Throttle); each line
-    after the first says how many went unsaid since the one before."""
-
-    def __init__(self, warn: Callable[..., None], text: str, interval: float,
-                 clock: Callable[[], float]) -> None:
-        self._warn, self._text = warn, text
-        self._throttle = health.Throttle(interval, clock)
-
-    def say(self, *args) -> bool:
-        """True if the line was written."""
-        unsaid = self._throttle.due()
-        if unsaid is None:
-            return False
-        since = (" (and %d more since the last line)" % unsaid) if unsaid else ""
-        self._warn(self._text, *(args + (since,)))
-        return True
