@@ -323,7 +323,8 @@ def test_server_flow_lives_while_only_the_user_sends_and_ends_when_idle(flow_eng
     flow = udp.ServerFlow(listener, user.getsockname(), stats, 65535, 0.05)  # idle: 0.6 s
     engine = gevent.spawn(flow.run, lambda: data)
     try:
-        for _ in range(8):  # 1.6 s of datagrams, none answered
+        flow.offer(b"one-way")  # two at once: a flow, not a lone request (0.05 s)
+        for _ in range(7):  # 1.4 s of datagrams, none answered
             flow.offer(b"one-way")
             gevent.sleep(0.2)
         assert not engine.dead, "the flow ended while datagrams still came"
@@ -335,6 +336,35 @@ def test_server_flow_lives_while_only_the_user_sends_and_ends_when_idle(flow_eng
         engine.kill(block=True, timeout=WAIT)
         for sock in (client_end, listener, user, data):
             sock.close()
+
+
+@pytest.mark.timeout(30)
+def test_server_flow_of_a_lone_datagram_ends_after_one_read_timeout(flow_engine):
+    # A user that sent one datagram (a request, a probe, a user gone) holds its
+    # data connection for one UDP_READ_TIMEOUT, as v1.0's exchange would; one
+    # that sent a second keeps its flow for FLOW_IDLE_READ_TIMEOUTS of them.
+    listener, user, stats = udp_socket(), udp_socket(), Stats()
+    flows = []
+    try:
+        for datagrams in (1, 2):
+            data, client_end = flow_pair()
+            flow = udp.ServerFlow(listener, user.getsockname(), stats, 65535, 0.05)
+            for _ in range(datagrams):
+                flow.offer(b"ask")
+            flows.append((gevent.spawn(flow.run, lambda data=data: data), data, client_end))
+        (lone, lone_data, _), (kept, kept_data, _) = flows
+        lone.join(timeout=0.4)  # 0.05 s idle, and the 0.05 s wake-up granularity
+        assert lone.dead and closed(lone_data)
+        assert not kept.dead  # 0.6 s
+        kept.join(timeout=WAIT)
+        assert kept.dead and closed(kept_data)
+    finally:
+        for engine, data, client_end in flows:
+            engine.kill(block=True, timeout=WAIT)
+            data.close()
+            client_end.close()
+        listener.close()
+        user.close()
 
 
 @pytest.mark.timeout(30)

@@ -307,12 +307,13 @@ class TLSFrameLink(FrameLink):
             return -1
 
 
-def wait_until_idle_or_ended(link: FrameLink, idle_timeout: float) -> None:
+def wait_until_idle_or_ended(link: FrameLink, idle_timeout: Callable[[], float]) -> None:
     """Block the calling greenlet until the link ends, or ends it once nothing
-    has passed either way for ``idle_timeout``."""
-    while not link.finished.wait(max(0.05, link.last_active + idle_timeout
+    has passed either way for ``idle_timeout()`` seconds (asked at each wake-up:
+    a server's flow lives longer once its user has sent a second datagram)."""
+    while not link.finished.wait(max(0.05, link.last_active + idle_timeout()
                                      - time.monotonic())):
-        if time.monotonic() - link.last_active >= idle_timeout:
+        if time.monotonic() - link.last_active >= idle_timeout():
             link.end("idle", abort=False)
 
 

@@ -17,8 +17,11 @@ framed:
 
 A flow ends when nothing has passed for FLOW_IDLE_READ_TIMEOUTS x
 UDP_READ_TIMEOUT (60 s by default; the server closes the data connection, the
-client follows). Any number of replies per datagram pass, and none of them
-has to come within UDP_READ_TIMEOUT. The header, the timeout and the launch
+client follows), or for one UDP_READ_TIMEOUT while its user has sent only one
+datagram: a lone request (a DNS query, a probe, a user gone) gives its
+descriptors back as soon as its v1.0 exchange would have. Any number of
+replies per datagram pass, and none of them has to come within
+UDP_READ_TIMEOUT. The header, the timeout and the launch
 kind are protocol.py's. Offered by the server unless its URL pins ``udp=v1``,
 advertised in the tunnel signal's query string, and used only after the
 client acknowledges it on the tunnel (control.py), as ours does. A v1.0
@@ -238,7 +241,9 @@ class ServerFlow:
         # False: over the server's rate=, drop the reply; None: every reply passes.
         self.pass_reply = pass_reply
         self.size_limit = size_limit
-        self.idle_timeout = read_timeout * FLOW_IDLE_READ_TIMEOUTS
+        self.lone_idle_timeout = read_timeout  # until the user's second datagram
+        self.flow_idle_timeout = read_timeout * FLOW_IDLE_READ_TIMEOUTS
+        self.offered = 0  # datagrams from the user (dropped ones too: it came back)
         self.queue = Queue(FLOW_QUEUE_SIZE)  # until the data connection is there, or TLS
         self.queued_bytes = 0  # in the queue, up to FLOW_QUEUE_BYTES
         self.last_active = time.monotonic()
@@ -248,6 +253,7 @@ class ServerFlow:
     def offer(self, datagram: bytes) -> None:
         """Pass a user datagram on (from the receive callback: never blocks);
         drop it if the flow is this far behind (UDP may)."""
+        self.offered += 1
         link = self._link
         if link is not None:  # a link (plain or TLS): written from this callback
             # frame(datagram), without the call: this runs for every datagram
@@ -266,6 +272,10 @@ class ServerFlow:
             return
         self.queued_bytes += len(datagram)
         self.last_active = time.monotonic()
+
+    def idle_timeout(self) -> float:
+        """How long the flow may be silent both ways before it ends (protocol.py)."""
+        return self.flow_idle_timeout if self.offered > 1 else self.lone_idle_timeout
 
     def run(self, take_data: Callable[[], Optional[socket.socket]]) -> None:
         """Open the flow and carry it until idle or broken.
@@ -344,7 +354,7 @@ class ServerFlow:
         idle timeout. (Not a read timeout: a buffered reader whose read timed
         out refuses every later read, which ended flows that only sent.)"""
         while True:
-            left = self.last_active + self.idle_timeout - time.monotonic()
+            left = self.last_active + self.idle_timeout() - time.monotonic()
             if left <= 0:
                 net.abort(data)  # the reader ends; run() owns the socket and closes it
                 return
@@ -423,7 +433,8 @@ def _client_link(data: socket.socket, target: socket.socket, stats: Stats,
     target_side.start()
     try:
         # The server closes an idle flow; this is only a backstop.
-        udplink.wait_until_idle_or_ended(link, read_timeout * FLOW_IDLE_READ_TIMEOUTS * 2)
+        backstop = read_timeout * FLOW_IDLE_READ_TIMEOUTS * 2
+        udplink.wait_until_idle_or_ended(link, lambda: backstop)
     finally:
         link.end("closed", abort=False)
         target_side.close()

@@ -75,7 +75,10 @@ KIND_NAMES = {KIND_TCP: "tcp", KIND_UDP: "udp", KIND_UDP_FLOW: "udp flow"}
 # servers).
 
 # UDP flows (udp.py): the offer, the answer, and how many UDP_READ_TIMEOUTs an
-# idle flow lives (the frame header is udplink.py's FLOW_FRAME_HEADER).
+# idle flow lives (the frame header is udplink.py's FLOW_FRAME_HEADER): one
+# while its user has sent a single datagram (a lone request, such as a DNS
+# query or a probe, holds its data connection no longer than v1.0's exchange
+# would), FLOW_IDLE_READ_TIMEOUTS once the user has sent a second.
 EXTENSION_UDP_FLOW = ("udp", "flow")
 ACK_UDP_FLOW = b"//flow#udp\n"
 FLOW_IDLE_READ_TIMEOUTS = 12
