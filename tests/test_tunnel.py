@@ -56,6 +56,27 @@ def test_udp_datagram_gets_its_reply(make_tunnel, test_ca, tls):
         assert udp_exchange(tunnel.port, payload) == payload
 
 
+@pytest.mark.parametrize("tls,udp", [(0, "flow"), (1, "flow"), (0, "v1")])
+def test_udp_datagrams_and_bytes_are_counted_once_by_either_role(make_tunnel, tls, udp):
+    # A flow (plain or TLS link) and v1.0's exchanges each count a datagram
+    # where it is passed on and a reply where it is passed back: once, in the
+    # figures the master reports apart from TCP's (udprx/udptx).
+    tunnel = make_tunnel(tls=tls, server_query="&udp=" + udp)
+    payloads = [os.urandom(size) for size in (10, 300, 2000)]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as user:  # one user: one flow
+        user.settimeout(5)
+        for payload in payloads:
+            user.sendto(payload, ("127.0.0.1", tunnel.port))
+            assert user.recvfrom(65535)[0] == payload
+    size = sum(len(payload) for payload in payloads)
+    for role in (tunnel.server, tunnel.client):
+        role.wait_for_status(lambda status: (status["udp_datagrams"], status["udp_bytes_in"],
+                                             status["udp_bytes_out"]) == (3, size, size),
+                             what="3 datagrams and %d bytes each way" % size)
+        status = role.status()
+        assert status["bytes_in"] >= size and status["bytes_out"] >= size
+
+
 @pytest.mark.parametrize("tls", [0, 1])
 def test_concurrent_udp_senders_each_get_their_own_replies_in_order(make_tunnel, tls):
     # v1.0 UDP (udp=v1): a data connection per datagram, dialed (tls=0: from
