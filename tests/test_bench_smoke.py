@@ -153,18 +153,22 @@ def test_smoke_variants_tunnels_and_rate(tools_present, tmp_path):
     say they were skipped when this build lacks multi-URL, rate= or --metrics."""
     prose = "# Hand-written\n\nA line of prose the bench must keep.\n"
     report = smoke_report(tmp_path, [
-        "--only", "latency,tunnels,rate", "--modes", "direct,tls0",
-        "--compare-query", "udp=flow", "--compare-client-query", "log=warn",
+        "--only", "latency,udp,tunnels,rate", "--modes", "direct,tls0",
+        "--compare-query", "udp=v1", "--compare-client-query", "log=warn",
         "--client-query", "tls=0", "--scrape-metrics", "--results", "figures"], prose)
     assert report.startswith(prose + "\n<!-- scripts/bench: generated from here")
     assert (tmp_path / "figures" / "latency.jsonl").exists()
     if importlib.util.find_spec("matplotlib"):  # the chart, shown by the report
         assert (tmp_path / "figures" / "latency.png").stat().st_size > 1000
         assert "![latency](figures/latency.png)" in report
-    variant = "nodepass tls=0, server +udp=flow, client +log=warn"
+    variant = "nodepass tls=0, server +udp=v1, client +log=warn"
     rows = results_rows(report)
-    assert sorted(rows) == ["1-byte ping-pong, p50", "1-byte ping-pong, p99"]
+    assert sorted(rows) == sorted(["1-byte ping-pong, p50", "1-byte ping-pong, p99"] + [
+        label for label in EXPECTED_ROWS if label.startswith("UDP ")])
     assert re.match(r"^[0-9,]+ \(\d+\.\d\d×d, \d+\.\d\d×b\)$", rows["1-byte ping-pong, p50"][variant])
+    # UDP: flows (the default, the base mode) against v1.0's one connection per datagram.
+    for label in ("UDP sequential, replies", "UDP 16 senders, replies"):
+        assert re.match(r"^[0-9,]+ \(\d+\.\d\d×d, \d+\.\d\d×b\)$", rows[label][variant])
     variants = section(report, "Variants against their base mode")
     assert "| 3 | 1-byte ping-pong, p50 | %s |" % variant in variants
     scrape = "nodepass tls=0, /metrics scraped 1/s"
