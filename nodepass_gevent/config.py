@@ -35,8 +35,10 @@ KEY_VARIABLE = "NODEPASS_KEY"
 LOG_FORMATS = ("text", "json")
 LOG_FORMAT_VARIABLE = "NODEPASS_LOG_FORMAT"
 SERVER_PARAMS = ("log", "tls", "crt", "key", "udp", "data_port", "proxy", "allow", "deny", "rate",
-                 "per_user", "log_format")
-CLIENT_PARAMS = ("log", "tls", "log_format", "wire")
+                 "per_user", "log_format", "type")
+CLIENT_PARAMS = ("log", "tls", "log_format", "wire", "type")
+# type=: NodePass v1.14's pool transport. Only its TCP pool is spoken here.
+POOL_TYPES = {"0": "TCP", "1": "QUIC", "2": "WebSocket", "3": "HTTP/2"}
 
 # wire=: the NodePass wire a client speaks (wire/v1 or wire/v114); auto finds out
 # per server (tunnel/wire_detect.py).
@@ -163,6 +165,7 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
         raise ConfigError("bad udp value %r: use v1 (one connection per datagram, as NodePass"
                           " v1.0) or flow (one connection per user address)" % udp_mode)
     data_port = _data_port(params.get("data_port", "0"), tunnels[0])
+    _check_pool_type(params.get("type", "0"))
     wire = params.get("wire", WIRE_AUTO)
     if wire not in WIRES:
         raise ConfigError("bad wire value %r: use auto (find out per server, the default), 1.0"
@@ -170,6 +173,16 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
     return Config(scheme, tunnels[0], target, log_level, tls_mode, crt, key, udp_mode, auth_key,
                   tunnels=tunnels if len(tunnels) > 1 else (), data_port=data_port,
                   log_format=_log_format(params, environ), wire=wire, **_edge_params(params))
+
+
+def _check_pool_type(text: str) -> None:
+    """type= (v1.14): 0, the TCP pool, is the only one served; 1-3 are refused."""
+    if text not in POOL_TYPES:
+        raise ConfigError("bad type value %r: NodePass v1.14's pool types are 0 (TCP), 1"
+                          " (QUIC), 2 (WebSocket), 3 (HTTP/2)" % text)
+    if text != "0":
+        raise ConfigError("type=%s (%s) is not supported yet: only type=0, the TCP pool"
+                          % (text, POOL_TYPES[text]))
 
 
 def _data_port(text: str, tunnel: Address) -> int:

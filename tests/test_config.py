@@ -236,3 +236,14 @@ def test_v114_np_variables_are_checked(environ, words):
     with pytest.raises(ConfigError, match=words):
         load_settings(environ)
     assert load_settings({"NP_HANDSHAKE_TIMEOUT": "5s"}) == load_settings({})
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_v114_pool_types_other_than_tcp_are_refused_in_one_line(role):
+    url = "%s://127.0.0.1:10101/127.0.0.1:8080?type=" % role
+    assert parse_url(url + "0").role == role
+    with pytest.raises(ConfigError, match=r"type=2 \(WebSocket\) is not supported yet: only"
+                                          r" type=0, the TCP pool"):
+        parse_url(url + "2")
+    with pytest.raises(ConfigError, match="bad type value '9'"):
+        parse_url(url + "9")
