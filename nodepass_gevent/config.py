@@ -17,10 +17,15 @@ authentication (auth.py); without it the wire bytes are v1.0's.
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field, make_dataclass
-from typing import List, Mapping, Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import List, Mapping, Optional, Tuple
 from urllib.parse import unquote
 
+# The environment variables are settings.py's; what is there is also reachable here,
+# as it was before it moved (cli, tunnelset, nodepass-service read config.SETTINGS).
+from nodepass_gevent.settings import (  # noqa: F401 (re-exported)
+    MAX_UDP_DATA_BUF_SIZE, SETTINGS, ConfigError, Setting, Settings, load_settings,
+    parse_duration)
 from nodepass_gevent.urls import query_pairs, split_url
 
 ROLES = ("server", "client")
@@ -30,12 +35,15 @@ KEY_VARIABLE = "NODEPASS_KEY"
 LOG_FORMATS = ("text", "json")
 LOG_FORMAT_VARIABLE = "NODEPASS_LOG_FORMAT"
 SERVER_PARAMS = ("log", "tls", "crt", "key", "udp", "data_port", "proxy", "allow", "deny", "rate",
-                 "per_user", "log_format")
-CLIENT_PARAMS = ("log", "tls", "log_format", "wire")
+                 "per_user", "log_format", "type")
+CLIENT_PARAMS = ("log", "tls", "log_format", "wire", "type")
+# type=: NodePass v1.14's pool transport. Only its TCP pool is spoken here.
+POOL_TYPES = {"0": "TCP", "1": "QUIC", "2": "WebSocket", "3": "HTTP/2"}
 
-# wire=: the NodePass wire a client speaks (wire/v1 or wire/v114).
-WIRE_V1, WIRE_V114 = "1.0", "1.14"
-WIRES = (WIRE_V1, WIRE_V114)
+# wire=: the NodePass wire a client speaks (wire/v1 or wire/v114); auto finds out
+# per server (tunnel/wire_detect.py).
+WIRE_AUTO, WIRE_V1, WIRE_V114 = "auto", "1.0", "1.14"
+WIRES = (WIRE_AUTO, WIRE_V1, WIRE_V114)
 
 # tls=: how data connections are secured, also the v1.0 tunnel signal's fragment
 # (wire/v1/protocol.py carries it, copy/tls.py makes the contexts).
@@ -52,10 +60,6 @@ UDP_MODES = (UDP_MODE_FLOW, UDP_MODE_V1)
 
 def is_tls_mode(text: str) -> bool:
     return text in [str(mode) for mode in TLS_MODES]
-
-
-class ConfigError(ValueError):
-    """A configuration mistake, worded for the operator who made it."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ class Config:
     # Server: the data port (data_port=); 0 picks one at random at start-up, as v1.0.
     data_port: int = 0
     log_format: str = "text"  # "json": one JSON object a log line (log.py)
-    wire: str = WIRE_V1  # client: the wire spoken, WIRES
+    wire: str = WIRE_AUTO  # client: the wire spoken, WIRES
 
     @property
     def servers(self) -> Tuple[Address, ...]:
@@ -124,49 +128,6 @@ class Config:
         if self.per_user is not None:
             parts.append("per_user=%d" % self.per_user)
         return " ".join(parts)
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One of the seed's environment variables, as the operator sees it."""
-
-    name: str      # the variable, e.g. SEMAPHORE_LIMIT; the Settings field is its lower case
-    kind: str      # "int" (a whole number of at least 1) or "duration" (Go syntax, above 0)
-    default: str   # as an operator would write it: "1024", "5s"
-    help: str      # one line for `nodepass --help`
-
-    @property
-    def attribute(self) -> str:
-        return self.name.lower()
-
-    def parse(self, text: str) -> Union[int, float]:
-        """The value of ``text`` for this variable (seconds for a duration); ConfigError."""
-        if self.kind == "int":
-            return _positive_int(self.name, text)
-        return _positive_duration(self.name, text)
-
-
-# The one list of tuning variables: Settings (at the end of this module, once
-# the parsers exist), the CLI help's Environment section and nodepass-service's
-# environment template are all made from it.
-SETTINGS = (
-    Setting("SEMAPHORE_LIMIT", "int", "1024", "Most concurrent connections and datagrams"),
-    Setting("MIN_POOL_CAPACITY", "int", "16", "Fewest pooled data connections (client)"),
-    Setting("MAX_POOL_CAPACITY", "int", "1024", "Most pooled data connections"),
-    # On the v1.0 wire (one data connection per datagram), as in v1.0: a peer
-    # reads a datagram or reply with one read of this size, so a larger one is
-    # dropped whole (udp.py). Flows (udp=flow, the default, with a client that
-    # takes them) carry any datagram, whatever it says.
-    Setting("UDP_DATA_BUF_SIZE", "int", "8192", "Largest UDP datagram (v1.0 wire), bytes"),
-    Setting("UDP_READ_TIMEOUT", "duration", "5s", "How long a UDP exchange waits for a reply"),
-    Setting("REPORT_INTERVAL", "duration", "5s", "Heartbeat and traffic report interval"),
-    Setting("SERVICE_COOLDOWN", "duration", "5s", "Pause before reconnecting / re-arming"),
-    Setting("SHUTDOWN_TIMEOUT", "duration", "5s", "Grace for open connections on SIGTERM"),
-    Setting("RELOAD_INTERVAL", "duration", "1h", "How often tls=2 certificates are re-read"),
-)
-
-
-MAX_UDP_DATA_BUF_SIZE = 65535  # more than any UDP datagram: nothing is then dropped
 
 
 def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
@@ -207,13 +168,24 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
                           " the client takes it, the default) or v1 (one connection per"
                           " datagram, as NodePass v1.0)" % udp_mode)
     data_port = _data_port(params.get("data_port", "0"), tunnels[0])
-    wire = params.get("wire", WIRE_V1)
+    _check_pool_type(params.get("type", "0"))
+    wire = params.get("wire", WIRE_AUTO)
     if wire not in WIRES:
-        raise ConfigError("bad wire value %r: use 1.0 (NodePass v1.0, the default) or 1.14"
-                          " (NodePass v1.14, TCP pool)" % wire)
+        raise ConfigError("bad wire value %r: use auto (find out per server, the default), 1.0"
+                          " (NodePass v1.0) or 1.14 (NodePass v1.14, TCP pool)" % wire)
     return Config(scheme, tunnels[0], target, log_level, tls_mode, crt, key, udp_mode, auth_key,
                   tunnels=tunnels if len(tunnels) > 1 else (), data_port=data_port,
                   log_format=_log_format(params, environ), wire=wire, **_edge_params(params))
+
+
+def _check_pool_type(text: str) -> None:
+    """type= (v1.14): 0, the TCP pool, is the only one served; 1-3 are refused."""
+    if text not in POOL_TYPES:
+        raise ConfigError("bad type value %r: NodePass v1.14's pool types are 0 (TCP), 1"
+                          " (QUIC), 2 (WebSocket), 3 (HTTP/2)" % text)
+    if text != "0":
+        raise ConfigError("type=%s (%s) is not supported yet: only type=0, the TCP pool"
+                          % (text, POOL_TYPES[text]))
 
 
 def _data_port(text: str, tunnel: Address) -> int:
@@ -470,63 +442,3 @@ def _tls_mode(text: str) -> int:
     return int(text)
 
 
-def load_settings(environ: Optional[Mapping[str, str]] = None) -> "Settings":
-    """Read the SETTINGS variables; one not set (or blank) keeps its default."""
-    environ = os.environ if environ is None else environ
-    settings = Settings(**{setting.attribute: setting.parse(environ[setting.name])
-                           for setting in SETTINGS if environ.get(setting.name, "").strip()})
-    if settings.min_pool_capacity > settings.max_pool_capacity:
-        raise ConfigError("MIN_POOL_CAPACITY (%d) is larger than MAX_POOL_CAPACITY (%d)"
-                          % (settings.min_pool_capacity, settings.max_pool_capacity))
-    if settings.udp_data_buf_size > MAX_UDP_DATA_BUF_SIZE:
-        raise ConfigError("UDP_DATA_BUF_SIZE must be at most %d" % MAX_UDP_DATA_BUF_SIZE)
-    return settings
-
-
-def _positive_int(name: str, text: str) -> int:
-    text = text.strip()
-    if not text.isdigit() or int(text) < 1:
-        raise ConfigError("bad %s=%r: expected a whole number of at least 1" % (name, text))
-    return int(text)
-
-
-def _positive_duration(name: str, text: str) -> float:
-    try:
-        seconds = parse_duration(text)
-    except ConfigError as exc:
-        raise ConfigError("bad %s=%r: %s" % (name, text, exc)) from None
-    if seconds <= 0:
-        raise ConfigError("bad %s=%r: must be longer than zero" % (name, text))
-    return seconds
-
-
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6,
-                   "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
-
-
-def parse_duration(text: str) -> float:
-    """Parse a Go duration (``500ms``, ``5s``, ``1m30s``, ``1.5h``) into seconds."""
-    text = text.strip()
-    body = text[1:] if text[:1] in "+-" else text
-    if body == "0":
-        return 0.0
-    position, seconds = 0, 0.0
-    while position < len(body):
-        match = _DURATION_PART.match(body, position)
-        if not match:
-            raise ConfigError("expected a duration like 500ms, 5s or 1m30s")
-        seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        position = match.end()
-    if not body:
-        raise ConfigError("expected a duration like 500ms, 5s or 1m30s")
-    return -seconds if text.startswith("-") else seconds
-
-
-# The parsed values of the environment variables; durations are in seconds.
-Settings = make_dataclass(
-    "Settings",
-    [(setting.attribute, int if setting.kind == "int" else float,
-      field(default=setting.parse(setting.default))) for setting in SETTINGS],
-    frozen=True, namespace={"__module__": __name__,
-                            "__doc__": "The seed's environment variables (SETTINGS), parsed."})

@@ -55,7 +55,7 @@ def test_a_parameter_given_twice_is_refused(query, name, values):
 def test_an_unknown_parameter_is_refused_for_its_mode():
     result = run_nodepass(["--check", "client://%s:1/%s:2?data_port=5" % (HOST, HOST)])
     assert one_line(result, 2).startswith("unknown URL parameter 'data_port': this mode takes"
-                                          " log, tls, log_format, wire, and the tunnel settings")
+                                          " log, tls, log_format, wire, type, and the tunnel settings")
 
 
 # -- which source wins ----------------------------------------------------------

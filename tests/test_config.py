@@ -219,3 +219,32 @@ def test_shared_key_from_url_or_environment(url, environ, key):
 def test_key_is_removed_from_the_url(url, stripped):
     from nodepass_gevent.config import without_key
     assert without_key(url) == stripped
+
+
+def test_v114_np_spellings_of_the_variables_are_read():
+    settings = load_settings({"NP_SEMAPHORE_LIMIT": "64", "NP_UDP_READ_TIMEOUT": "30s",
+                              "REPORT_INTERVAL": "2s", "NP_REPORT_INTERVAL": "2s"})
+    assert (settings.semaphore_limit, settings.udp_read_timeout) == (64, 30.0)
+    assert settings.report_interval == 2.0
+
+
+@pytest.mark.parametrize("environ, words", [
+    ({"SEMAPHORE_LIMIT": "8", "NP_SEMAPHORE_LIMIT": "9"}, "disagree"),
+    ({"NP_TCP_DIAL_TIMEOUT": "soon"}, "NP_TCP_DIAL_TIMEOUT"),
+    ({"NP_TCP_DATA_BUF_SIZE": "0"}, "NP_TCP_DATA_BUF_SIZE"),
+])
+def test_v114_np_variables_are_checked(environ, words):
+    with pytest.raises(ConfigError, match=words):
+        load_settings(environ)
+    assert load_settings({"NP_HANDSHAKE_TIMEOUT": "5s"}) == load_settings({})
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_v114_pool_types_other_than_tcp_are_refused_in_one_line(role):
+    url = "%s://127.0.0.1:10101/127.0.0.1:8080?type=" % role
+    assert parse_url(url + "0").role == role
+    with pytest.raises(ConfigError, match=r"type=2 \(WebSocket\) is not supported yet: only"
+                                          r" type=0, the TCP pool"):
+        parse_url(url + "2")
+    with pytest.raises(ConfigError, match="bad type value '9'"):
+        parse_url(url + "9")

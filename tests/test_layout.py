@@ -20,7 +20,8 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # one above it or beside it (the two wires know nothing of each other).
 LAYERS = [
     ("__init__", "urls", "log"),          # the version; URL splitting and logging for all
-    ("config",),                          # URL + environment -> frozen config
+    ("settings",),                        # environment variables -> frozen Settings
+    ("config",),                          # URL -> frozen config
     ("tunnelset",),                       # URLs / tunnels file -> checked tunnels
     ("base",),                            # net, lifecycle, stats, semaphore, health
     ("edge",),                            # access, proxyheader, ratelimit, policy
