@@ -11,6 +11,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# scripts/loopback.py: helpers the tests share with the bench (scripts/benchmark/).
+sys.path.append(os.path.join(REPO, "scripts"))
 
 from support import (FAST_ENV, HOST, EchoServer, NodepassProcess, echo_works,  # noqa: E402
                      free_port, make_test_ca, stop_all, wait_until)

@@ -16,31 +16,20 @@ import tempfile
 import time
 from typing import List, Optional
 
+from loopback import nginx_conf
 from support import HOST, free_port, wait_until
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
-NGINX_CONF = """\
-daemon off;
-master_process off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
+# The http block of nginx's conf (loopback.nginx_conf puts the rest around it).
+NGINX_HTTP = """\
     log_format proxied '$proxy_protocol_addr:$proxy_protocol_port via $remote_addr';
     access_log {prefix}/access.log proxied;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
     server {{
         listen {listen} proxy_protocol backlog=4096;
         location / {{ return 200 "ok\\n"; }}
     }}
-}}
 """
 
 HAPROXY_CONF = """\
@@ -128,7 +117,8 @@ class Nginx(Consumer):
     def command(self) -> List[str]:
         conf = os.path.join(self.prefix, "nginx.conf")
         with open(conf, "w") as out:
-            out.write(NGINX_CONF.format(prefix=self.prefix, listen=_listen(self.host, self.port)))
+            http = NGINX_HTTP.format(prefix=self.prefix, listen=_listen(self.host, self.port))
+            out.write(nginx_conf(self.prefix, http))
         return [NGINX, "-p", self.prefix, "-c", conf, "-e", os.path.join(self.prefix, "error.log")]
 
     def log_text(self) -> str:

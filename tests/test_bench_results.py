@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from benchmark import results  # noqa: E402 (found through the path above)
 from benchmark.base import Workload  # noqa: E402
-from benchmark.charts import CHARTS, draw_charts, medians_of  # noqa: E402
+from benchmark.charts import CHARTS, draw_charts, medians_of, modes_with_figures  # noqa: E402
 
 pytestmark = pytest.mark.timeout(20)
 CHURN = Workload(2, "churn", "nginx", False, None)
@@ -87,6 +87,16 @@ def test_charts_are_drawn_from_the_json_lines(tmp_path):
     assert picture.shape[1] > picture.shape[0] > 300  # two panels side by side, 100 dpi
     assert [name for name, _, _ in CHARTS] == ["throughput.png", "churn.png", "latency.png",
                                                "idle-memory.png", "udp.png"]
+
+
+def test_a_chart_legend_names_only_the_modes_it_has_bars_of():
+    # direct has no relay whose memory could be measured: no bar, so no legend entry.
+    order = ["direct", "socat", "tls0"]
+    medians = {"idle_kb": {"socat": 30.0, "tls0": 12.0}, "churn_rps": {"direct": 9000.0}}
+    idle_groups = [(("idle_kb",), "idle connections")]
+    assert modes_with_figures(idle_groups, medians, order) == [(1, "socat"), (2, "tls0")]
+    both = idle_groups + [(("churn_rps",), "churn")]
+    assert [mode for _, mode in modes_with_figures(both, medians, order)] == order
 
 
 def test_charts_without_matplotlib_say_how_to_get_it(tmp_path, monkeypatch):

@@ -39,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import pytest
 
+from loopback import read_to_eof
 from support import HOST, echo_works, free_port, tcp_exchange, udp_exchange, wait_until
 
 OTHER_HOST = "127.0.0.2"   # routable on Linux loopback, and not the client's address
@@ -561,15 +562,6 @@ def _is_silent(sock: socket.socket) -> bool:
     return not poller.poll(0)
 
 
-def _read_to_eof(sock: socket.socket) -> bytes:
-    parts = []
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return b"".join(parts)
-        parts.append(chunk)
-
-
 class HostileServer:
     """A fake NodePass server: plays by docs/protocol.md until told otherwise.
 
@@ -683,7 +675,7 @@ class HostileServer:
             if not data_lead:
                 conn.sendall(payload)
             conn.shutdown(socket.SHUT_WR)
-            return _read_to_eof(conn)
+            return read_to_eof(conn)
 
     def next_pooled(self, timeout: float) -> Tuple[bytes, socket.socket]:
         """The oldest (id, socket) the client still holds."""

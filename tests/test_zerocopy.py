@@ -26,6 +26,8 @@ from gevent import socket as gsocket
 from nodepass_gevent.base.stats import Stats
 from nodepass_gevent.copy import relay, zerocopy
 
+import loopback  # scripts/loopback.py, on the path by conftest.py
+
 pytestmark = pytest.mark.matrix  # the core suite: the ctypes engine exists for old Pythons
 
 SIZE = 3 * 1024 * 1024  # bytes each way: many pipe fills of 256 KB
@@ -147,12 +149,7 @@ def send_all_then_eof(sock, data: bytes) -> None:
 
 
 def read_to_eof(sock) -> bytes:
-    parts = []
-    while True:
-        chunk = sock.recv(262144)
-        if not chunk:
-            return b"".join(parts)
-        parts.append(chunk)
+    return loopback.read_to_eof(sock, 262144)  # large reads: the transfers here are MBs
 
 
 def read_exactly(sock, size: int) -> bytes:

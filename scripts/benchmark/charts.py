@@ -82,11 +82,16 @@ def figure_text(value: float) -> str:
     return "{:.3g}".format(value)
 
 
+def modes_with_figures(groups, medians, order) -> List[Tuple[int, str]]:
+    """(place in order, mode) of the modes with a figure in groups (direct has no relay
+    to measure memory or CPU of): a mode keeps its colour, C<place>, in every chart."""
+    return [(index, mode) for index, mode in enumerate(order)
+            if any(summed(medians, keys, mode) is not None for keys, _ in groups)]
+
+
 def draw_panel(axes, groups, medians, order) -> None:
-    """A bar per mode in each group, for the modes with a figure in this panel (direct has
-    no relay to measure); a mode keeps its colour, C<its place in order>, in every chart."""
-    modes = [(index, mode) for index, mode in enumerate(order)
-             if any(summed(medians, keys, mode) is not None for keys, _ in groups)]
+    """A bar per mode in each group, for the modes with a figure in this panel."""
+    modes = modes_with_figures(groups, medians, order)
     width = 0.8 / max(1, len(modes))
     for place, (index, mode) in enumerate(modes):
         bars = [(group, summed(medians, keys, mode)) for group, (keys, _) in enumerate(groups)]
@@ -107,8 +112,10 @@ def draw_chart(pyplot, path, title, panels, medians, order, titles) -> None:
     for axes, (unit, groups) in zip(axes_row[0], panels):
         draw_panel(axes, groups, medians, order)
         axes.set_ylabel(unit)
+    # The legend names only the modes with a bar somewhere in this chart.
+    all_groups = [group for _, groups in panels for group in groups]
     legend = [Patch(color="C%d" % index, label=titles.get(mode, mode))
-              for index, mode in enumerate(order)]
+              for index, mode in modes_with_figures(all_groups, medians, order)]
     figure.legend(handles=legend, loc="center right", fontsize="small")
     figure.suptitle(title + " (medians)")
     figure.tight_layout(rect=(0, 0, 1 - 1.7 / width, 1))

@@ -16,37 +16,49 @@ class Metric(NamedTuple):
     tls0_ratio: bool = False  # tls=1's cell also shows its ratio to tls=0 of the same run
 
 
-METRICS = [
-    Metric("bulk_1f", 1, "bulk TCP, 1 stream", "Gbit/s", 2),
-    Metric("bulk_8f", 1, "bulk TCP, 8 streams", "Gbit/s", 2),
-    Metric("bulk_1r", 1, "bulk TCP, 1 stream, reverse", "Gbit/s", 2),
-    Metric("bulk_8r", 1, "bulk TCP, 8 streams, reverse", "Gbit/s", 2),
-    Metric("churn_rps", 2, "churn, requests", "req/s", 0),
-    Metric("churn_p50", 2, "churn, p50", "ms", 2),
-    Metric("churn_p99", 2, "churn, p99", "ms", 2),
-    Metric("churn_failed", 2, "churn, failed requests", "count", 0, False),
-    Metric("ping_p50", 3, "1-byte ping-pong, p50", "µs", 0),
-    Metric("ping_p99", 3, "1-byte ping-pong, p99", "µs", 0),
-    Metric("idle_ok", 4, "idle connections echoing", "count", 0),
-    Metric("idle_seconds", 4, "idle, time to establish all", "s", 2),
-    Metric("idle_kb", 4, "idle, tunnel memory per connection", "KB", 1),
-    Metric("udp_seq_rps", 5, "UDP sequential, replies", "1/s", 0),
-    Metric("udp_seq_p50", 5, "UDP sequential, p50", "ms", 3),
-    Metric("udp_seq_p99", 5, "UDP sequential, p99", "ms", 3),
-    Metric("udp_seq_lost", 5, "UDP sequential, lost", "count", 0, False),
-    Metric("udp_conc_rps", 5, "UDP 16 senders, replies", "1/s", 0),
-    Metric("udp_conc_p50", 5, "UDP 16 senders, p50", "ms", 3),
-    Metric("udp_conc_p99", 5, "UDP 16 senders, p99", "ms", 3),
-    Metric("udp_conc_lost", 5, "UDP 16 senders, lost", "count", 0, False),
-    Metric("cpu_1f", 6, "tunnel CPU, 1 stream", "s/GB", 2),
-    Metric("cpu_8f", 6, "tunnel CPU, 8 streams", "s/GB", 2),
-    Metric("cpu_1r", 6, "tunnel CPU, 1 stream, reverse", "s/GB", 2),
-    Metric("cpu_8r", 6, "tunnel CPU, 8 streams, reverse", "s/GB", 2),
-    Metric("rr_rps", 7, "request/response, requests", "req/s", 0, True, True),
-    Metric("rr_p50", 7, "request/response, p50", "ms", 3, True, True),
-    Metric("rr_p99", 7, "request/response, p99", "ms", 3, True, True),
-    Metric("rr_failed", 7, "request/response, failed requests", "count", 0, False),
-]
+def bulk_label(streams: int, reverse: bool) -> str:
+    return "%d stream%s%s" % (streams, "s" if streams > 1 else "", ", reverse" if reverse else "")
+
+
+def ab_metrics(prefix: str, workload: int, label: str, digits: int, tls0_ratio: bool = False):
+    """The four figures of an ab workload, as loadgen.ab_figures names them."""
+    return [
+        Metric(prefix + "_rps", workload, label + ", requests", "req/s", 0, True, tls0_ratio),
+        Metric(prefix + "_p50", workload, label + ", p50", "ms", digits, True, tls0_ratio),
+        Metric(prefix + "_p99", workload, label + ", p99", "ms", digits, True, tls0_ratio),
+        Metric(prefix + "_failed", workload, label + ", failed requests", "count", 0, False),
+    ]
+
+
+def udp_metrics(name: str, label: str):
+    """The four figures of one UDP case (workloads/udp.py): replies, p50, p99, lost."""
+    key, label = "udp_" + name, "UDP " + label
+    return [
+        Metric(key + "_rps", 5, label + ", replies", "1/s", 0),
+        Metric(key + "_p50", 5, label + ", p50", "ms", 3),
+        Metric(key + "_p99", 5, label + ", p99", "ms", 3),
+        Metric(key + "_lost", 5, label + ", lost", "count", 0, False),
+    ]
+
+
+# In the results table's order: bulk, churn, ping-pong, idle, UDP, CPU, request/response.
+METRICS = (
+    [Metric("bulk_" + bulk_suffix(*case), 1, "bulk TCP, " + bulk_label(*case), "Gbit/s", 2)
+     for case in BULK_CASES]
+    + ab_metrics("churn", 2, "churn", 2)
+    + [
+        Metric("ping_p50", 3, "1-byte ping-pong, p50", "µs", 0),
+        Metric("ping_p99", 3, "1-byte ping-pong, p99", "µs", 0),
+        Metric("idle_ok", 4, "idle connections echoing", "count", 0),
+        Metric("idle_seconds", 4, "idle, time to establish all", "s", 2),
+        Metric("idle_kb", 4, "idle, tunnel memory per connection", "KB", 1),
+    ]
+    + udp_metrics("seq", "sequential")
+    + udp_metrics("conc", "16 senders")
+    + [Metric("cpu_" + bulk_suffix(*case), 6, "tunnel CPU, " + bulk_label(*case), "s/GB", 2)
+       for case in BULK_CASES]
+    + ab_metrics("rr", 7, "request/response", 3, tls0_ratio=True)
+)
 
 
 # --------------------------------------------------------------------------

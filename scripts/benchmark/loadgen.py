@@ -7,7 +7,7 @@ import os
 import re
 import subprocess
 import time
-from typing import NamedTuple, Optional, Sequence
+from typing import Dict, NamedTuple, Optional, Sequence
 
 from .base import BenchError, HOST
 
@@ -108,6 +108,16 @@ def run_ab(
         complete,
         int(fields.get("Keep-Alive requests", 0)),
     )
+
+
+def ab_figures(prefix: str, result: AbResult) -> Dict[str, float]:
+    """An ab run's four figures, named as checks.ab_metrics names them."""
+    return {
+        prefix + "_rps": result.requests_per_second,
+        prefix + "_p50": result.p50_ms,
+        prefix + "_p99": result.p99_ms,
+        prefix + "_failed": float(result.failed),
+    }
 
 
 def percentile(values: Sequence[float], pct: float) -> float:

@@ -10,6 +10,8 @@ import tempfile
 import time
 from typing import List, Optional, Sequence, Tuple
 
+from loopback import nginx_conf, read_to_eof
+
 from .base import HOST
 from .loadgen import run_iperf3
 from .processes import (
@@ -98,24 +100,13 @@ while True:
                 close(sock)
 """
 
-NGINX_CONF = """\
-daemon off;
-master_process on;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 8192; }}
-http {{
+# The http block of nginx's conf (loopback.nginx_conf puts the rest around it).
+NGINX_HTTP = """\
     access_log off;
     default_type text/html;
     # The request/response workload keeps its connections for the whole run.
     keepalive_requests 1000000000;
     keepalive_timeout 120s;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
     server {{
         listen {host}:{port} backlog=4096;
         # For tunnels whose server writes a PROXY header first (proxy=1|2, issue 13).
@@ -126,7 +117,6 @@ http {{
             return 200 "{rr_body}";
         }}
     }}
-}}
 """
 
 STATIC_PAGE = b"<!doctype html><title>bench</title>" + b"<p>nodepass-gevent bench page</p>\n" * 16
@@ -217,16 +207,15 @@ class NginxTarget(Target):
         self.proxy_port = free_port()
         conf = os.path.join(prefix, "nginx.conf")
         with open(conf, "w") as out:
-            out.write(
-                NGINX_CONF.format(
-                    prefix=prefix,
-                    host=HOST,
-                    port=self.port,
-                    proxy_port=self.proxy_port,
-                    rr_path=RR_PATH,
-                    rr_body=RR_BODY,
-                )
+            http = NGINX_HTTP.format(
+                prefix=prefix,
+                host=HOST,
+                port=self.port,
+                proxy_port=self.proxy_port,
+                rr_path=RR_PATH,
+                rr_body=RR_BODY,
             )
+            out.write(nginx_conf(prefix, http, master_process=True, worker_connections=8192))
         proc = self.bench.procs.start(
             "nginx", ["nginx", "-p", prefix, "-c", conf, "-e", os.path.join(prefix, "error.log")]
         )
@@ -236,7 +225,7 @@ class NginxTarget(Target):
     def probe(self, port: int) -> bool:
         with socket.create_connection((HOST, port), timeout=2) as sock:
             sock.sendall(b"GET /index.html HTTP/1.0\r\nHost: bench\r\n\r\n")
-            reply = _recv_all(sock)
+            reply = read_to_eof(sock)
         return reply.startswith(b"HTTP/1.1 200") and reply.endswith(STATIC_PAGE)
 
 
@@ -248,15 +237,6 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
             break
         data += chunk
     return data
-
-
-def _recv_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
 
 
 # --------------------------------------------------------------------------

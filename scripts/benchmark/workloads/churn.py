@@ -2,7 +2,7 @@
 
 from ..base import BenchError, Figures
 from ..cpu import CpuMeter
-from ..loadgen import run_ab
+from ..loadgen import ab_figures, run_ab
 from ..targets import Route
 
 
@@ -14,11 +14,6 @@ def measure_churn(bench: "Bench", route: Route) -> Figures:
     )
     if bench.strict(route.mode) and result.failed:
         raise BenchError("ab: %d of %d requests failed" % (result.failed, scale.churn_requests))
-    figures = {
-        "churn_rps": result.requests_per_second,
-        "churn_p50": result.p50_ms,
-        "churn_p99": result.p99_ms,
-        "churn_failed": float(result.failed),
-    }
+    figures = ab_figures("churn", result)
     figures.update(meter.per_operation("churn", result.complete))
     return figures

@@ -2,7 +2,7 @@
 
 from ..base import BenchError, Figures
 from ..cpu import CpuMeter
-from ..loadgen import run_ab
+from ..loadgen import ab_figures, run_ab
 from ..targets import RR_PATH, Route
 
 
@@ -32,11 +32,6 @@ def measure_rr(bench: "Bench", route: Route) -> Figures:
         )
     if bench.strict(route.mode) and result.failed:
         raise BenchError("ab -k: %d of %d requests failed" % (result.failed, result.complete))
-    figures = {
-        "rr_rps": result.requests_per_second,
-        "rr_p50": result.p50_ms,
-        "rr_p99": result.p99_ms,
-        "rr_failed": float(result.failed),
-    }
+    figures = ab_figures("rr", result)
     figures.update(meter.per_operation("rr", result.complete))
     return figures
