@@ -36,19 +36,34 @@ FAST_ENV = {  # short intervals so recovery tests take seconds
 }
 
 
+def _reserved_tcp_port(family, host: str) -> int:
+    """A port the OS picks (bind to 0), left in TIME_WAIT: for 60 s the kernel
+    gives it to no outgoing connection as its ephemeral port, while a listener
+    that sets SO_REUSEADDR (ours, nginx, HAProxy) still binds it. Without this,
+    another process's connect() could take the port between this function and
+    the nodepass child's listen ("Address already in use")."""
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, 0))
+        listener.listen(1)
+        with socket.socket(family, socket.SOCK_STREAM) as dialer:
+            dialer.connect(listener.getsockname()[:2])
+            accepted = listener.accept()[0]
+            accepted.close()  # this end closes first, so it is the one in TIME_WAIT
+        return listener.getsockname()[1]
+
+
 def free_port(host: str = HOST) -> int:
     """A port free for both TCP and UDP right now (the OS picks it), on an
     IPv4 or an IPv6 host."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(50):
-        with socket.socket(family, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(family, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
+        port = _reserved_tcp_port(family, host)
+        with socket.socket(family, socket.SOCK_DGRAM) as udp:
+            try:
+                udp.bind((host, port))
+            except OSError:
+                continue
         return port
     raise RuntimeError("no free port")
 

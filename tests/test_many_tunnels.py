@@ -162,6 +162,7 @@ def test_a_tunnel_that_cannot_listen_is_retried_while_the_others_serve(nodepass,
         client_line(n, p, t) for n, p, t in zip(["good", "late"], ports, targets)])])
     wait_states(metrics, {"good": "up"})
     busy = socket.socket()
+    busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # free_port's TIME_WAIT
     busy.bind((HOST, blocked["target"]))
     busy.listen()
     try:

@@ -154,10 +154,14 @@ def test_master_healthz_status_and_metrics(nodepass, tmp_path):
                what="the instance stopped")
     assert probe(master, "/status")[0] == 401
     assert probe(master, "/metrics", {"Authorization": "Bearer " + "0" * 32})[0] == 401
-    status, text = probe(master, "/status", {"Authorization": "Bearer " + master.key})
-    assert status == 200
-    assert [(tunnel["name"], tunnel["state"]) for tunnel in json.loads(text)["tunnels"]] == [
-        (created["id"], "stopped")]
+    def tunnel_states():
+        status, text = probe(master, "/status", {"Authorization": "Bearer " + master.key})
+        assert status == 200
+        return [(tunnel["name"], tunnel["state"]) for tunnel in json.loads(text)["tunnels"]]
+
+    # The tunnel's own state follows the instance's a moment later (its stop runs on).
+    wait_until(lambda: tunnel_states() == [(created["id"], "stopped")], 10,
+               what="/status showing the tunnel stopped")
     status, text = probe(master, "/metrics", {"X-API-Key": master.key})
     assert status == 200 and 'nodepass_tunnel_up{name="%s",role="server"} 0.0' % (
         created["id"]) in text

@@ -70,6 +70,19 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def fd_targets() -> set:
+    """What each open descriptor points at ("socket:[inode]", "pipe:[inode]"):
+    comparing these sets, not counts, keeps a descriptor that an earlier test's
+    garbage closes meanwhile from hiding one this test opened."""
+    targets = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            targets.add(os.readlink("/proc/self/fd/" + name))
+        except OSError:  # the listing's own descriptor, gone already
+            pass
+    return targets
+
+
 def tcp_pair():
     listener = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -121,6 +134,7 @@ class Link:
 
     def __init__(self, target_side: str) -> None:
         self.fds_before = open_fds()
+        self.targets_before = fd_targets()
         self.user, left = tcp_pair()
         right, self.target = tcp_pair() if target_side == "tcp" else unix_pair()
         self.stats = Stats()
@@ -262,8 +276,12 @@ def test_an_idle_connection_holds_only_its_two_sockets(link, engine):
         source.sendall(b"x" * 1000000)
         assert read_exactly(sink, 1000000) == b"x" * 1000000
     gevent.sleep(0.05)
-    held = open_fds() - link.fds_before - 2 * len(engine.pool.kept())
-    assert held == 4  # the two ends here, left and right in the relay
+    opened = fd_targets() - link.targets_before
+    pipes = {target for target in opened if target.startswith("pipe:")}
+    kept = {os.readlink("/proc/self/fd/%d" % end) for pair in engine.pool.kept() for end in pair}
+    sockets = [target for target in opened if target.startswith("socket:")]
+    assert pipes <= kept  # no pipe held but the pool's idle ones
+    assert len(sockets) == 4  # the two ends here, left and right in the relay
     assert engine.pool.outstanding == 0
     link.user.shutdown(socket.SHUT_WR)
     link.target.shutdown(socket.SHUT_WR)
