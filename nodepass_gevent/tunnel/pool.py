@@ -213,6 +213,16 @@ class ClientPool:
             self._count_miss(connection_id)
         return sock
 
+    def take_now(self, connection_id: str) -> Optional[socket.socket]:
+        """take() if the connection is here already; None (nothing done) if it
+        is not: then take() waits for it, in a greenlet."""
+        sock = self._idle.pop(connection_id, None)
+        if sock is not None:
+            if not self._idle:
+                self._emptied_at = time.monotonic()
+            self._loop.run_callback(self._refill)
+        return sock
+
     def newest_id(self) -> Optional[str]:
         """The id of the connection pooled last, or None (the v1.14 verify's pick)."""
         return next(reversed(self._idle), None)

@@ -12,12 +12,17 @@ With ``proxy=1|2`` (edge/policy.py) the server writes a PROXY protocol header
 signal: the client forwards it to the target as the user's first bytes.
 """
 
+import os
 import socket
 from typing import Callable, Optional
 
+from gevent import get_hub
+from gevent.event import Event
+
 from nodepass_gevent.base import net
 from nodepass_gevent.base.stats import Stats
-from nodepass_gevent.copy import relay
+from nodepass_gevent.copy import relay, zerocopy
+from nodepass_gevent.copy.tlsstream import TLSStream
 from nodepass_gevent.edge.ratelimit import TunnelRate
 from nodepass_gevent.log import log
 from nodepass_gevent.wire.v1 import protocol
@@ -69,3 +74,134 @@ def launch(data: socket.socket, target: net.Target, stats: Stats,
         relay.exchange(data, sock, stats)
     finally:
         stats.tcp_closed()
+
+
+# -- the client's half without a greenlet (issue 22) -------------------------------
+
+_WRITE = 2  # libev's EV_WRITE
+
+
+class CallbackLaunches:
+    """The client's TCP launches that run from event-loop callbacks, no greenlet
+    each: a churned connection's greenlet (spawn, five switches, exit) was a
+    quarter of the client's instructions per connection. Drained and cut on
+    stop as a gevent Group is (join, len, kill: lifecycle.drain_on_stop).
+
+    Each takes a place of ``pool``, the client's launch pool (SEMAPHORE_LIMIT),
+    as its greenlets do. ``fail(exc)`` hears a bug in a callback (the event
+    loop would only print it).
+    """
+
+    def __init__(self, pool, fail: Callable[[BaseException], None]) -> None:
+        self._places = pool._semaphore  # gevent's Pool: one place per greenlet in it
+        self.fail = fail
+        self._running = set()
+        self._empty = Event()
+        self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def start(self, data: socket.socket, target: net.Target, stats: Stats,
+              on_target: Callable[[Optional[OSError]], None]) -> bool:
+        """launch() from callbacks, if it can be: a plain data connection, a
+        target resolved already, splice at hand. False: nothing done, the
+        caller runs launch() in a greenlet."""
+        sockaddr = target.resolved(socket.SOCK_STREAM)
+        splice = zerocopy.engine()
+        if sockaddr is None or splice is None or isinstance(data, TLSStream) or \
+                not self._places.acquire(blocking=False):
+            return False
+        try:
+            sock = net.start_tcp_dial(sockaddr)
+        except OSError as exc:
+            self._places.release()
+            target.forget(socket.SOCK_STREAM)
+            net.close_quietly(data)
+            on_target(exc)
+            return True
+        self._running.add(_Launch(self, data, sock, target, stats, on_target, splice))
+        self._empty.clear()
+        return True
+
+    def ended(self, launch: "_Launch") -> None:
+        """Once per launch: its place is free again."""
+        self._running.discard(launch)
+        self._places.release()
+        if not self._running:
+            self._empty.set()
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        return self._empty.wait(timeout)
+
+    def kill(self, timeout: Optional[float] = None) -> None:
+        """Cut every launch at once (after the drain). Never raises."""
+        for launch in list(self._running):
+            launch.abort()
+
+
+class _Launch:
+    """One launched TCP connection: the target's connect, then the exchange,
+    both from callbacks (CallbackLaunches)."""
+
+    def __init__(self, launches: CallbackLaunches, data: socket.socket, sock: socket.socket,
+                 target: net.Target, stats: Stats, on_target, splice) -> None:
+        self.launches, self.data, self.sock = launches, data, sock
+        self.target, self.stats, self.on_target, self.splice = target, stats, on_target, splice
+        self.running = None  # type: Optional[zerocopy.Running]
+        self._watching = True
+        loop = get_hub().loop
+        self._writable = loop.io(sock.fileno(), _WRITE)
+        self._deadline = loop.timer(target.timeout)
+        self._writable.start(self._on_connected)
+        self._deadline.start(self._on_deadline)
+
+    def _on_connected(self) -> None:
+        try:
+            self._stop_watching()
+            code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                self._failed(OSError(code, os.strerror(code)))
+                return
+            self.on_target(None)
+            self.stats.tcp_opened()
+            self.running = zerocopy.start_exchange(
+                self.data, self.sock, self.stats.counter(True), self.stats.counter(False),
+                self.splice, self._on_exchanged)
+        except BaseException as exc:  # noqa: B902 - a bug, in a callback: fail the client
+            self.abort()
+            self.launches.fail(exc)
+
+    def _on_deadline(self) -> None:
+        self._stop_watching()
+        self._failed(socket.timeout("timed out"))
+
+    def _failed(self, error: OSError) -> None:
+        """The target did not answer: as launch() says it (on_target)."""
+        self.target.forget(socket.SOCK_STREAM)
+        self._close()
+        self.on_target(error)
+
+    def _on_exchanged(self, forward: int, backward: int) -> None:
+        self.stats.tcp_closed()
+        self.launches.ended(self)
+
+    def abort(self) -> None:
+        """Cut it wherever it is (a stop). Never raises."""
+        if self.running is not None:
+            self.running.abort()  # its on_done ends this launch
+            return
+        self._stop_watching()
+        self._close()
+
+    def _close(self) -> None:
+        net.close_quietly(self.sock)
+        net.close_quietly(self.data)
+        self.launches.ended(self)
+
+    def _stop_watching(self) -> None:
+        if self._watching:
+            self._watching = False
+            for watcher in (self._writable, self._deadline):
+                watcher.stop()
+                watcher.close()
