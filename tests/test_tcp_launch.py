@@ -1,10 +1,11 @@
-"""The client's TCP launches from event-loop callbacks (tunnel/tcp.CallbackLaunches).
+"""TCP users and launches from event-loop callbacks (tunnel/tcp.CallbackConnections).
 
-Once the target's address is known, a launched TCP connection costs the
-client no greenlet: these check what that path must keep doing, on real
-processes: users reach the target, a target that goes away is said and
-counted (and the next user after it comes back gets through), and a stop
-drains such connections, then cuts them.
+Once the splice engine is probed and a data connection waits, a user costs
+the server no greenlet; once the target's address is known, a launch costs
+the client none. These check what those paths must keep doing, on real
+processes: users reach the target, a target that goes away is said (and the
+next user after it comes back gets through), a stop of either side drains
+such connections, then cuts them, and SEMAPHORE_LIMIT still holds.
 """
 
 import socket
@@ -20,12 +21,12 @@ def urls(tunnel_port, user_port, target_port):
             "client://%s:%d/%s:%d?log=debug" % (HOST, tunnel_port, HOST, target_port))
 
 
-def start_pair(nodepass, target_port):
+def start_pair(nodepass, target_port, env=None):
     tunnel_port, user_port = free_port(), free_port()
     server_url, client_url = urls(tunnel_port, user_port, target_port)
-    server = nodepass(server_url)
+    server = nodepass(server_url, env)
     server.wait_for_output("Server: tunnel")
-    client = nodepass(client_url)
+    client = nodepass(client_url, env)
     client.wait_for_output("Client: tunnel to")
     wait_until(lambda: _echoes(user_port), 10)
     return server, client, user_port
@@ -60,14 +61,36 @@ def test_a_target_that_goes_away_is_said_and_comes_back(nodepass):
 
 
 @pytest.mark.timeout(40)
-def test_a_stop_drains_then_cuts_an_open_connection(nodepass, echo):
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_a_stop_drains_then_cuts_an_open_connection(nodepass, echo, side):
     server, client, user_port = start_pair(nodepass, echo.port)
+    stopped = {"client": client, "server": server}[side]
     with socket.create_connection((HOST, user_port), timeout=10) as user:
         user.sendall(b"still here")
         assert user.recv(100) == b"still here"
         started = time.monotonic()
-        client.stop(timeout=15)  # SHUTDOWN_TIMEOUT=3s in the tests' environment
+        stopped.stop(timeout=15)  # SHUTDOWN_TIMEOUT=3s in the tests' environment
         assert 2.5 < time.monotonic() - started < 10
-        assert "cutting 1 connections still open" in client.output()
+        assert "cutting 1 connections still open" in stopped.output()
         user.settimeout(10)
-        assert user.recv(100) == b""  # cut: the server passed the end on
+        assert user.recv(100) == b""  # cut, and the end passed on to the user
+
+
+@pytest.mark.timeout(40)
+def test_semaphore_limit_still_bounds_users(nodepass, echo):
+    server, client, user_port = start_pair(nodepass, echo.port, {"SEMAPHORE_LIMIT": "2"})
+    users = [socket.create_connection((HOST, user_port), timeout=10) for _ in range(3)]
+    try:
+        for user in users[:2]:
+            user.sendall(b"in")
+            assert user.recv(10) == b"in"
+        users[2].sendall(b"waits")
+        users[2].settimeout(1.0)
+        with pytest.raises(socket.timeout):  # no place: not accepted yet
+            users[2].recv(10)
+        users[0].close()  # a place frees: the third is served
+        users[2].settimeout(10)
+        assert users[2].recv(10) == b"waits"
+    finally:
+        for user in users:
+            user.close()

@@ -196,6 +196,11 @@ def engine() -> Optional[Splice]:
     return _chosen  # type: ignore
 
 
+def engine_if_known() -> Optional[Splice]:
+    """engine() once probed, else None: an event-loop callback cannot probe."""
+    return None if _chosen is _UNDECIDED else _chosen  # type: ignore
+
+
 def choose() -> Optional[Splice]:
     """Probe each way to call splice(2); the first that works, or None."""
     refusals = []
@@ -208,7 +213,6 @@ def choose() -> Optional[Splice]:
     log.debug("Relay: copying through user space (splice refused: %s)",
               "; ".join(refusals) or "no splice on this Python or libc")
     return None
-
 
 
 def exchange(left: socket.socket, right: socket.socket,
