@@ -347,6 +347,14 @@ class Target:
         self.address, self.timeout = address, timeout
         self._resolved = {}  # type: dict  (socket kind -> sockaddr)
 
+    def resolved(self, kind: int) -> Optional[tuple]:
+        """The address a connect() of ``kind`` found last, None before (or after a failure)."""
+        return self._resolved.get(kind)
+
+    def forget(self, kind: int) -> None:
+        """A connect to the resolved address failed: resolve again next time."""
+        self._resolved.pop(kind, None)
+
     def connect(self, kind: int, timeout: Optional[float] = None) -> socket.socket:
         """A TCP (timeout: ``self.timeout``) or UDP (``timeout``) socket connected to it."""
         try:

@@ -33,7 +33,6 @@ grants, not the messages, decide how much each read takes.
 
 import ctypes
 import errno
-import fcntl
 import os
 import select
 import socket
@@ -43,55 +42,16 @@ from gevent import get_hub
 from gevent.event import Event
 
 from nodepass_gevent.base import net
+from nodepass_gevent.copy.pipes import PIPE_SIZE, Pipe, PipePool, pipes  # noqa: F401 (PipePool: tests)
 from nodepass_gevent.edge.ratelimit import TokenBucket
 from nodepass_gevent.log import log
 
-PIPE_SIZE = 256 * 1024   # bytes a pipe holds: fewer system calls per megabyte
-IDLE_PIPES_KEPT = 32     # pipes kept open for the next burst; more are closed
 FILLS_PER_WAKEUP = 16    # then yield to the loop, so one busy stream cannot starve others
 SHORT_FILL = 16 * 1024   # a fill this small emptied the socket: wait for the next wakeup
 COPY_SIZE = SHORT_FILL   # one copied read; a read that fills it is bulk: splice from then on
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _READ, _WRITE = 1, 2     # libev event masks
 
-Pipe = Tuple[int, int]
-
-
-class PipePool:
-    """Pipes for splice(); every pipe in the pool is empty."""
-
-    def __init__(self, keep: int = IDLE_PIPES_KEPT) -> None:
-        self._idle = []  # type: List[Pipe]
-        self._keep = keep
-
-    def acquire(self) -> Pipe:
-        if self._idle:
-            return self._idle.pop()
-        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
-        except OSError:
-            pass  # over the per-user pipe budget: the default size still works
-        return read_end, write_end
-
-    def release(self, pipe: Pipe) -> None:
-        """Take back an empty pipe."""
-        if len(self._idle) < self._keep:
-            self._idle.append(pipe)
-        else:
-            self.discard(pipe)
-
-    @staticmethod
-    def discard(pipe: Pipe) -> None:
-        """Close a pipe that may still hold bytes."""
-        for end in pipe:
-            try:
-                os.close(end)
-            except OSError:
-                pass
-
-
-pipes = PipePool()
 
 # The copy buffer of every direction in the process. Sharing it is safe: the
 # directions run as callbacks of the one event loop, and a callback writes out
@@ -236,6 +196,11 @@ def engine() -> Optional[Splice]:
     return _chosen  # type: ignore
 
 
+def engine_if_known() -> Optional[Splice]:
+    """engine() once probed, else None: an event-loop callback cannot probe."""
+    return None if _chosen is _UNDECIDED else _chosen  # type: ignore
+
+
 def choose() -> Optional[Splice]:
     """Probe each way to call splice(2); the first that works, or None."""
     refusals = []
@@ -248,7 +213,6 @@ def choose() -> Optional[Splice]:
     log.debug("Relay: copying through user space (splice refused: %s)",
               "; ".join(refusals) or "no splice on this Python or libc")
     return None
-
 
 
 def exchange(left: socket.socket, right: socket.socket,
@@ -264,23 +228,71 @@ def exchange(left: socket.socket, right: socket.socket,
     a half-close, an error in either direction shuts down both sockets and ends
     the exchange, and both sockets are closed when it returns.
     """
+    moved = []
     finished = Event()
-    directions = []  # type: List[_Direction]
+    running = start_exchange(left, right, count_forward, count_backward, splice,
+                             lambda *both: (moved.extend(both), finished.set()),
+                             forward_bucket, backward_bucket)
     try:
-        directions.append(_Direction(left, right, count_forward, finished, splice,
-                                     forward_bucket))
-        directions.append(_Direction(right, left, count_backward, finished, splice,
-                                     backward_bucket))
-        directions[0].partner, directions[1].partner = directions[1], directions[0]
-        for direction in directions:
-            direction.start()
         finished.wait()
-        return directions[0].moved, directions[1].moved
     finally:
-        for direction in directions:
+        running.end()  # killed while waiting: the watchers and sockets go all the same
+    return moved[0], moved[1]
+
+
+def start_exchange(left: socket.socket, right: socket.socket,
+                   count_forward: Callable[[int], None], count_backward: Callable[[int], None],
+                   splice: Splice, on_done: Callable[[int, int], None],
+                   forward_bucket: Optional[TokenBucket] = None,
+                   backward_bucket: Optional[TokenBucket] = None) -> "Running":
+    """exchange() with no greenlet waiting (issue 22: a churned connection need
+    not cost one): ``on_done(forward, backward)`` runs in a loop callback once
+    it has ended and both sockets are closed."""
+    running = Running((left, right), on_done)
+    try:
+        running.directions = [
+            _Direction(left, right, count_forward, running, splice, forward_bucket),
+            _Direction(right, left, count_backward, running, splice, backward_bucket)]
+    finally:
+        if len(running.directions) < 2:
+            running.directions = []
+            running.end()
+    forward, backward = running.directions
+    forward.partner, backward.partner = backward, forward
+    forward.start()
+    backward.start()
+    return running
+
+
+class Running:
+    """An exchange under way. Its directions call set() once it ended: torn
+    down just after (as an Event wakes its waiter), so that no callback of a
+    direction meets its watchers closed."""
+
+    def __init__(self, sockets: Tuple[socket.socket, socket.socket], on_done) -> None:
+        self.sockets, self._on_done, self.directions = sockets, on_done, []
+        self._ended = False
+
+    def set(self) -> None:
+        get_hub().loop.run_callback(self.end)
+
+    def abort(self) -> None:
+        """Cut both ways at once (a stop that cannot wait). Never raises."""
+        for sock in self.sockets:
+            net.abort(sock)
+        self.end()
+
+    def end(self) -> None:
+        """Stop both directions, close both sockets, then on_done, once."""
+        if self._ended:
+            return
+        self._ended = True
+        for direction in self.directions:
             direction.stop()  # the watchers go before the descriptors they watch
-        net.close_quietly(left)
-        net.close_quietly(right)
+        for sock in self.sockets:
+            net.close_quietly(sock)
+        moved = [direction.moved for direction in self.directions] or [0, 0]
+        self._on_done(*moved)
 
 
 class _Direction:
@@ -291,7 +303,7 @@ class _Direction:
     """
 
     def __init__(self, source: socket.socket, sink: socket.socket,
-                 count: Callable[[int], None], finished: Event, splice: Splice,
+                 count: Callable[[int], None], finished: "Running", splice: Splice,
                  bucket: Optional[TokenBucket] = None) -> None:
         loop = self._loop = get_hub().loop
         self.source, self.sink = source, sink

@@ -58,6 +58,7 @@ class Client(Component):
         self.target = net.Target(config.target, CONNECT_TIMEOUT)
         # The semaphore: one place per launched TCP connection or UDP exchange.
         self.launches = self.drain_on_stop(gevent.pool.Pool(settings.semaphore_limit))
+        self.tcp_launches = self.drain_on_stop(tcp.CallbackLaunches(self.launches, self.fail))
         self.pool = None  # type: Optional[ClientPool]
         self.session = None  # type: Optional[control.ClientSession]
         self._flow_connections = set()  # data connections of open UDP flows
@@ -207,7 +208,11 @@ class Client(Component):
         if self.log.isEnabledFor(logging.DEBUG):  # once per launch
             self.log.debug("Client: launch %s for data connection %s",
                            protocol.KIND_NAMES[signal.kind], signal.host)
-        self.launches.spawn(self._run_launch, pool, signal.kind, signal.host)
+        data = pool.take_now(signal.host) if signal.kind == protocol.KIND_TCP else None
+        if data is None:
+            self.launches.spawn(self._run_launch, pool, signal.kind, signal.host)
+        elif not self.tcp_launches.start(data, self.target, self.stats, self.target_watch):
+            self.launches.spawn(tcp.launch, data, self.target, self.stats, self.target_watch)
 
     def _run_launch(self, pool: ClientPool, kind: str, connection_id: str) -> None:
         data = pool.take(connection_id)

@@ -94,16 +94,29 @@ class ServerPool:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                connection_id, sock = self._queue.get(
-                    timeout=max(0.0, deadline - time.monotonic()))
+                taken = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except Empty:
                 return None
-            if not self._queue.qsize():
-                self._emptied_at = time.monotonic()
-            if net.is_idle(sock):
-                return connection_id, sock
-            log.debug("Pool: data connection %s is closed or not silent; dropped", connection_id)
-            net.close_quietly(sock)
+            if self._checked(*taken):
+                return taken
+
+    def take_now(self) -> Optional[DataConnection]:
+        """take() without waiting (an event-loop callback's): None if none is here."""
+        while self._queue.qsize():
+            taken = self._queue.get_nowait()
+            if self._checked(*taken):
+                return taken
+        return None
+
+    def _checked(self, connection_id: str, sock: socket.socket) -> bool:
+        """Whether a connection just taken is live; a dead one is closed."""
+        if not self._queue.qsize():
+            self._emptied_at = time.monotonic()
+        if net.is_idle(sock):
+            return True
+        log.debug("Pool: data connection %s is closed or not silent; dropped", connection_id)
+        net.close_quietly(sock)
+        return False
 
     def close(self) -> None:
         """Take no more connections, and close the waiting ones. Never raises."""
@@ -211,6 +224,16 @@ class ClientPool:
             while len(self._given_up) > GIVEN_UP_REMEMBERED:
                 self._given_up.popitem(last=False)
             self._count_miss(connection_id)
+        return sock
+
+    def take_now(self, connection_id: str) -> Optional[socket.socket]:
+        """take() if the connection is here already; None (nothing done) if it
+        is not: then take() waits for it, in a greenlet."""
+        sock = self._idle.pop(connection_id, None)
+        if sock is not None:
+            if not self._idle:
+                self._emptied_at = time.monotonic()
+            self._loop.run_callback(self._refill)
         return sock
 
     def newest_id(self) -> Optional[str]:

@@ -57,6 +57,7 @@ class Server(Component):
         # The semaphore: one place per user TCP connection or UDP exchange.
         self.users = self.drain_on_stop(UserSemaphore(settings.semaphore_limit, self.stats,
                                                       self.log))
+        self.tcp_users = self.drain_on_stop(tcp.CallbackUsers(self.users, self.fail))
         self.data_port = 0
         self.control = None  # type: Optional[control.ServerControl]
         self.udp_users = None  # type: Optional[udp.UdpUsers]
@@ -112,7 +113,9 @@ class Server(Component):
             TcpListener(data, data_port.handle, self._handshakes, self, "data",
                         hands_on=True, handle_now=data_port.handle_now),
             _UserListener(target_tcp, self._serve_user, self.users, self, "target",
-                          admit=self.edge.admit_tcp if self.edge.admits_tcp else None),
+                          admit=self.edge.admit_tcp if self.edge.admits_tcp else None,
+                          handle_now=self._serve_user_now if self.ssl_context is None and
+                          self.edge.rate is None and not self.edge.proxy_version else None),
             UdpListener(target_udp, udp.RECEIVE_SIZE, self.udp_users.handle, self, "Target"),
         ]
 
@@ -192,6 +195,15 @@ class Server(Component):
                            edge.proxy_header(user, peer), edge.rate)
         finally:
             edge.release_tcp(peer)
+
+    def _serve_user_now(self, user: socket.socket, peer: tuple) -> bool:
+        """_serve_user from the accept callback, when it can be (tcp.CallbackUsers).
+        A user who left while queued is closed here too, as _serve_user does."""
+        if self.users.waited_lately() and self._left_in_backlog(user, peer):
+            self.edge.release_tcp(peer)
+            return True
+        return self.tcp_users.serve_now(user, peer, self.control.session, self.pool,
+                                        self.stats, self.edge.release_tcp, self.log)
 
     def _left_in_backlog(self, user: socket.socket, peer: tuple) -> bool:
         """A user who closed while queued behind a full semaphore: closed here,

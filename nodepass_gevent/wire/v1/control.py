@@ -30,7 +30,6 @@ from collections import OrderedDict
 from typing import FrozenSet, Optional, Tuple
 
 import gevent.pool
-from gevent.lock import Semaphore
 
 from nodepass_gevent.base import net
 from nodepass_gevent.base.stats import Stats
@@ -38,12 +37,10 @@ from nodepass_gevent.config import Config, Settings
 from nodepass_gevent.copy import readers
 from nodepass_gevent.wire.v1 import auth, protocol
 from nodepass_gevent.wire.v1.protocol import HANDSHAKE_TIMEOUT, HEARTBEAT_MISSES, Signal
+from nodepass_gevent.wire.v1.session import ALWAYS_ALLOWED, WITH_UDP_FLOWS, ServerSession
 
 MAX_PENDING_CONTROLS = 16  # tunnel connections not yet a session (key handshakes)
 CONNECT_TIMEOUT = 5.0      # dialing the tunnel (client)
-
-ALWAYS_ALLOWED = frozenset((protocol.KIND_TCP, protocol.KIND_UDP))
-WITH_UDP_FLOWS = ALWAYS_ALLOWED | {protocol.KIND_UDP_FLOW}
 
 
 class SessionError(Exception):
@@ -69,53 +66,6 @@ class ServerUnreachable(ConnectionError):
 
 
 # -- the server half ---------------------------------------------------------------
-
-class ServerSession:
-    """One connected client: its tunnel connection and a lock for writing signals."""
-
-    def __init__(self, control: socket.socket, peer: tuple, log) -> None:
-        self.control = control
-        self.peer_host = peer[0]
-        self.peer = net.format_address(peer)
-        self.log = log
-        self.in_use = False   # set once the client opens a data connection
-        self.started = time.monotonic()
-        self.connected_at = time.time()  # for the log of a refused second client
-        self.launch_kinds = ALWAYS_ALLOWED  # which launch signals the client takes
-        self.last_heartbeat = None  # type: Optional[float]
-        self.closed = False
-        self._write_lock = Semaphore()
-
-    @property
-    def udp_flow(self) -> bool:
-        return protocol.KIND_UDP_FLOW in self.launch_kinds
-
-    def send(self, signal: bytes) -> bool:
-        """Write one signal line; on failure close the session and return False."""
-        if self.closed:
-            return False
-        with self._write_lock:  # signal lines must never interleave
-            try:
-                net.send_message(self.control, signal)
-                return True
-            except OSError as exc:
-                self.log.warning("Tunnel: write to client %s failed: %s", self.peer, exc)
-        self.close()
-        return False
-
-    def heartbeat(self) -> None:
-        if self.send(protocol.HEARTBEAT):
-            self.last_heartbeat = time.monotonic()
-
-    def alive(self) -> bool:
-        return not self.closed and net.is_idle(self.control)
-
-    def close(self) -> None:
-        """Close the tunnel connection (wakes its reader). Never raises."""
-        self.closed = True
-        net.abort(self.control)
-        net.close_quietly(self.control)
-
 
 class ServerControl:
     """The server's half of the control channel; see the module docstring.
