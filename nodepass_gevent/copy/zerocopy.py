@@ -6,11 +6,11 @@ returned empty, so an idle connection holds no descriptor beyond its two
 sockets (Go's io.Copy keeps two pipes, four descriptors, per connection).
 
 Small messages (requests, replies, keystrokes) are copied instead, through one
-buffer shared by every connection: a read and a write per message, where
-splice takes two calls as well but costs the kernel more per call on a short
-message, and no pipe changes hands. Each direction adapts on its own: a read
-that fills what it asked for means bulk, and the next read splices; a splice
-that empties the socket with a short fill means small messages again.
+buffer shared by every connection: a read and a write per message (splice's two
+calls cost the kernel more on a short message) in a callback that does nothing
+else. Each direction adapts on its own: a read that fills the buffer means bulk,
+and the next wake-up splices; a short fill that empties the socket means small
+messages again.
 
 Both directions are driven by event-loop callbacks rather than one greenlet
 each: a waiting greenlet costs about 8 KB, a watcher a few hundred bytes, and
@@ -72,9 +72,8 @@ def libc_splice() -> Splice:
     """splice(2) from libc through ctypes, called and failing as os.splice does.
 
     Raises OSError (or AttributeError) when libc cannot be loaded or has no
-    splice. The relay's hot path calls the C function itself (``splice.raw``,
-    see _Direction): on the Pythons that need this module's splice, a Python
-    frame per call was a measurable share of a small message's cost.
+    splice. The relay calls the C function itself (``splice.raw``): no Python
+    frame per call for the EINTR retry, which its non-blocking calls rarely need.
     """
     function = ctypes.CDLL(None, use_errno=True).splice
     offset = ctypes.POINTER(ctypes.c_longlong)
@@ -297,10 +296,7 @@ class Running:
 
 class _Direction:
     """One way of an exchange: waits for bytes (or room) with a watcher, no greenlet.
-
-    It copies while messages are small and splices while they come in bulk
-    (module docstring).
-    """
+    It copies small messages (_on_message) and splices bulk (_on_burst)."""
 
     def __init__(self, source: socket.socket, sink: socket.socket,
                  count: Callable[[int], None], finished: "Running", splice: Splice,
@@ -330,7 +326,7 @@ class _Direction:
         self.at_eof = False
 
     def start(self) -> None:
-        self._readable.start(self._on_readable)
+        self._readable.start(self._on_message if self._copying else self._on_burst)
 
     def stop(self) -> None:
         """Stop watching and give back (or drop) the pipe. Never raises."""
@@ -346,20 +342,46 @@ class _Direction:
         self._drop_pipe()
         self._unsent = None
 
-    def _on_readable(self) -> None:
+    def _on_message(self) -> None:
+        """Small messages: one read, its write, back to the loop. A ping's whole
+        cost here, so nothing else runs (no fill loop, no bucket, no pipe): the
+        read that takes less than it asked for emptied the socket, and libev's
+        level-triggered watcher calls again if more arrives."""
+        try:
+            size = _read_into(self._source_fd, _whole_buffer)
+            if not size:
+                self._pass_eof_on()
+                return
+            try:
+                sent = _write(self._sink_fd, _copy_buffer[:size])
+            except BlockingIOError:
+                sent = 0
+        except BlockingIOError:
+            return
+        except OSError:
+            self._fail()
+            return
+        self.moved += sent
+        self._count(sent)
+        if sent < size:  # the buffer is the next read's: keep the rest apart
+            self._unsent = _copy_buffer[sent:size].tobytes()
+            self._wait_for_room()
+        elif size == COPY_SIZE:  # a full read: bulk, splice from the next wake-up on
+            self._copying = False
+            self._readable.callback = self._on_burst
+
+    def _on_burst(self) -> None:
+        """Bulk (or rate=): splice through a pipe, up to FILLS_PER_WAKEUP fills."""
         try:
             for _ in range(FILLS_PER_WAKEUP):
-                want = COPY_SIZE if self._copying else PIPE_SIZE
+                want = PIPE_SIZE
                 if self._bucket is not None:
-                    want, self._granted = self._granted or self._bucket.take(want), 0
+                    want, self._granted = self._granted or self._bucket.take(PIPE_SIZE), 0
                     if not want:
                         self._queue()
                         return
                 try:
-                    if self._copying:
-                        size = _read_into(self._source_fd, _whole_buffer)  # want: COPY_SIZE
-                    else:
-                        size = self._fill_pipe(want)
+                    size = self._fill_pipe(want)
                 except BlockingIOError:
                     if self._bucket is not None:
                         self._bucket.give_back(want)
@@ -370,35 +392,18 @@ class _Direction:
                 if size == 0:
                     self._pass_eof_on()
                     return
-                if self._copying:  # written out here, not in a call: the hot path
-                    try:
-                        sent = _write(self._sink_fd, _copy_buffer[:size])
-                    except BlockingIOError:
-                        sent = 0
-                    self.moved += sent
-                    self._count(sent)
-                    if sent < size:  # the buffer is the next read's: keep the rest apart
-                        self._unsent = _copy_buffer[sent:size].tobytes()
-                        self._wait_for_room()
-                        return
-                elif not self._drain():
+                if not self._drain():
                     self._wait_for_room()
                     return
-                if size < want:
-                    # The socket had no more: one more read would almost surely fail
-                    # with EAGAIN, a third system call per small message (and through
-                    # ctypes the dearest one). libev's watcher is level-triggered, so
-                    # bytes that arrive meanwhile wake this direction again.
-                    if self._copying:
-                        return
-                    if size < SHORT_FILL:
-                        self._copying = self._bucket is None  # small again: copy, no pipe held
-                        self._drop_pipe()
-                        return
-                elif self._copying:
-                    self._copying = False  # a full read: bulk, the next read splices
-            # Enough for one wake-up. The pipe is empty (drained above) and goes back:
-            # if the last fill happened to empty the socket, no wake-up may follow.
+                if size < want and size < SHORT_FILL:
+                    # Little, and the socket had no more: small messages again (not
+                    # under rate=, whose grants decide the sizes); no third call for EAGAIN.
+                    if self._bucket is None:
+                        self._copying = True
+                        self._readable.callback = self._on_message
+                    self._drop_pipe()
+                    return
+            # Enough for one wake-up; the pipe is empty (drained above) and goes back.
             self._drop_pipe()
         except OSError:
             self._fail()
@@ -407,14 +412,14 @@ class _Direction:
         """Splice up to ``want`` bytes from the source into this direction's pipe."""
         if self._pipe is None:
             self._pipe = pipes.acquire()
+        self._pending = self._splice_call(self._source_fd, self._pipe[1], want)
+        return self._pending
+
+    def _splice_call(self, source_fd: int, sink_fd: int, count: int) -> int:
         if self._raw is None:
-            size = self._splice(self._source_fd, self._pipe[1], want, None, None, _FLAGS)
-        else:
-            size = self._raw(self._source_fd, None, self._pipe[1], None, want, _FLAGS)
-            if size < 0:
-                raise_libc_error()
-        self._pending = size
-        return size
+            return self._splice(source_fd, sink_fd, count, None, None, _FLAGS)
+        size = self._raw(source_fd, None, sink_fd, None, count, _FLAGS)
+        return raise_libc_error() if size < 0 else size
 
     def _wait_for_room(self) -> None:
         """The sink is full: stop reading until what waits for it is written."""
@@ -442,14 +447,14 @@ class _Direction:
     def _on_granted(self, grant: int) -> None:
         self._queued = False
         self._granted = grant
-        self._readable.start(self._on_readable)  # level-triggered: the bytes still wait
+        self._readable.start(self._on_burst)  # level-triggered: the bytes still wait
 
     def _on_writable(self) -> None:
         try:
             if self._send_unsent() if self._unsent is not None else self._drain():
                 self._writable.stop()
                 self._drop_pipe()  # empty now, and the source may have no more for a while
-                self._readable.start(self._on_readable)
+                self.start()
         except OSError:
             self._fail()
 
@@ -457,14 +462,7 @@ class _Direction:
         """Move the pipe's bytes into the sink; False if the sink has no room."""
         while self._pending:
             try:
-                if self._raw is None:
-                    sent = self._splice(self._pipe[0], self._sink_fd, self._pending,
-                                        None, None, _FLAGS)
-                else:
-                    sent = self._raw(self._pipe[0], None, self._sink_fd, None,
-                                     self._pending, _FLAGS)
-                    if sent < 0:
-                        raise_libc_error()
+                sent = self._splice_call(self._pipe[0], self._sink_fd, self._pending)
             except BlockingIOError:
                 return False
             self._pending -= sent
