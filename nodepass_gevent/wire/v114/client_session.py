@@ -11,6 +11,7 @@
 """
 
 import socket
+import time
 
 from nodepass_gevent.base import net
 from nodepass_gevent.config import Address
@@ -48,20 +49,28 @@ def open_tunnel(address: Address, key: bytes, sni: str = "",
     try:
         sock.settimeout(timeout)
         sock.sendall(handshake.encode_request(key, handshake.server_name(address.host, sni)))
-        reply = _read_reply(sock, address)
+        reply = _read_reply(sock, address, time.monotonic() + timeout)
     except handshake.HandshakeError as exc:
         raise V114Error("tunnel to %s: bad handshake reply: %s" % (address, exc)) from None
     except socket.timeout:
-        raise V114Error("tunnel to %s: no handshake reply within %.0fs"
+        raise V114Error("tunnel to %s: no complete handshake reply within %.0fs"
                         % (address, timeout)) from None
     finally:
         net.close_quietly(sock)
     return _judge(address, reply)
 
 
-def _read_reply(sock: socket.socket, address: Address) -> handshake.HandshakeReply:
+def _read_reply(sock: socket.socket, address: Address,
+                deadline: float) -> handshake.HandshakeReply:
+    """The whole reply by ``deadline`` (socket.timeout after it), not each read by a
+    timeout: a server that dribbles a byte a second would hold a read timeout off
+    for hours (parse_reply bounds the bytes, this the time)."""
     buffer, reply = b"", None
     while reply is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout()
+        sock.settimeout(left)
         data = sock.recv(READ_SIZE)
         buffer += data
         if not HTTP_START.startswith(buffer[:len(HTTP_START)]):  # no need to wait for more
