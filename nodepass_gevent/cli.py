@@ -31,7 +31,7 @@ URLs:
   tls   server: TLS for data connections: 0 none (default), 1 self-signed
         certificate made at start-up, 2 the certificate in crt= and key=.
         client: the least TLS mode it accepts from the server (default 0).
-  wire  client: the NodePass wire it speaks: 1.0 (default) or 1.14 (NodePass
+  wire  the NodePass wire it speaks: 1.0 (default) or 1.14 (NodePass
         v1.14's one-port wire, TCP pool, reverse mode; TCP users only).
   udp   server: v1 (default) carries each UDP datagram on a connection of its
         own, as NodePass v1.0; flow offers one connection per user address,

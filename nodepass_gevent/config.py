@@ -30,10 +30,10 @@ KEY_VARIABLE = "NODEPASS_KEY"
 LOG_FORMATS = ("text", "json")
 LOG_FORMAT_VARIABLE = "NODEPASS_LOG_FORMAT"
 SERVER_PARAMS = ("log", "tls", "crt", "key", "udp", "data_port", "proxy", "allow", "deny", "rate",
-                 "per_user", "log_format")
+                 "per_user", "log_format", "wire")
 CLIENT_PARAMS = ("log", "tls", "log_format", "wire")
 
-# wire=: the NodePass wire a client speaks (wire/v1 or wire/v114).
+# wire=: the NodePass wire a role speaks (wire/v1 or wire/v114).
 WIRE_V1, WIRE_V114 = "1.0", "1.14"
 WIRES = (WIRE_V1, WIRE_V114)
 
@@ -101,7 +101,7 @@ class Config:
     # Server: the data port (data_port=); 0 picks one at random at start-up, as v1.0.
     data_port: int = 0
     log_format: str = "text"  # "json": one JSON object a log line (log.py)
-    wire: str = WIRE_V1  # client: the wire spoken, WIRES
+    wire: str = WIRE_V1  # the wire spoken, WIRES
 
     @property
     def servers(self) -> Tuple[Address, ...]:
