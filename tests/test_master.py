@@ -42,6 +42,13 @@ class Master:
         connection.close()
         return reply.status, (json.loads(payload.decode()) if payload else None), reply
 
+    def events(self, **headers):
+        """An open /events stream: (its connection, to close; the reply, to read)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        headers["X-API-Key"] = self.key
+        connection.request("GET", "/api/v1/events", headers=headers)
+        return connection, connection.getresponse()
+
     def instance(self, instance_id: str) -> dict:
         status, body, _ = self.call("GET", "/instances/" + instance_id)
         assert status == 200, body
@@ -183,9 +190,7 @@ def read_events(reply, wanted: int, logs=None) -> list:
 @pytest.mark.timeout(20)
 def test_events_initial_create_update_delete(nodepass, tmp_path):
     master = Master(nodepass, str(tmp_path))
-    connection = http.client.HTTPConnection("127.0.0.1", master.port, timeout=10)
-    connection.request("GET", "/api/v1/events", headers={"X-API-Key": master.key})
-    reply = connection.getresponse()
+    connection, reply = master.events()
     assert reply.status == 200 and reply.getheader("Content-Type") == "text/event-stream"
     assert reply.readline() == b"retry: 3000\n"
     initial = read_events(reply, 1)[0]
@@ -286,10 +291,7 @@ def test_clear_text_warning_off_loopback_only():
 def test_dashboard_call_sequence(nodepass, tmp_path):
     """The calls NodePassDash makes (wire-v114 README), in its order."""
     master = Master(nodepass, str(tmp_path))
-    stream = http.client.HTTPConnection("127.0.0.1", master.port, timeout=10)
-    stream.request("GET", "/api/v1/events", headers={"X-API-Key": master.key,
-                                                     "Cache-Control": "no-cache"})
-    events = stream.getresponse()
+    stream, events = master.events(**{"Cache-Control": "no-cache"})
     assert read_events(events, 1)[0]["type"] == "initial"
     listing = [item for item in master.call("GET", "/instances")[1] if item["id"] != "********"]
     assert listing == []
@@ -320,9 +322,7 @@ def test_dashboard_call_sequence(nodepass, tmp_path):
 @pytest.mark.timeout(20)
 def test_key_regeneration_ends_streams(nodepass, tmp_path):
     master = Master(nodepass, str(tmp_path))
-    stream = http.client.HTTPConnection("127.0.0.1", master.port, timeout=10)
-    stream.request("GET", "/api/v1/events", headers={"X-API-Key": master.key})
-    events = stream.getresponse()
+    stream, events = master.events()
     read_events(events, 1)
     status, body, _ = master.call("PATCH", "/instances/********", {"action": "restart"})
     assert status == 200 and body["url"] != master.key and len(body["url"]) == 32

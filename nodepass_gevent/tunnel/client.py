@@ -157,9 +157,6 @@ class Client(Component):
                       if session.tls_mode == protocol.TLS_VERIFIED
                       else protocol.TLS_MODE_NAMES[session.tls_mode],
                       ", authenticated" if self.config.auth_key else "", self._on_server())
-        self._opened = True
-        if self._down.active:
-            self._down.end()
         dialer = dataconn.Dialer(server, session.data_sockaddr,
                                  tls.client_context(session.tls_mode), self.config.auth_key,
                                  self.stats, self._say_verified)
@@ -169,13 +166,12 @@ class Client(Component):
         self.pool.start()
         if protocol.KIND_UDP_FLOW in session.launch_kinds:
             self.log.info("Client: using UDP flows (one data connection per user address)")
-        self._auth_failures = 0
-        self.ready.set()
+        self.opened_session()
         while True:
             self._launch(self.pool, session.next_launch(self.log))
 
     def opened_session(self) -> None:
-        """A v1.14 session opened: the same bookkeeping as a v1.0 one's."""
+        """A session opened, on either wire: no longer down, ready for users."""
         self._opened = True
         if self._down.active:
             self._down.end()

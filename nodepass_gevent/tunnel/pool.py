@@ -239,7 +239,7 @@ class ClientPool:
 
     def newest_id(self) -> Optional[str]:
         """The id of the connection pooled last, or None (the v1.14 verify's pick)."""
-        return next(reversed(self._idle), None) if self._idle else None
+        return next(reversed(self._idle), None)
 
     def close(self) -> None:
         """Stop refilling and close every idle connection. Never raises."""

@@ -16,16 +16,16 @@ from typing import Callable, Dict, Optional, Tuple
 
 from nodepass_gevent.base import net
 from nodepass_gevent.config import Address
-from nodepass_gevent.copy import tls, tlsstream
+from nodepass_gevent.copy import readers, tls, tlsstream
 from nodepass_gevent.wire.v114 import ids
 from nodepass_gevent.wire.v114.keys import certificate_fingerprint
 
 CONNECT_TIMEOUT = 5.0   # NP_TCP_DIAL_TIMEOUT
 TLS_TIMEOUT = 5.0       # NP_HANDSHAKE_TIMEOUT
-TLS_NONE, TLS_SELF_SIGNED, TLS_VERIFIED = "0", "1", "2"
+TLS_VERIFIED = "2"  # the handshake reply's tls code for a verified certificate
 
 
-def client_context(tls_code: str, sni: str) -> Optional[ssl.SSLContext]:
+def client_context(tls_code: str) -> Optional[ssl.SSLContext]:
     """v1.0's client context for that mode (copy/tls.py: no checks at tls=1, the
     system roots at tls=2, a bare FIN ends a stream), held to TLS 1.3 as v1.14 is."""
     context = tls.client_context(int(tls_code))
@@ -40,7 +40,7 @@ class PoolDialer:
         self.address = address
         self.tls_code = tls_code
         self.sni = sni
-        self.context = client_context(tls_code, sni)
+        self.context = client_context(tls_code)
         self.on_control = on_control
         self.fingerprints = {}  # type: Dict[str, str]  (id -> peer cert seen on it)
 
@@ -66,7 +66,7 @@ class PoolDialer:
                 sock = tlsstream.client_handshake(sock, self.context, server_name)
                 fingerprint = certificate_fingerprint(sock.getpeercert(binary_form=True))
             sock.settimeout(ids.ID_READ_TIMEOUT)
-            name = ids.id_name(_read_exactly(sock, ids.ID_BYTES))
+            name = ids.id_name(readers.recv_exactly(sock, ids.ID_BYTES))
             sock.settimeout(None)
         except BaseException:
             net.close_quietly(sock)
@@ -75,12 +75,3 @@ class PoolDialer:
             self.fingerprints[name] = fingerprint
         return name, sock
 
-
-def _read_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("the server closed a pool connection before its id")
-        data += chunk
-    return data
