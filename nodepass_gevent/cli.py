@@ -173,6 +173,8 @@ def main(urls: Union[str, List[str]], check_only: bool = False,
     urls = [urls] if isinstance(urls, str) else list(urls)
     if len(urls) == 1 and urls[0].startswith("master://") and not config_file:
         from nodepass_gevent.ops import master  # the management API (docs/master.md)
+        if check_only:
+            return _check_master(master, urls[0])
         return master.main(urls[0], service.build)
     try:
         settings = load_settings()
@@ -224,6 +226,21 @@ def _check(tunnels, settings, metrics_address, exposed: Optional[str]) -> int:
             print("  " + note)
     if metrics_address is not None:
         print("ok: metrics http://%s/metrics" % (metrics_address,))
+    return ExitStatus.OK
+
+
+def _check_master(master, text: str) -> int:
+    """--check master://...: the URL and its TLS files as the master reads them;
+    nothing listens and no state is made (nodepass-service checks with this)."""
+    from nodepass_gevent.copy import tls
+    try:
+        master_url = master.MasterUrl(text)
+        if master_url.tls == "2":
+            tls.server_context(master_url.tls_config)  # crt= and key= load, as at start
+    except ConfigError as exc:
+        return _fail(str(exc), ExitStatus.USAGE)
+    print("ok: master API on %s%s, state %s" % (master_url.address, master_url.prefix,
+                                                 master_url.state))
     return ExitStatus.OK
 
 

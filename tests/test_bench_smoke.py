@@ -6,6 +6,7 @@ fails. Outside CI the test is skipped when one of the tools is missing; in CI
 (CI=true) a missing tool is a failure, so the script cannot rot unseen.
 """
 
+import importlib.util
 import os
 import re
 import shutil
@@ -90,9 +91,12 @@ def run_bench(tmp_path, args, timeout=140):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
 
 
-def smoke_report(tmp_path, args=()):
-    """The report of a bench run that must succeed, with no cell FAILED."""
+def smoke_report(tmp_path, args=(), prose=""):
+    """The report of a bench run that must succeed, with no cell FAILED; prose is
+    written into the report's file first (the bench must leave it there)."""
     report_path = tmp_path / "bench.md"
+    if prose:
+        report_path.write_text(prose, encoding="utf-8")
     done = run_bench(tmp_path, list(args) + ["--output", str(report_path)])
     stderr = done.stderr.decode("utf-8", "replace")
     assert done.returncode == 0, "bench --smoke %s failed:\n%s" % (" ".join(args),
@@ -147,10 +151,16 @@ def test_smoke_variants_tunnels_and_rate(tools_present, tmp_path):
     """--compare-query/--compare-client-query measure a variant beside its base mode;
     workload 8 (N tunnels, one process vs N processes) and 9 (rate=) report figures, or
     say they were skipped when this build lacks multi-URL, rate= or --metrics."""
+    prose = "# Hand-written\n\nA line of prose the bench must keep.\n"
     report = smoke_report(tmp_path, [
         "--only", "latency,tunnels,rate", "--modes", "direct,tls0",
         "--compare-query", "udp=flow", "--compare-client-query", "log=warn",
-        "--client-query", "tls=0", "--scrape-metrics"])
+        "--client-query", "tls=0", "--scrape-metrics", "--results", "figures"], prose)
+    assert report.startswith(prose + "\n<!-- scripts/bench: generated from here")
+    assert (tmp_path / "figures" / "latency.jsonl").exists()
+    if importlib.util.find_spec("matplotlib"):  # the chart, shown by the report
+        assert (tmp_path / "figures" / "latency.png").stat().st_size > 1000
+        assert "![latency](figures/latency.png)" in report
     variant = "nodepass tls=0, server +udp=flow, client +log=warn"
     rows = results_rows(report)
     assert sorted(rows) == ["1-byte ping-pong, p50", "1-byte ping-pong, p99"]

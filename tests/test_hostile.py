@@ -480,6 +480,8 @@ def test_tcp_flood_past_semaphore_limit_waits_and_is_served_after(make_tunnel):
     # Every flood connection was accepted in turn, none dropped on the floor.
     users = tunnel.server.output().count("Target: tcp user")
     assert users >= 101, "only %d users reached the tunnel" % users
+    # Those who gave up in the backlog cost no data connection.
+    assert "left while waiting for a place" in tunnel.server.output()
     assert_waits_counted(tunnel.server)
 
 

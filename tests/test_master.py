@@ -5,12 +5,13 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
 import time
 
 import pytest
 
-from support import echo_works, free_port, wait_until
+from support import echo_works, free_port, udp_exchange, wait_until
 
 LISTENING = re.compile(r"Master API listening on http://127\.0\.0\.1:(\d+)/api/v1")
 KEY_CREATED = re.compile(r"API Key created: ([0-9a-f]{32})")
@@ -106,6 +107,70 @@ def test_key_cors_and_refusals(nodepass, tmp_path):
     assert status == 200 and info["mem_total"] > 0 and info["os"] == "linux"
     status, probe, _ = master.call("GET", "/tcping?target=127.0.0.1:%d" % master.port)
     assert status == 200 and probe["connected"] is True and probe["error"] is None
+    # Over-long values and bodies that are not what a route takes: 400 with a reason.
+    url = "server://127.0.0.1:%d/127.0.0.1:%d" % (free_port(), free_port())
+    for body, reason in (({"url": url, "alias": "a" * 257}, "Alias exceeds 256"),
+                         ({"url": url + "?" + "x" * 4096}, "URL longer than 4096"),
+                         ({"url": url + "?nosuch=1"}, "Invalid URL: unknown URL parameter"),
+                         ({"url": url + "?mode=2"}, "Invalid URL: mode=2 is not supported"),
+                         ({"url": 5}, "Invalid URL")):
+        status, answer, _ = master.call("POST", "/instances", body)
+        assert status == 400 and answer["error"].startswith(reason), (body, answer)
+    for raw, reason in ((b"[1, 2]", "a JSON object is expected"), (b"\xff{}", "Invalid request")):
+        status, answer, reply = master.call("POST", "/info", raw=raw)
+        assert status == 400 and reason in answer["error"], answer
+        assert reply.getheader("Access-Control-Allow-Origin") == "*"
+    status, answer, _ = master.call("PATCH", "/instances/********", {"meta": {"tags": {
+        "k": "v" * 300}}})
+    assert status == 200  # v1.14: only the key's regeneration does anything there
+    # OPTIONS on any path, with or without a key: 200, empty, v1.14's CORS headers.
+    for path in ("/instances/deadbeef", "/nothing", "/events"):
+        status, body, reply = master.call("OPTIONS", path, key="")
+        assert (status, body, reply.getheader("Content-Length")) == (200, None, "0")
+        assert reply.getheader("Access-Control-Allow-Methods") == (
+            "GET, PATCH, POST, PUT, DELETE, OPTIONS")
+        assert reply.getheader("Access-Control-Allow-Headers") == (
+            "Content-Type, Authorization, X-API-Key, Cache-Control")
+
+
+def probe(master, path: str, headers=None):
+    connection = http.client.HTTPConnection("127.0.0.1", master.port, timeout=10)
+    connection.request("GET", path, headers=headers or {})
+    reply = connection.getresponse()
+    text = reply.read().decode()
+    connection.close()
+    return reply.status, text
+
+
+@pytest.mark.timeout(20)
+def test_master_healthz_status_and_metrics(nodepass, tmp_path):
+    state = tmp_path / "state"
+    master = Master(nodepass, str(state))
+    assert probe(master, "/healthz") == (200, "ok\n")
+    url = "server://127.0.0.1:%d/127.0.0.1:%d" % (free_port(), free_port())
+    created = master.call("POST", "/instances", {"url": url})[1]
+    master.call("PATCH", "/instances/" + created["id"], {"action": "stop"})
+    wait_until(lambda: master.instance(created["id"])["status"] == "stopped", 10,
+               what="the instance stopped")
+    assert probe(master, "/status")[0] == 401
+    assert probe(master, "/metrics", {"Authorization": "Bearer " + "0" * 32})[0] == 401
+    status, text = probe(master, "/status", {"Authorization": "Bearer " + master.key})
+    assert status == 200
+    assert [(tunnel["name"], tunnel["state"]) for tunnel in json.loads(text)["tunnels"]] == [
+        (created["id"], "stopped")]
+    status, text = probe(master, "/metrics", {"X-API-Key": master.key})
+    assert status == 200 and 'nodepass_tunnel_up{name="%s",role="server"} 0.0' % (
+        created["id"]) in text
+    # The state directory gone: 503 and why; back, and the next probe saves again.
+    state.rename(tmp_path / "away")
+    status, text = probe(master, "/healthz")
+    assert status == 503 and "state directory" in text and "gone" in text
+    status, body, _ = master.call("PATCH", "/instances/" + created["id"], {"alias": "x"})
+    assert status == 500 and "cannot write the state file" in body["error"]
+    (tmp_path / "away").rename(state)
+    assert probe(master, "/healthz") == (200, "ok\n")
+    with open(str(state / "master.json")) as saved:
+        assert json.load(saved)["instances"][0]["alias"] == "x"
 
 
 @pytest.mark.timeout(40)
@@ -115,6 +180,21 @@ def test_instances_carry_stop_delete_and_survive_kill(nodepass, echo, tmp_path):
     wait_until(lambda: echo_works(user_port), 10, what="an echo through the instances")
     figures = master.instance(server_id)
     assert figures["status"] == "running" and figures["tcprx"] > 0, figures
+    assert (figures["mode"], master.instance(client_id)["mode"]) == (1, 2)
+    assert figures["pool"] > 0 and (figures["udprx"], figures["udptx"]) == (0, 0)
+    # UDP bytes apart from TCP bytes, on both instances.
+    tcp_before = {name: master.instance(name)["tcprx"] for name in (server_id, client_id)}
+    assert udp_exchange(user_port, b"u" * 100) == b"u" * 100
+    for instance_id in (server_id, client_id):
+        after = master.instance(instance_id)
+        assert (after["udprx"], after["udptx"]) == (100, 100), after
+        assert after["tcprx"] == tcp_before[instance_id] > 0, after
+    # ping: the control connection's round trip, in ms (0 on loopback); the
+    # kernel's measure of it is in /status.
+    status, text = probe(master, "/status", {"X-API-Key": master.key})
+    rtts = [tunnel["control_rtt"] for tunnel in json.loads(text)["tunnels"]]
+    assert all(0 < rtt < 0.5 for rtt in rtts), rtts
+    assert isinstance(figures["ping"], int) and 0 <= figures["ping"] < 500
     assert master.call("PATCH", "/instances/" + server_id, {"action": "reset"})[0] == 200
     wait_until(lambda: master.instance(server_id)["tcprx"] == 0, 5, what="counters reset")
     assert master.call("PATCH", "/instances/" + server_id, {"action": "explode"})[:2] == (
@@ -161,14 +241,15 @@ def test_a_failing_instance_is_error_and_harms_no_one(nodepass, tmp_path):
     wait_until(lambda: master.instance(second["id"])["status"] == "error", 10,
                what="the second server, on a taken port, in error")
     assert master.instance(first["id"])["status"] == "running"
-    # metrics=: the running instances in /status, by id.
+    # metrics=: every instance in /status, by id, the failed one too.
     metrics_port = int(re.search(r"Metrics: http://127\.0\.0\.1:(\d+)/metrics",
                                  master.process.output()).group(1))
     connection = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
     connection.request("GET", "/status")
     tunnels = json.loads(connection.getresponse().read().decode())["tunnels"]
     connection.close()
-    assert [tunnel["name"] for tunnel in tunnels] == [first["id"]]
+    assert [(tunnel["name"], tunnel["state"]) for tunnel in tunnels] == [
+        (first["id"], "waiting"), (second["id"], "failed")]  # waiting: no client
 
 
 def read_events(reply, wanted: int, logs=None) -> list:
@@ -212,17 +293,31 @@ def test_events_initial_create_update_delete(nodepass, tmp_path):
 
 
 @pytest.mark.timeout(20)
-def test_sigterm_keeps_key_and_restart_policy(nodepass, tmp_path):
+def test_sigterm_is_fast_and_keeps_key_instances_and_policy(nodepass, echo, tmp_path):
     master = Master(nodepass, str(tmp_path))
     status, created, _ = master.call("POST", "/instances", {
         "url": "server://127.0.0.1:%d/127.0.0.1:%d" % (free_port(), free_port())})
     master.call("PATCH", "/instances/" + created["id"], {"restart": False, "alias": "kept"})
     assert master.call("PATCH", "/instances/" + created["id"], {"alias": "x" * 257})[0] == 400
+    server_id, client_id, user_port = tunnel_pair(master, echo)
+    wait_until(lambda: echo_works(user_port), 10, what="an echo through the instances")
+    # Instances running, a user connected through them, an event stream open.
+    user = socket.create_connection(("127.0.0.1", user_port), timeout=5)
+    stream, events = master.events()
+    assert [event["type"] for event in read_events(events, 4)] == ["initial"] * 4
+    started = time.monotonic()
     assert master.process.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 1.0, master.process.tail()
+    assert [event["type"] for event in read_events(events, 1, logs=[])] == ["shutdown"]
+    stream.close()
+    user.close()
     again = Master(nodepass, str(tmp_path))
-    assert again.key == master.key
+    assert again.key == master.key and "API Key created" not in again.process.output()
     kept = again.instance(created["id"])
     assert (kept["alias"], kept["restart"], kept["status"]) == ("kept", False, "stopped")
+    wait_until(lambda: echo_works(user_port), 10, what="the echo after the SIGTERM restart")
+    assert again.instance(server_id)["status"] == again.instance(client_id)["status"] == (
+        "running")
 
 
 @pytest.mark.timeout(20)
@@ -259,22 +354,35 @@ def test_openapi_document_and_router_agree(nodepass, tmp_path):
 
 
 @pytest.mark.timeout(20)
-def test_tls_master_and_warning_off_loopback(nodepass, tmp_path):
+def test_tls_masters_at_tls1_and_tls2(nodepass, tmp_path, test_ca):
+    """tls=1: a self-signed certificate; tls=2: the crt=/key= files, which a
+    client trusting the test CA verifies. Both under their own prefix."""
     import ssl
-    process = nodepass("master://127.0.0.1:0/manage?tls=1&state=%s" % tmp_path)
     https = re.compile(r"Master API listening on https://127\.0\.0\.1:(\d+)/manage/v1")
-    wait_until(lambda: https.search(process.output()) or not process.alive(), 10,
-               what="the https master's address")
-    port = int(https.search(process.output()).group(1))
-    assert "no TLS" not in process.output()
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
-    connection.request("GET", "/manage/v1/info")
-    reply = connection.getresponse()
-    assert (reply.status, json.loads(reply.read().decode())) == (
-        401, {"error": "Unauthorized: API key required"})
-    connection.close()
+    own = nodepass("master://127.0.0.1:0/manage?tls=1&state=%s" % (tmp_path / "one"))
+    files = nodepass("master://127.0.0.1:0/manage?tls=2&crt=%s&key=%s&state=%s" % (
+        test_ca["crt"], test_ca["key"], tmp_path / "two"))
+    unverified = ssl.create_default_context()
+    unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
+    verified = ssl.create_default_context(cafile=test_ca["ca"])
+    verified.check_hostname = False  # the test certificate names localhost, we dial 127.0.0.1
+    for process, context in ((own, unverified), (files, verified)):
+        wait_until(lambda: https.search(process.output()) or not process.alive(), 10,
+                   what="the https master's address")
+        assert "no TLS" not in process.output()
+        port = int(https.search(process.output()).group(1))
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+        connection.request("GET", "/manage/v1/info")
+        reply = connection.getresponse()
+        assert (reply.status, json.loads(reply.read().decode())) == (
+            401, {"error": "Unauthorized: API key required"})
+        connection.close()
+    # The tls=1 master's certificate is its own: a client trusting the CA refuses it.
+    port = int(https.search(own.output()).group(1))
+    with pytest.raises(ssl.SSLError):
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
+                                                 context=verified)
+        connection.request("GET", "/manage/v1/info")
 
 
 @pytest.mark.timeout(5)

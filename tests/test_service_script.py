@@ -6,12 +6,14 @@ them (and our drop-ins) from the temporary root without a running systemd.
 """
 
 import glob
+import http.client
 import json
 import os
 import pty
 import re
 import select
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -299,6 +301,130 @@ def test_reload_checks_and_replaces_the_file_then_signals(tmp_path):
     assert result.returncode == 2 and "runs a URL" in result.stderr
 
 
+# -- a master (master://: the REST API) as a service ----------------------------------
+
+MASTER_URL = "master://127.0.0.1:9090/api?tls=1"
+STATE = Path("var/lib/nodepass-gevent")
+
+
+def test_create_a_master_keeps_its_state_in_the_state_directory(tmp_path):
+    out = ok(tmp_path, "create", "api", MASTER_URL)
+    assert "created tunnel api (nodepass@api.service)" in out
+    assert "NODEPASS_URL='{}'\n".format(MASTER_URL) in (tmp_path / CONFIG / "api.env").read_text()
+    master = dropin(tmp_path, "api", "master.conf").read_text()
+    for line in ("StateDirectory=nodepass-gevent/api\n", "StateDirectoryMode=0700\n",
+                 "ExecReload=\n"):
+        assert line in master
+    assert not re.search(r"^Type=", master, re.M)  # the template's simple: no sd_notify
+    assert "TimeoutStopSec=10s" in dropin(tmp_path, "api", "stop.conf").read_text()
+    assert not dropin(tmp_path, "api", "bind.conf").exists()
+    assert not dropin(tmp_path, "api", "tunnels.conf").exists()
+    # The template, with its sandbox, runs the master's URL as it runs a tunnel's.
+    template = (tmp_path / TEMPLATE).read_text()
+    assert "ExecStart=/opt/nodepass-gevent/venv/bin/nodepass ${NODEPASS_URL}" in template
+    assert "ProtectSystem=strict" in template and "NoNewPrivileges=yes" in template
+    rows = ok(tmp_path, "list").splitlines()
+    assert rows[1].split() == ["api", "master", "-", "-", MASTER_URL]
+    assert "state /var/lib/nodepass-gevent/api (StateDirectory=)" in ok(tmp_path, "status", "api")
+    result = service(tmp_path, "reload", "api")
+    assert result.returncode == 2 and "is a master: it has nothing to reload" in result.stderr
+    assert "systemctl reload" not in result.stdout
+
+
+@pytest.mark.parametrize("url, message", [
+    ("master://127.0.0.1:9090/api?state=/srv/master", "drop state= from the URL"),
+    ("master://127.0.0.1:9090/api?tls=7", "URL refused: nodepass: error: bad tls value"),
+    ("master://127.0.0.1:99999/api", "URL refused"),
+    ("master://127.0.0.1:9090/api?tls=2&crt=/nonexistent.pem&key=/x", "URL refused"),
+])
+def test_a_bad_master_url_is_refused_before_anything_is_written(tmp_path, url, message):
+    result = service(tmp_path, "create", "api", url)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert files_under(tmp_path) == []
+
+
+def test_a_master_below_1024_binds_and_force_turns_it_into_a_tunnel(tmp_path):
+    ok(tmp_path, "create", "api", "master://:443/api?tls=1")
+    assert "CAP_NET_BIND_SERVICE" in dropin(tmp_path, "api", "bind.conf").read_text()
+    ok(tmp_path, "create", "--force", "api", "master://127.0.0.1:9090/api?metrics=:9100")
+    assert not dropin(tmp_path, "api", "bind.conf").exists()
+    ok(tmp_path, "create", "--force", "api", "master://127.0.0.1:9090/api?metrics=:910")
+    assert dropin(tmp_path, "api", "bind.conf").exists()  # metrics= listens too
+    ok(tmp_path, "create", "--force", "api", CLIENT_URL)
+    assert not dropin(tmp_path, "api", "master.conf").exists()
+
+
+def test_delete_keeps_a_masters_state_and_purge_removes_it(tmp_path):
+    ok(tmp_path, "create", "api", MASTER_URL)
+    state = tmp_path / STATE / "api"
+    state.mkdir(parents=True)  # systemd makes it (StateDirectory=), the master fills it
+    (state / "master.json").write_text("{}")
+    assert "kept the master's state" in ok(tmp_path, "delete", "api")
+    assert (state / "master.json").exists()
+    ok(tmp_path, "create", "api", MASTER_URL)
+    ok(tmp_path, "create", "web", SERVER_URL)
+    ok(tmp_path, "uninstall", "--purge")
+    assert files_under(tmp_path) == [] and not (tmp_path / STATE).exists()
+
+
+def test_the_master_unit_keeps_its_key_in_the_state_directory(tmp_path):
+    """The env file's URL run as the unit runs it, with the $STATE_DIRECTORY
+    systemd gives it: the key is made there (0600), and kept on the next start."""
+    root = tmp_path / "root"
+    ok(root, "create", "api", "master://127.0.0.1:0/api")
+    url = re.search(r"^NODEPASS_URL='(.*)'$", (root / CONFIG / "api.env").read_text(),
+                    re.M).group(1)
+    state = root / STATE / "api"
+    state.mkdir(parents=True, mode=0o700)
+    keys = [run_master_until_listening(url, state) for _ in range(2)]
+    saved = json.loads((state / "master.json").read_text())
+    assert keys[0] == saved["key"] and re.fullmatch(r"[0-9a-f]{32}", keys[0])
+    assert keys[1] is None  # the second start found the key: nothing created
+    assert stat.S_IMODE((state / "master.json").stat().st_mode) == 0o600
+    checked = subprocess.run([sys.executable, "-m", "nodepass_gevent", "--check", url],
+                             env=dict(os.environ, PYTHONPATH=str(REPO),
+                                      STATE_DIRECTORY=str(tmp_path / "unused")),
+                             stdout=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert checked.returncode == 0 and checked.stdout.startswith("ok: master API on ")
+    assert not (tmp_path / "unused").exists()  # --check makes no state
+
+
+def run_master_until_listening(url: str, state: Path):
+    """Start ``nodepass URL`` with STATE_DIRECTORY, wait for it to listen, SIGTERM
+    it; the key it logged as created (None if it created none)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1",
+               STATE_DIRECTORY=str(state))
+    process = subprocess.Popen([sys.executable, "-m", "nodepass_gevent", url], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               universal_newlines=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            lines.append(line)
+            if not line or "Master API listening" in line:
+                break
+        assert "Master API listening" in lines[-1], "".join(lines)
+        # An answer: the master waits for its signals now (it installs their
+        # handlers after that log line), so SIGTERM is its graceful stop.
+        port = int(re.search(r"127\.0\.0\.1:(\d+)/api/v1", lines[-1]).group(1))
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/api/v1/openapi.json")
+        assert connection.getresponse().status == 200
+        connection.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+    created = [line for line in lines if "API Key created: " in line]
+    return created[0].rsplit("API Key created: ", 1)[1].strip() if created else None
+
+
 def test_certificate_in_private_tmp_is_refused(tmp_path, test_ca):
     # test_ca lives under /tmp, which the unit replaces by its own (PrivateTmp).
     url = "server://127.0.0.1:10101/127.0.0.1:8080?tls=2&crt={crt}&key={key}".format(**test_ca)
@@ -560,8 +686,13 @@ def test_generated_units_pass_systemd_analyze_verify(installed_root, certificate
     url = "server://127.0.0.1:10101/127.0.0.1:8080?tls=2&crt={crt}&key={key}".format(
         **certificates_in_home)
     ok(installed_root, "create", "--force", "sec", url)
-    units = ["nodepass@{}.service".format(name) for name in ("web", "low", "ssh", "sec", "set")]
-    result = analyze(installed_root, *units)
+    ok(installed_root, "create", "--force", "api", MASTER_URL)
+    units = ["nodepass@{}.service".format(name)
+             for name in ("web", "low", "ssh", "sec", "set", "api")]
+    try:
+        result = analyze(installed_root, *units)
+    finally:
+        ok(installed_root, "delete", "api")  # the fixture's tunnels as the later tests know them
     assert result.returncode == 0, result.stdout
     # verify only warns (exit 0) on unknown keys or bad values: any word about our units fails.
     assert "nodepass" not in result.stdout, result.stdout

@@ -14,6 +14,10 @@ import gevent.pool
 from nodepass_gevent.base.stats import Stats
 
 FULL_WARNING_INTERVAL = 5.0  # at most one "semaphore full" warning this often
+# Users accepted this soon after a wait may have queued in the listen backlog
+# and given up there; the server checks those before it spends a data
+# connection on them (server.py).
+BACKLOG_WINDOW = 5.0
 
 
 class UserSemaphore(gevent.pool.Pool):
@@ -26,6 +30,7 @@ class UserSemaphore(gevent.pool.Pool):
         super().__init__(size)
         self.stats, self.log = stats, log
         self._next_warning = 0.0
+        self._last_wait = float("-inf")
 
     def full(self) -> bool:
         if not super().full():
@@ -36,8 +41,12 @@ class UserSemaphore(gevent.pool.Pool):
     def count_wait(self) -> None:
         """A user waits for a place: counted, and said (not too often)."""
         self.stats.semaphore_waits += 1
-        now = time.monotonic()
+        now = self._last_wait = time.monotonic()
         if now >= self._next_warning:
             self._next_warning = now + FULL_WARNING_INTERVAL
             self.log.warning("Target: SEMAPHORE_LIMIT (%d) reached: new users wait for a free"
                              " place", self.size)
+
+    def waited_lately(self) -> bool:
+        """True within BACKLOG_WINDOW of a user's wait: users may be queued."""
+        return time.monotonic() - self._last_wait < BACKLOG_WINDOW

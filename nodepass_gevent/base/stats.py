@@ -18,6 +18,10 @@ class Stats:
         self.udp_flows_active = 0
         self.bytes_in = 0   # from users / the data side towards the target
         self.bytes_out = 0  # back towards users
+        # The UDP part of bytes_in / bytes_out (datagrams and their replies), so
+        # the master can report TCP and UDP bytes apart, as v1.14 does.
+        self.udp_bytes_in = 0
+        self.udp_bytes_out = 0
         self.data_dials = 0           # client: data connections dialed
         self.data_dial_failures = 0   # client: ... that failed (refused, TLS, handshake)
         self.reconnects = 0           # client: tunnels lost and dialed again
@@ -38,7 +42,7 @@ class Stats:
 
     # Status field -> attribute, for status() and the metrics.
     FIELDS = ("tcp_active", "tcp_total", "udp_flows_active", "bytes_in", "bytes_out",
-              "data_dials", "data_dial_failures", "reconnects", "auth_failures",
+              "udp_bytes_in", "udp_bytes_out", "data_dials", "data_dial_failures", "reconnects", "auth_failures",
               "tls_failures", "semaphore_waits", "users_dropped", "target_failures",
               "users_refused", "users_over_cap",
               "datagrams_refused", "datagrams_over_rate", "udp_too_large_datagrams",
@@ -80,6 +84,12 @@ class Stats:
         """A user datagram passed on towards the target (its replies are bytes out)."""
         self.udp_total += 1
         self.bytes_in += size
+        self.udp_bytes_in += size
+
+    def udp_reply(self, size: int) -> None:
+        """A reply datagram passed back towards the user."""
+        self.bytes_out += size
+        self.udp_bytes_out += size
 
     def snapshot(self) -> tuple:
         return (self.tcp_active, self.tcp_total, self.udp_total, self.bytes_in, self.bytes_out,

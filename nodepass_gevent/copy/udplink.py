@@ -200,7 +200,7 @@ class TargetSide:
     def __init__(self, target: socket.socket, link: FrameLink, stats: Stats) -> None:
         self.target, self.link = target, link
         self.count_datagram = stats.udp_datagram
-        self.count_reply = stats.counter(inbound=False)
+        self.count_reply = stats.udp_reply
         self._raw = target._sock  # non-blocking: gevent keeps its sockets so
         self._recv_into = self._raw.recv_into
         self._readable = gevent.get_hub().loop.io(target.fileno(), _READ)

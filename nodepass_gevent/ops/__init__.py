@@ -5,7 +5,7 @@
     statusclient  `nodepass status`: reads /status, prints a table
     portcheck     --check: bind and release every port a tunnel set listens on
     systemd       sd_notify: READY, RELOADING, STOPPING, WATCHDOG
-    servicectl    nodepass-service: tunnels as systemd services (runs without gevent)
+    servicectl/   nodepass-service: tunnels as systemd services (runs without gevent)
     debug         NODEPASS_DEBUG_COUNTS: greenlet/fd/RSS figures on SIGUSR2
 
 The top layer: above tunnel/; only the entry points (cli, service) import it.

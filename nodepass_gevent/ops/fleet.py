@@ -291,7 +291,8 @@ def _placeholder_status(entry: Entry) -> dict:
               "error": entry.failure, "tunnel": str(config.tunnel), "target": str(config.target),
               "peer": None, "data_port": None, "tls": config.tls_mode, "pool_idle": 0,
               "pool_capacity": 0, "tcp_active": 0, "tcp_total": 0, "udp_datagrams": 0,
-              "udp_flows_active": 0, "bytes_in": 0, "bytes_out": 0, "data_dials": 0,
+              "udp_flows_active": 0, "bytes_in": 0, "bytes_out": 0, "udp_bytes_in": 0,
+              "udp_bytes_out": 0, "control_rtt": None, "data_dials": 0,
               "data_dial_failures": 0, "reconnects": 0, "auth_failures": 0, "tls_failures": 0,
               "semaphore_waits": 0, "users_dropped": 0, "target_failures": 0,
               "last_heartbeat_age": None}

@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional
 import gevent
 import gevent.lock
 
+from nodepass_gevent.base import health
+from nodepass_gevent.base.stats import Stats
 from nodepass_gevent.config import ConfigError, Settings
 from nodepass_gevent.log import log
 from nodepass_gevent.ops.masterstate import MasterState
@@ -31,7 +33,11 @@ MAX_VALUE = 256      # v1.14 refuses longer aliases, tags, peer fields
 MAX_URL = 4096
 FIGURES_INTERVAL = 5.0  # v1.14's CHECK_POINT period: one update event each
 STOP_GRACE = 5.0        # v1.14 gives a child 5 s after SIGTERM
+STOP_ALL_WAIT = 0.5     # at the master's stop, for every instance's listeners to close
 ERROR_RETRY = 3600.0    # v1.14 restarts instances in error hourly
+# Stats counters (by status() name) the figures read; "reset" takes a baseline of each.
+COUNTERS = ("bytes_in", "bytes_out", "udp_bytes_in", "udp_bytes_out")
+TRAFFIC = ("tcprx", "tcptx", "udprx", "udptx")  # v1.14's names of those figures
 
 
 class ApiError(Exception):
@@ -68,10 +74,33 @@ def normalise_url(url: str, log_level: str) -> str:
     return text + ("#" + parts.fragment if parts.fragment else "")
 
 
+# v1.14 parameters our tunnels do not take, with the values that ask for what
+# they do anyway: mode=0 (auto) or 1 (reverse) for a server, 0 or 2 (dual-end)
+# for a client. A dashboard's URL carries them; they are kept in ``url``.
+V114_MODES = {"server": ("0", "1"), "client": ("0", "2")}
+
+
+def runnable_url(url: str) -> str:
+    """The URL our CLI would run: v1.14's ``mode=`` taken out (ConfigError
+    for a mode ours does not have)."""
+    parts = split_url(url)
+    pieces = []
+    for piece in (piece for piece in parts.query.split("&") if piece):
+        name, _, value = piece.partition("=")
+        if name != "mode":
+            pieces.append(piece)
+        elif value not in V114_MODES.get(parts.scheme, ()):
+            raise ConfigError("mode=%s is not supported: a %s here runs mode %s"
+                              % (value, parts.scheme, " or ".join(V114_MODES[parts.scheme])))
+    text = "%s://%s%s" % (parts.scheme, parts.netloc, parts.path)
+    return text + ("?" + "&".join(pieces) if pieces else "") + (
+        "#" + parts.fragment if parts.fragment else "")
+
+
 def expanded_url(url: str, settings: Settings) -> str:
     """v1.14's ``config``: the URL with the values in force written out where
     it leaves them to a default (our parameters, not v1.14's), keys sorted."""
-    tunnel = parse_tunnel(url, settings, "config")
+    tunnel = parse_tunnel(runnable_url(url), settings, "config")
     config, tuned = tunnel.config, tunnel.settings
     defaults = {"log": config.log_level, "tls": str(config.tls_mode),
                 "max": str(tuned.max_pool_capacity), "slot": str(tuned.semaphore_limit)}
@@ -105,7 +134,9 @@ class Instance:
         self.lock = gevent.lock.RLock()  # one start or stop at a time
         # The traffic counters at the last "reset" (the role's own Stats are
         # never rewritten: its gauges and report line stay right).
-        self.baseline = {"bytes_in": 0, "bytes_out": 0}
+        self.baseline = dict.fromkeys(COUNTERS, 0)
+        self.mode = 0  # v1.14 keeps the last mode seen (0 until the tunnel was up)
+        self.last = dict.fromkeys(("mode", "ping", "pool", "tcps", "udps") + TRAFFIC, 0)
 
     def record(self) -> dict:
         return {"id": self.id, "alias": self.alias, "url": self.url, "config": self.config,
@@ -115,20 +146,49 @@ class Instance:
         statuses = self.fleet.statuses() if self.fleet is not None else []
         return statuses[0] if statuses else {}
 
+    def idle_status(self) -> dict:
+        """status() of an instance that does not run: its definition, zero counters."""
+        parts = split_url(self.url)
+        state = "failed" if self.status == "error" else "stopped"
+        status = dict.fromkeys(Stats.FIELDS, 0)
+        status.update({"name": self.id, "role": self.type, "state": state, "error": self.error,
+                       "tunnel": parts.netloc.rpartition("@")[2], "target": parts.path[1:],
+                       "peer": None, "data_port": None, "pool_idle": 0,
+                       "tls": dict(query_pairs(parts.query)).get("tls", ""),
+                       "pool_capacity": 0, "udp_datagrams": 0, "last_heartbeat_age": None,
+                       "control_rtt": None})
+        status.update(health.not_running(state, self.error))
+        return status
+
     def reset_counters(self) -> None:
         status = self.role_status()
-        self.baseline = {name: status.get(name, 0) for name in self.baseline}
+        self.baseline = {name: status.get(name, 0) for name in COUNTERS}
+        self.last.update(dict.fromkeys(TRAFFIC, 0))
 
     def figures(self) -> dict:
+        """v1.14's figures from the role's status(): ``mode`` 1 for a server
+        (reverse: it takes the users) and 2 for a client (dual-end: it dials
+        the target) once the tunnel has been up; ``ping`` the control
+        connection's round trip in ms, as the kernel measured it. A stopped
+        instance keeps its last traffic counters and mode, as in v1.14."""
+        if self.fleet is None:
+            return self.last
         status = self.role_status()
-        mode = 0
         if status.get("state") == "up":
-            mode = 1 if self.type == "server" else 2
-        return {"mode": mode, "ping": 0, "pool": status.get("pool_idle", 0),
-                "tcps": status.get("tcp_active", 0), "udps": status.get("udp_flows_active", 0),
-                "tcprx": status.get("bytes_in", 0) - self.baseline["bytes_in"],
-                "tcptx": status.get("bytes_out", 0) - self.baseline["bytes_out"],
-                "udprx": 0, "udptx": 0}
+            self.mode = 1 if self.type == "server" else 2
+        counted = {name: status.get(name, 0) - self.baseline[name] for name in COUNTERS}
+        rtt = status.get("control_rtt")
+        self.last = {"mode": self.mode, "ping": int(rtt * 1000) if rtt is not None else 0,
+                     "pool": status.get("pool_idle", 0), "tcps": status.get("tcp_active", 0),
+                     "udps": status.get("udp_flows_active", 0),
+                     "tcprx": counted["bytes_in"] - counted["udp_bytes_in"],
+                     "tcptx": counted["bytes_out"] - counted["udp_bytes_out"],
+                     "udprx": counted["udp_bytes_in"], "udptx": counted["udp_bytes_out"]}
+        return self.last
+
+    def stopped_figures(self) -> None:
+        """Keep the last counters of a tunnel being stopped (gauges to 0)."""
+        self.last = dict(self.figures(), ping=0, pool=0, tcps=0, udps=0)
 
     def to_json(self) -> dict:
         body = {"id": self.id, "alias": self.alias, "type": self.type, "status": self.status,
@@ -175,10 +235,9 @@ class Instances:
         return instance
 
     def statuses(self) -> List[dict]:
-        """Each running instance's tunnel status (its name is the instance id),
-        for metrics=: /metrics, /status, /healthz."""
-        return [status for instance in self.all() if instance.fleet is not None
-                for status in instance.fleet.statuses()]
+        """Each instance's tunnel status (its name is the instance id; a stopped
+        or failed one with zero counters), for /metrics and /status."""
+        return [instance.role_status() or instance.idle_status() for instance in self.all()]
 
     def all(self) -> List[Instance]:
         return list(self._by_id.values())
@@ -202,7 +261,7 @@ class Instances:
     def checked_url(self, url: str) -> str:
         url = normalise_url(url, self.log_level)
         try:
-            parse_tunnel(url, self.settings, "check")
+            parse_tunnel(runnable_url(url), self.settings, "check")
         except ConfigError as exc:
             raise ApiError(400, "Invalid URL: %s" % exc) from None
         return url
@@ -238,7 +297,7 @@ class Instances:
             return  # running already, or deleted meanwhile
         from nodepass_gevent.ops.fleet import Fleet, StartError, server_context
         try:
-            tunnel = parse_tunnel(instance.url, self.settings, instance.id)
+            tunnel = parse_tunnel(runnable_url(instance.url), self.settings, instance.id)
             fleet = Fleet(self._build, restart_failed=False)
             fleet.start([tunnel], {tunnel.name: server_context(tunnel)})
         except (ConfigError, StartError, OSError) as exc:
@@ -247,7 +306,7 @@ class Instances:
             self.publish("update", instance)
             return
         instance.fleet, instance.status, instance.error = fleet, "running", ""
-        instance.baseline = {name: 0 for name in instance.baseline}  # fresh Stats
+        instance.baseline = dict.fromkeys(COUNTERS, 0)  # fresh Stats
         instance.watcher = gevent.spawn(self._watch, instance, fleet)
         self.publish("update", instance)
 
@@ -265,6 +324,7 @@ class Instances:
             self._stop(instance, publish)
 
     def _stop(self, instance: Instance, publish: bool) -> None:
+        instance.stopped_figures()
         fleet, instance.fleet = instance.fleet, None
         if instance.watcher is not None and instance.watcher is not gevent.getcurrent():
             instance.watcher.kill(block=False)
@@ -284,12 +344,16 @@ class Instances:
         self._retrier = gevent.spawn(self._retry_errors_forever)
 
     def stop_all(self) -> None:
+        """At the master's stop: every instance at once, without a drain (v1.14's
+        children get a SIGTERM each); the state file keeps them as they are."""
         gevent.killall([greenlet for greenlet in (self._ticker, self._retrier)
                         if greenlet is not None], block=False)
+        stops = []
         for instance in self.all():
             fleet, instance.fleet = instance.fleet, None
             if fleet is not None:
-                fleet.stop(0)
+                stops.append(gevent.spawn(fleet.stop, 0))
+        gevent.joinall(stops, timeout=STOP_ALL_WAIT)
 
     def _retry_errors_forever(self) -> None:
         while True:

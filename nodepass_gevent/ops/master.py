@@ -10,7 +10,6 @@ always 200, ``{"error": "..."}`` refusals. Request bodies are bounded
 ignored, as v1.14 ignores them. Instances are instances.py's.
 """
 
-import hmac
 import ipaddress
 import json
 import signal
@@ -20,20 +19,21 @@ from typing import Callable, Optional, Tuple
 
 import gevent
 import gevent.lock
-import gevent.queue
 from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
 from nodepass_gevent import __version__
 from nodepass_gevent.config import ConfigError, parse_address, parse_url
 from nodepass_gevent.log import log
-from nodepass_gevent.ops import hostinfo, masteropenapi
+from nodepass_gevent.ops import hostinfo, masterevents, masteropenapi, masterprobes
+from nodepass_gevent.ops.masterevents import json_text
 from nodepass_gevent.ops.instances import (KEY_ID, ApiError, Instances, LogRelay, check_value,
                                            empty_meta)
-from nodepass_gevent.ops.masterstate import MasterState, default_directory
+from nodepass_gevent.ops.masterstate import MasterState, StateError, default_directory
 from nodepass_gevent.urls import query_pairs, split_url
 
 MAX_BODY = 64 * 1024
+SHUTDOWN_EVENT_WAIT = 0.2  # for the event streams to write "shutdown" before they close
 ACTIONS = ("start", "stop", "restart", "reset")
 CORS = [("Access-Control-Allow-Headers", "Content-Type, Authorization, X-API-Key, Cache-Control"),
         ("Access-Control-Allow-Methods", "GET, PATCH, POST, PUT, DELETE, OPTIONS"),
@@ -42,8 +42,6 @@ REASONS = {200: "200 OK", 201: "201 Created", 204: "204 No Content", 400: "400 B
            401: "401 Unauthorized", 403: "403 Forbidden", 404: "404 Not Found",
            405: "405 Method Not Allowed", 409: "409 Conflict", 413: "413 Payload Too Large",
            500: "500 Internal Server Error"}
-SSE_KEEPALIVE = 15.0
-SSE_BACKLOG = 1000  # events waiting for one slow stream
 
 
 class MasterUrl:
@@ -70,26 +68,27 @@ class MasterUrl:
         self.tls_config = parse_url("server://127.0.0.1:2/127.0.0.1:1?" + query)
 
 
-def json_text(body) -> bytes:
-    """JSON as Go's encoder writes it (&, <, > escaped), for byte-alike replies."""
-    text = json.dumps(body, separators=(",", ":"))
-    return (text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
-            + "\n").encode("utf-8")
-
-
 class MasterApp:
     """The WSGI application."""
 
-    def __init__(self, instances: Instances, master_url: MasterUrl) -> None:
+    def __init__(self, instances: Instances, master_url: MasterUrl,
+                 stopping: Optional[Event] = None) -> None:
         self.instances, self.url = instances, master_url
         self.started = time.monotonic()
         self.tcping_slots = gevent.lock.BoundedSemaphore(10)
+        self.probes = masterprobes.Probes(instances, stopping or Event())
 
     def __call__(self, environ, start_response):
+        if (environ.get("PATH_INFO", "") in masterprobes.PATHS
+                and environ["REQUEST_METHOD"] in ("GET", "HEAD")):
+            return self.probes(environ, start_response)
         try:
             status, body, headers = self.route(environ)
         except ApiError as exc:
             status, body, headers = exc.status, {"error": str(exc)}, []
+        except StateError as exc:  # a save failed: the change is not kept
+            log.error("master API: %s", exc)
+            status, body, headers = 500, {"error": str(exc)}, []
         except Exception as exc:  # a bug of ours: one line, and the API goes on
             log.error("master API: %s %s failed: %r", environ["REQUEST_METHOD"],
                       environ.get("PATH_INFO", ""), exc)
@@ -132,8 +131,8 @@ class MasterApp:
             return self.info(method, environ)
         if template == "/tcping":
             return self.tcping(environ)
-        return 200, self.events_stream(), [("Content-Type", "text/event-stream"),
-                                            ("Cache-Control", "no-cache")]
+        return 200, masterevents.stream(self.instances), [
+            ("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
 
     def public(self, template: str):
         if template == "/docs":
@@ -145,8 +144,7 @@ class MasterApp:
         given = environ.get("HTTP_X_API_KEY", "")
         if not given:
             raise ApiError(401, "Unauthorized: API key required")
-        if not hmac.compare_digest(given.encode("utf-8"),
-                                   self.instances.state.key.encode("utf-8")):
+        if not masterprobes.key_matches(given, self.instances.state.key):
             raise ApiError(401, "Unauthorized: Invalid API key")
 
     # -- instances -------------------------------------------------------
@@ -208,8 +206,13 @@ class MasterApp:
         body = read_json(environ)
         if body.get("action") == "restart":
             from nodepass_gevent.ops.masterstate import new_key
-            self.instances.state.key = new_key()
-            self.instances.state.save()
+            state, old_key = self.instances.state, self.instances.state.key
+            state.key = new_key()
+            try:
+                state.save()
+            except StateError:
+                state.key = old_key  # a key that is not kept would be lost at a restart
+                raise
             log.info("API Key regenerated: %s", self.instances.state.key)
             self.instances.publish("shutdown", None)
         return 200, self.instances.key_json(), []
@@ -234,62 +237,6 @@ class MasterApp:
             raise ApiError(400, "Target address required")
         with self.tcping_slots:
             return 200, tcping(target), []
-
-    # -- events ------------------------------------------------------------
-
-    def events_stream(self):
-        subscriber = _Subscriber()
-        initial = [{"type": "initial", "instance": body, "logs": ""}
-                   for body in self.instances.listing()]
-        self.instances.subscribers.add(subscriber)
-
-        def stream():
-            try:
-                yield b"retry: 3000\n\n"
-                for event in initial:
-                    yield sse_event(event)
-                while not subscriber.overflowed:
-                    try:
-                        event = subscriber.queue.get(timeout=SSE_KEEPALIVE)
-                    except gevent.queue.Empty:
-                        yield b": keepalive\n\n"
-                        continue
-                    yield sse_event(event)
-                    if event["type"] == "shutdown":
-                        return
-            finally:
-                self.instances.subscribers.discard(subscriber)
-        return stream
-
-
-class _Subscriber:
-    """One /events stream's backlog. A client that stops reading would make it
-    grow without end: past SSE_BACKLOG events its stream is ended instead (the
-    client reconnects, as SSE clients do, and gets fresh initial events)."""
-
-    def __init__(self) -> None:
-        self.queue = gevent.queue.Queue(SSE_BACKLOG)
-        self.overflowed = False
-
-    def __call__(self, event: dict) -> None:
-        try:
-            self.queue.put_nowait(event)
-        except gevent.queue.Full:
-            self.overflowed = True
-
-
-def sse_event(event: dict) -> bytes:
-    body = dict(event)
-    body["time"] = rfc3339_now()
-    ordered = {name: body[name] for name in ("type", "time", "instance", "logs")}
-    return b"event: instance\ndata: " + json_text(ordered).rstrip(b"\n") + b"\n\n"
-
-
-def rfc3339_now() -> str:
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + (
-        "%.9f" % (now % 1))[1:] + "Z"
-
 
 def checked_meta(meta) -> dict:
     if not isinstance(meta, dict):
@@ -355,7 +302,8 @@ def serve(master_url: MasterUrl, settings, build: Callable, listener=None,
     if listener is None:
         from nodepass_gevent.base import net
         listener = net.listen_tcp(master_url.address, role="master API")
-    server = WSGIServer(listener, MasterApp(instances, master_url), log=None,
+    stop = stop or Event()
+    server = WSGIServer(listener, MasterApp(instances, master_url, stop), log=None,
                         error_log=_ErrorLog(), **({"ssl_context": context} if context else {}))
     metrics = _metrics_server(master_url, instances)
     server.start()
@@ -366,7 +314,6 @@ def serve(master_url: MasterUrl, settings, build: Callable, listener=None,
     if warning:
         log.warning("%s", warning)
     instances.start_saved()
-    stop = stop or Event()
     handlers = [gevent.signal_handler(signal.SIGTERM, stop.set),
                 gevent.signal_handler(signal.SIGINT, stop.set)]
     try:
@@ -374,13 +321,24 @@ def serve(master_url: MasterUrl, settings, build: Callable, listener=None,
     finally:
         for handler in handlers:
             handler.cancel()
-        instances.publish("shutdown", None)
-        server.stop(timeout=1)
-        if metrics is not None:
-            metrics.stop()
-        instances.stop_all()
+        _shut_down(instances, server, metrics)
         log.removeHandler(relay)
         log.info("Stopped")
+
+
+def _shut_down(instances: Instances, server: WSGIServer, metrics) -> None:
+    """The streams get their ``shutdown`` event (a moment to write it), the
+    API and metrics= ports close, and every instance stops, all at once:
+    a SIGTERM takes well under a second (test_sigterm_is_fast...)."""
+    instances.publish("shutdown", None)
+    deadline = time.monotonic() + SHUTDOWN_EVENT_WAIT
+    while instances.subscribers and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    closing = [gevent.spawn(server.stop, timeout=0.2)]
+    if metrics is not None:
+        closing.append(gevent.spawn(metrics.stop))
+    instances.stop_all()
+    gevent.joinall(closing, timeout=0.5)
 
 
 class _ErrorLog:

@@ -55,6 +55,7 @@ class MasterState:
         self.key, self.mid, self.alias = "", "", ""
         self.instances = []  # list of dicts, in creation order
         self.created_key = False
+        self.last_error = ""  # why the last save failed ("" when it worked)
 
     def load(self) -> "MasterState":
         try:
@@ -95,8 +96,10 @@ class MasterState:
         try:
             write_atomically(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
         except OSError as exc:
-            raise StateError("cannot write the state file %s: %s"
-                             % (self.path, exc.strerror or exc)) from None
+            self.last_error = ("cannot write the state file %s: %s"
+                               % (self.path, exc.strerror or exc))
+            raise StateError(self.last_error) from None
+        self.last_error = ""
 
 
 def write_atomically(path: str, text: str) -> None:

@@ -57,6 +57,8 @@ FIGURES = (
      "Users whose TCP target did not answer (client)"),
     ("last_heartbeat_age", "nodepass_last_heartbeat_age_seconds", "gauge",
      "Seconds since the last heartbeat on the tunnel connection"),
+    ("control_rtt", "nodepass_control_rtt_seconds", "gauge",
+     "The kernel's smoothed round trip of the tunnel (control) connection"),
 )
 
 

@@ -238,6 +238,7 @@ class Client(Component):
             "pool_capacity": pool.capacity if pool is not None else 0,
             "last_heartbeat_age": (time.monotonic() - session.last_line
                                    if session is not None else None),
+            "control_rtt": net.smoothed_rtt(session.control) if session is not None else None,
         }
         figures.update(self.stats.figures())
         figures.update(self.health(figures["state"]))

@@ -49,6 +49,11 @@ class V114Session:
     def last_line(self) -> float:
         return self.channel.last_line if self.channel is not None else 0.0
 
+    @property
+    def control(self):
+        """The control connection (pool id 00000000), as the v1 session's ``control``."""
+        return self.channel.sock if self.channel is not None else None
+
     def serve(self) -> None:
         """Open the pool and the control channel, then serve until the channel ends."""
         client = self.client

@@ -203,10 +203,23 @@ class Server(Component):
     def _serve_user(self, user: socket.socket, peer: tuple) -> None:
         edge = self.edge
         try:
+            if self.users.waited_lately() and self._left_in_backlog(user, peer):
+                return
             tcp.serve_user(user, peer, self.hand_out, self.stats,
                            edge.proxy_header(user, peer), edge.rate)
         finally:
             edge.release_tcp(peer)
+
+    def _left_in_backlog(self, user: socket.socket, peer: tuple) -> bool:
+        """A user who closed while queued behind a full semaphore: closed here,
+        with no data connection spent on it (a flood of such users would drain
+        the pool for the patient ones behind them). EOF before any byte reads as
+        gone: a user that half-closes without sending a byte is taken for one."""
+        if not net.closed_by_peer((user,)):
+            return False
+        self.log.debug("Target: tcp user %s left while waiting for a place", _User(peer))
+        net.close_quietly(user)
+        return True
 
     def _session_uses_flows(self) -> bool:
         session = self.control.session
@@ -252,6 +265,7 @@ class Server(Component):
             "pool_idle": self.pool.idle, "pool_capacity": self.pool.capacity,
             "last_heartbeat_age": (time.monotonic() - heartbeat
                                    if heartbeat is not None else None),
+            "control_rtt": net.smoothed_rtt(session.control) if session is not None else None,
         }
         figures.update(self.stats.figures())
         figures.update(self.health(figures["state"], session))

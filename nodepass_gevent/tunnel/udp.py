@@ -164,7 +164,7 @@ class UdpUsers:
             gate = self._reply_gate
             if reply and (gate is None or gate(len(reply))):
                 self.listener.sendto(reply, peer)
-                self.stats.count_bytes(len(reply), inbound=False)
+                self.stats.udp_reply(len(reply))
         except OSError as exc:
             log.debug("Target: UDP exchange for %s failed: %s", peer, exc)
         finally:
@@ -190,7 +190,7 @@ def launch_v1(data: socket.socket, target: net.Target, stats: Stats, settings, l
             too_large.reply(len(reply), str(target.address))
             return
         net.send_message(data, reply)
-        stats.count_bytes(len(reply), inbound=False)
+        stats.udp_reply(len(reply))
     except socket.timeout:
         log.debug("Client: no UDP reply from %s within %.1fs", target.address, timeout)
     except (OSError, ValueError) as exc:
@@ -297,7 +297,7 @@ class ServerFlow:
 
     def _run_link(self, data: socket.socket) -> None:
         reply = udplink.reply_sender(self.listener, self.peer,
-                                     self.stats.counter(inbound=False), self.pass_reply)
+                                     self.stats.udp_reply, self.pass_reply)
         link = udplink.FrameLink(data, self.size_limit, reply)
         while not self.queue.empty():  # what came while the connection was taken
             datagram = self.queue.get_nowait()
@@ -334,7 +334,7 @@ class ServerFlow:
                 if self.pass_reply is not None and not self.pass_reply(len(reply)):
                     continue
                 self.listener.sendto(reply, self.peer)
-                self.stats.count_bytes(len(reply), inbound=False)
+                self.stats.udp_reply(len(reply))
         finally:
             watchdog.kill(block=False)
             reader.close()
@@ -444,7 +444,7 @@ def _send_replies(target: socket.socket, data: socket.socket, stats: Stats) -> N
         except OSError:
             net.abort(data)  # wakes the reader; client_flow owns the socket and closes it
             return
-        stats.count_bytes(len(reply), inbound=False)
+        stats.udp_reply(len(reply))
 
 
 # What a dropped datagram or reply says, by (role, direction): which limit, and
