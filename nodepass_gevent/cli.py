@@ -31,8 +31,12 @@ URLs:
   tls   server: TLS for data connections: 0 none (default), 1 self-signed
         certificate made at start-up, 2 the certificate in crt= and key=.
         client: the least TLS mode it accepts from the server (default 0).
-  wire  the NodePass wire it speaks: 1.0 (default) or 1.14 (NodePass
-        v1.14's one-port wire, TCP pool, reverse mode; TCP users only).
+  wire  client: the NodePass wire it speaks: auto (default) finds out per
+        server (a v1.0 server writes first, a v1.14 one waits; costs 0.45s once
+        per v1.14 server), 1.0 or 1.14 (NodePass v1.14's one-port wire, TCP
+        pool, reverse mode; TCP users only) pin it and skip finding out.
+        server: 1.14 serves NodePass v1.14's wire on the tunnel port; any
+        other value serves v1.0's.
   udp   server: v1 (default) carries each UDP datagram on a connection of its
         own, as NodePass v1.0; flow offers one connection per user address,
         much faster, used when the client is nodepass-gevent too.
@@ -120,7 +124,7 @@ from typing import List, Optional, Union
 from docopt import DocoptExit, docopt
 
 from nodepass_gevent import __version__, tunnelset
-from nodepass_gevent.config import (KEY_VARIABLE, LOG_LEVELS, SETTINGS, WIRE_V1, ConfigError,
+from nodepass_gevent.config import (KEY_VARIABLE, LOG_LEVELS, SETTINGS, WIRE_AUTO, ConfigError,
                                     format_addresses, load_settings, without_key)
 
 PROGRAM = "nodepass"
@@ -308,7 +312,7 @@ def _check_line(tunnel: "tunnelset.Tunnel", settings) -> str:
             % (tunnel.name + ": " if tunnel.name else "", config.role,
                format_addresses(config.servers), config.target, config.tls_mode,
                config.log_level, "on" if config.auth_key else "off",
-               " wire=%s" % config.wire if config.wire != WIRE_V1 else "",
+               " wire=%s" % config.wire if config.wire != WIRE_AUTO else "",
                " data_port=%d" % config.data_port if config.data_port else "",
                " " + edge if edge else ""))
     overrides = [(parameter, getattr(tunnel.settings, SETTINGS_BY_NAME[variable].attribute))

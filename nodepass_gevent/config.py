@@ -33,9 +33,10 @@ SERVER_PARAMS = ("log", "tls", "crt", "key", "udp", "data_port", "proxy", "allow
                  "per_user", "log_format", "wire")
 CLIENT_PARAMS = ("log", "tls", "log_format", "wire")
 
-# wire=: the NodePass wire a role speaks (wire/v1 or wire/v114).
-WIRE_V1, WIRE_V114 = "1.0", "1.14"
-WIRES = (WIRE_V1, WIRE_V114)
+# wire=: the NodePass wire a client speaks (wire/v1 or wire/v114); auto finds out
+# per server (tunnel/wire_detect.py).
+WIRE_AUTO, WIRE_V1, WIRE_V114 = "auto", "1.0", "1.14"
+WIRES = (WIRE_AUTO, WIRE_V1, WIRE_V114)
 
 # tls=: how data connections are secured, also the v1.0 tunnel signal's fragment
 # (wire/v1/protocol.py carries it, copy/tls.py makes the contexts).
@@ -101,7 +102,7 @@ class Config:
     # Server: the data port (data_port=); 0 picks one at random at start-up, as v1.0.
     data_port: int = 0
     log_format: str = "text"  # "json": one JSON object a log line (log.py)
-    wire: str = WIRE_V1  # the wire spoken, WIRES
+    wire: str = WIRE_AUTO  # client: the wire spoken, WIRES
 
     @property
     def servers(self) -> Tuple[Address, ...]:
@@ -203,10 +204,10 @@ def parse_url(text: str, environ: Optional[Mapping[str, str]] = None) -> Config:
         raise ConfigError("bad udp value %r: use v1 (one connection per datagram, as NodePass"
                           " v1.0) or flow (one connection per user address)" % udp_mode)
     data_port = _data_port(params.get("data_port", "0"), tunnels[0])
-    wire = params.get("wire", WIRE_V1)
+    wire = params.get("wire", WIRE_AUTO)
     if wire not in WIRES:
-        raise ConfigError("bad wire value %r: use 1.0 (NodePass v1.0, the default) or 1.14"
-                          " (NodePass v1.14, TCP pool)" % wire)
+        raise ConfigError("bad wire value %r: use auto (find out per server, the default), 1.0"
+                          " (NodePass v1.0) or 1.14 (NodePass v1.14, TCP pool)" % wire)
     return Config(scheme, tunnels[0], target, log_level, tls_mode, crt, key, udp_mode, auth_key,
                   tunnels=tunnels if len(tunnels) > 1 else (), data_port=data_port,
                   log_format=_log_format(params, environ), wire=wire, **_edge_params(params))

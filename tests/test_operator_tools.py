@@ -240,6 +240,7 @@ COMPLETION_CASES = [
     ("nodepass client://h:10101/127.0.0.1:80?mi", "80?mi", ":", ["80?min="]),
     ("nodepass server://:10101/127.0.0.1:80?mi", "80?mi", ":", []),   # client only
     ("nodepass server://:10101/127.0.0.1:80?udp=f", "f", "=", ["flow"]),
+    ("nodepass client://h:10101/127.0.0.1:80?wire=", "", "=", ["auto", "1.0", "1.14"]),
 ]
 
 

@@ -77,14 +77,18 @@ class TunnelCollector:
         # (the server would see a new ephemeral port, so a new series, at every
         # reconnect); the user's addresses never appear.
         info = GaugeMetricFamily("nodepass_tunnel_info", "The tunnel's definition and state;"
-                                 " peer: the host of the client (server) or server (client)",
-                                 labels=LABELS + ["state", "tunnel", "target", "tls", "peer"])
+                                 " peer: the host of the client (server) or server (client);"
+                                 " wire: the NodePass wire spoken (1.0, 1.14; auto: not yet"
+                                 " found out)",
+                                 labels=LABELS + ["state", "tunnel", "target", "tls", "peer",
+                                                  "wire"])
         for status in statuses:
             labels = [str(status["name"]), str(status["role"])]
             up.add_metric(labels, 1.0 if status["state"] == UP else 0.0)
             info.add_metric(labels + [str(status["state"]), str(status["tunnel"]),
                                       str(status["target"]), str(status["tls"]),
-                                      peer_host(status.get("peer"))], 1.0)
+                                      peer_host(status.get("peer")),
+                                      str(status.get("wire") or "")], 1.0)
         yield up
         yield info
         yield from _health_families(statuses)

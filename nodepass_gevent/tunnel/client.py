@@ -25,10 +25,10 @@ import gevent.pool
 from nodepass_gevent.base import health, net
 from nodepass_gevent.base.lifecycle import Component
 from nodepass_gevent.base.stats import Stats
-from nodepass_gevent.config import WIRE_V114, Address, Config, Settings, format_addresses
+from nodepass_gevent.config import WIRE_AUTO, WIRE_V114, Address, Config, Settings, format_addresses
 from nodepass_gevent.copy import tls
 from nodepass_gevent.log import TunnelLog
-from nodepass_gevent.tunnel import client_v114, tcp, udp
+from nodepass_gevent.tunnel import client_v114, tcp, udp, wire_detect
 from nodepass_gevent.tunnel.failover import ServerOrder
 from nodepass_gevent.tunnel.pool import ClientPool
 from nodepass_gevent.wire.v1 import auth, control, dataconn, protocol
@@ -65,6 +65,8 @@ class Client(Component):
                                                 self.stats, self.log)  # v1.0 datagrams
         self._auth_failures = 0  # in a row, for the back-off
         self.servers = ServerOrder(config.servers, settings.service_cooldown)
+        self.wires = wire_detect.WireMemory()  # per server, for wire=auto
+        self.wire = config.wire  # of the last session: "auto" until one found out
         self._opened = False  # the current session's tunnel opened
         self.target_watch = health.TargetWatch(self.target, self.stats, self.log, self.spawn)
         # The control channel's outage, for the health verdict and its log line.
@@ -97,7 +99,7 @@ class Client(Component):
                 self.log.error("Client: authentication failed: %s", exc)
             except control.TunnelRefused as exc:  # told: error; inferred: it may pass
                 (self.log.error if exc.certain else self.log.warning)("Client: %s", exc)
-            except (SessionError, client_v114.V114Error) as exc:
+            except (SessionError, client_v114.V114Error, wire_detect.WireError) as exc:
                 self.log.error("Client: %s", exc)
             except control.ServerUnreachable as exc:
                 self.log.warning("Client: %s", exc)
@@ -142,13 +144,22 @@ class Client(Component):
         return " (%s)" % self.servers.position if len(self.servers.servers) > 1 else ""
 
     def _serve_session(self, server: Address) -> None:
-        if self.config.wire == WIRE_V114:  # NodePass v1.14's wire (client_v114.py)
-            self.session = client_v114.V114Session(self, server)
+        wire, tunnel = self.config.wire, None  # pinned: dialed by the wire's own code
+        if wire == WIRE_AUTO:  # find out (wire_detect.py), on the connection we keep
+            wire, tunnel = self.wires.open(server, self.log)
+        self.wire = wire
+        if wire == WIRE_V114:  # NodePass v1.14's wire (client_v114.py)
+            try:
+                self.session = client_v114.V114Session(self, server, tunnel)
+            except client_v114.WireMismatch:
+                self.wires.forget(server, self.log)
+                raise
             self.session.serve()
             return
         # The control channel dials config.tunnel: this session's server.
         config = dataclasses.replace(self.config, tunnel=server)
-        session = self.session = control.open_client_session(config, self.settings, self.log)
+        session = self.session = control.open_client_session(config, self.settings, self.log,
+                                                             tunnel)
         # tls=2 is verified by each data connection's handshake, not here:
         # "verified" is said once one did (_say_verified).
         self.log.info("Client: tunnel to %s open: data port %d, tls=%d (%s)%s%s",
@@ -232,6 +243,7 @@ class Client(Component):
             "tunnel": str(self.servers.current), "target": str(self.config.target),
             "peer": str(self.servers.current) if self.ready.is_set() else None,
             "servers": format_addresses(self.servers.servers),
+            "wire": self.wire,
             "data_port": session.data_port if session is not None else None,
             "tls": session.tls_mode if session is not None else self.config.tls_mode,
             "pool_idle": pool.idle if pool is not None else 0,

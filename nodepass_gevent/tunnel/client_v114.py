@@ -23,15 +23,17 @@ CONTROL_WAIT = 10.0  # v1.14: 5 s for a pooled connection, then 5 s for id 0
 TLS_NAMES = {"0": "plain", "1": "self-signed, checked by verify", "2": "verified"}
 
 V114Error = client_session.V114Error
+WireMismatch = client_session.WireMismatch
 
 
 class V114Session:
     """One v1.14 session of ``client`` with ``server``; the attributes client.status reads."""
 
-    def __init__(self, client, server: Address) -> None:
+    def __init__(self, client, server: Address, sock=None) -> None:
+        """``sock``: the tunnel connection, if wire detection dialed it already."""
         self.client, self.server = client, server
         self.key = client_session.key_for(client.config.auth_key, server.port)
-        self.config = client_session.open_tunnel(server, self.key)
+        self.config = client_session.open_tunnel(server, self.key, sock=sock)
         self.tls_code = self.config.tls
         self.tls_mode = int(self.tls_code)
         if self.tls_mode < client.config.tls_mode:

@@ -387,16 +387,15 @@ class ClientSession:
         net.close_quietly(self.control)
 
 
-def open_client_session(config: Config, settings: Settings, log) -> ClientSession:
-    """Dial the tunnel, run the handshake and accept the extensions offered.
+def open_client_session(config: Config, settings: Settings, log,
+                        control: Optional[socket.socket] = None) -> ClientSession:
+    """Dial the tunnel (unless ``control`` is one already dialed, its first
+    bytes unread), run the handshake and accept the extensions offered.
 
     Raises ServerUnreachable if the dial fails, TunnelRefused if the server
     turns this client away, and other errors if the tunnel does not open."""
-    try:
-        control = net.dial_tcp(config.tunnel, CONNECT_TIMEOUT)
-    except OSError as exc:
-        raise ServerUnreachable("cannot reach server %s: %s"
-                                % (config.tunnel, net.describe(exc))) from exc
+    if control is None:
+        control = dial_tunnel(config.tunnel)
     try:
         silence = settings.report_interval * HEARTBEAT_MISSES
         net.set_user_timeout(control, silence)
@@ -421,6 +420,15 @@ def open_client_session(config: Config, settings: Settings, log) -> ClientSessio
         net.close_quietly(control)
         raise
     return ClientSession(control, lines, data_port, tls_mode, launch_kinds, silence)
+
+
+def dial_tunnel(tunnel) -> socket.socket:
+    """The tunnel connection; ServerUnreachable if it cannot be dialed."""
+    try:
+        return net.dial_tcp(tunnel, CONNECT_TIMEOUT)
+    except OSError as exc:
+        raise ServerUnreachable("cannot reach server %s: %s"
+                                % (tunnel, net.describe(exc))) from exc
 
 
 def client_handshake(config: Config, control: socket.socket, lines) -> Signal:

@@ -19,6 +19,7 @@ from nodepass_gevent.wire.v114.keys import derive_key
 
 HANDSHAKE_TIMEOUT = 5.0  # NP_HANDSHAKE_TIMEOUT
 READ_SIZE = 4096
+HTTP_START = b"HTTP/"  # how every reply begins; a v1.0 server's line begins "//"
 
 
 class V114Error(Exception):
@@ -29,19 +30,25 @@ class KeyRefused(V114Error):
     """The server answered 401: its key and ours differ."""
 
 
+class WireMismatch(V114Error):
+    """The server answered the GET with something that is not HTTP: another wire."""
+
+
 def key_for(auth_key, port: int) -> bytes:
     """The v1.14 key: the URL's KEY@ if given, else FNV-1a-32 of the port [contract (b)]."""
     return auth_key if auth_key else derive_key(None, str(port))
 
 
 def open_tunnel(address: Address, key: bytes, sni: str = "",
-                timeout: float = HANDSHAKE_TIMEOUT) -> handshake.TunnelConfig:
-    """Handshake with the server at ``address``; its TunnelConfig, or V114Error/OSError."""
-    sock = net.dial_tcp(address, timeout)
+                timeout: float = HANDSHAKE_TIMEOUT, sock=None) -> handshake.TunnelConfig:
+    """Handshake with the server at ``address`` (on ``sock`` if already dialed);
+    its TunnelConfig, or V114Error/OSError."""
+    if sock is None:
+        sock = net.dial_tcp(address, timeout)
     try:
         sock.settimeout(timeout)
         sock.sendall(handshake.encode_request(key, handshake.server_name(address.host, sni)))
-        reply = _read_reply(sock)
+        reply = _read_reply(sock, address)
     except handshake.HandshakeError as exc:
         raise V114Error("tunnel to %s: bad handshake reply: %s" % (address, exc)) from None
     except socket.timeout:
@@ -52,11 +59,15 @@ def open_tunnel(address: Address, key: bytes, sni: str = "",
     return _judge(address, reply)
 
 
-def _read_reply(sock: socket.socket) -> handshake.HandshakeReply:
+def _read_reply(sock: socket.socket, address: Address) -> handshake.HandshakeReply:
     buffer, reply = b"", None
     while reply is None:
         data = sock.recv(READ_SIZE)
         buffer += data
+        if not HTTP_START.startswith(buffer[:len(HTTP_START)]):  # no need to wait for more
+            raise WireMismatch("tunnel to %s: the server answered the v1.14 handshake with"
+                               " %r, not HTTP (a NodePass v1.0 server? pin wire=1.0)"
+                               % (address, buffer[:40]))
         reply = handshake.parse_reply(buffer, eof=not data)
     return reply
 
