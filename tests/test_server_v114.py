@@ -147,7 +147,7 @@ def test_refusals_are_v114s_bytes_and_garbage_is_logged_not_fatal(started):
 @pytest.mark.matrix
 @pytest.mark.timeout(5)
 def test_the_server_takes_the_wire_parameter():
-    assert parse_url("server://:1/h:2").wire == "1.0"
+    assert parse_url("server://:1/h:2").wire == "auto"
     assert parse_url("server://:1/h:2?wire=1.14").wire == "1.14"
 
 
