@@ -111,7 +111,7 @@ class Server(Component):
         else:
             tunnel_listeners = self._wire_v1(tunnel, data)
         self.udp_users = udp.UdpUsers(target_udp, self.users, self.hand_out,
-                                      self._session_uses_flows, self.stats, self.settings,
+                                      self._session_flows, self.stats, self.settings,
                                       self, self.edge if self.edge.filters_udp else None)
         self._listeners = tunnel_listeners + [
             _UserListener(target_tcp, self._serve_user, self.users, self, "target",
@@ -221,9 +221,12 @@ class Server(Component):
         net.close_quietly(user)
         return True
 
-    def _session_uses_flows(self) -> bool:
+    def _session_flows(self) -> Optional[type]:
+        """The flow class of the session's UDP users (udp.py), None for v1.0 exchanges."""
         session = self.control.session
-        return session is not None and session.udp_flow
+        if session is None or not session.udp_flow:
+            return None
+        return getattr(session, "flow_class", udp.ServerFlow)  # v1.14's: its own
 
     # -- reports -------------------------------------------------------------
 

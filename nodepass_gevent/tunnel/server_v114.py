@@ -5,13 +5,14 @@
     pool          pool.ServerPool: oldest first to users, by id to verify
     control       control.ControlChannel on connection 00000000: ping/pong, verify, flush
     users         hand_out: wait for the client's verify (tls 1/2), the oldest idle
-                  connection, a tcp {remote, id} signal, then server.py relays raw
+                  connection, a tcp {remote, id} signal, then server.py relays raw;
+                  a new UDP user address: a udp {remote, id} signal (udp_v114.RawFlow)
 
 server.Server wires this in place of wire/v1's control and data port (one
 port for everything); the users' listener, the semaphore, the relay and the
 reports stay the server's. A session lasts as long as its control channel:
 when it ends, its pool goes with it and the next GET opens a new one.
-UDP users are not served on this wire yet (dropped, said once in a while).
+UDP users get a pool connection per user address (udp_v114.py), as v1.14.
 """
 
 import ssl
@@ -23,6 +24,7 @@ import gevent.pool
 
 from nodepass_gevent.base import health, net
 from nodepass_gevent.copy import tls
+from nodepass_gevent.tunnel import udp_v114
 from nodepass_gevent.tunnel.pool import ServerPool
 from nodepass_gevent.wire.v1 import protocol
 from nodepass_gevent.wire.v114 import control, handshake, ids, server_session, signals
@@ -42,7 +44,8 @@ REFUSALS_LOGGED = 10  # refused handshakes said one by one, then one line per he
 class V114Session:
     """One v1.14 client: its IP, its control channel; what server.py reads of a session."""
 
-    udp_flow = False  # v1.0's UDP flows are not offered on this wire
+    udp_flow = True  # a UDP session per user address (server.py, udp.py) ...
+    flow_class = udp_v114.RawFlow  # ... on a pool connection of its own, unframed
 
     def __init__(self, peer: tuple) -> None:
         self.peer_host = peer[0]
@@ -231,9 +234,6 @@ class V114Control:
         if session is None or session.channel is None:
             self.server._drop(kind, peer, "no tunnel client is connected")
             return None
-        if kind != protocol.KIND_TCP:
-            self.server._drop(kind, peer, "UDP on the v1.14 wire is not supported yet")
-            return None
         if not session.channel.verified.wait(VERIFY_WAIT):
             self.server._drop(kind, peer, "the client's TLS verify has not come within %.0fs"
                               % VERIFY_WAIT)
@@ -244,7 +244,8 @@ class V114Control:
                               % POOL_WAIT)
             return None
         name, data = taken
-        session.channel.send(signals.tcp(net.format_address(peer), name))
+        announce = signals.tcp if kind == protocol.KIND_TCP else signals.udp  # a UDP session
+        session.channel.send(announce(net.format_address(peer), name))
         return data
 
 
