@@ -35,6 +35,8 @@ URLs:
         server (a v1.0 server writes first, a v1.14 one waits; costs 0.45s once
         per v1.14 server), 1.0 or 1.14 (NodePass v1.14's one-port wire, TCP
         pool, reverse mode; TCP users only) pin it and skip finding out.
+        server: 1.14 serves NodePass v1.14's wire on the tunnel port; any
+        other value serves v1.0's.
   udp   server: flow (default) offers one connection per user address, much
         faster, which a nodepass-gevent client takes; a NodePass v1.0 client
         ignores the offer and gets v1. v1 carries each UDP datagram on a

@@ -35,7 +35,7 @@ KEY_VARIABLE = "NODEPASS_KEY"
 LOG_FORMATS = ("text", "json")
 LOG_FORMAT_VARIABLE = "NODEPASS_LOG_FORMAT"
 SERVER_PARAMS = ("log", "tls", "crt", "key", "udp", "data_port", "proxy", "allow", "deny", "rate",
-                 "per_user", "log_format", "type")
+                 "per_user", "log_format", "type", "wire")
 CLIENT_PARAMS = ("log", "tls", "log_format", "wire", "type")
 # type=: NodePass v1.14's pool transport. Only its TCP pool is spoken here.
 POOL_TYPES = {"0": "TCP", "1": "QUIC", "2": "WebSocket", "3": "HTTP/2"}

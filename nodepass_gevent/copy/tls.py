@@ -49,9 +49,39 @@ def server_context(config: Config) -> Optional[ssl.SSLContext]:
     context.options |= _HALF_CLOSE_OPTIONS
     _issue_no_session_tickets(context)
     if config.tls_mode == TLS_SELF_SIGNED:
-        _load_pem_pair(context, *self_signed_pem())
+        cert_pem, key_pem = self_signed_pem()
+        _load_pem_pair(context, cert_pem, key_pem)
     else:
         _load_files(context, config.crt, config.key)
+        cert_pem = _read_pem_file("certificate", "crt", config.crt)
+    # Python cannot ask a context for its own certificate; v1.14's verify
+    # signal carries its fingerprint (wire/v114/keys.py), so it is kept here.
+    context.leaf_pem, context.crt = cert_pem, config.crt
+    return context
+
+
+def leaf_certificate(context: ssl.SSLContext) -> bytes:
+    """The DER of the certificate a server_context() presents (its chain's first);
+    ConfigError if crt= holds no plain CERTIFICATE block."""
+    return ssl.PEM_cert_to_DER_cert(_first_pem_block(context.leaf_pem, context.crt))
+
+
+def _first_pem_block(pem: bytes, crt: Optional[str]) -> str:
+    text = pem.decode("ascii", "replace")
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    start = text.find(begin)
+    stop = text.find(end, start)
+    if start < 0 or stop < 0:
+        raise ConfigError("crt=%s holds no '%s' block" % (crt, begin))
+    return text[start:stop + len(end)] + "\n"
+
+
+def require_tls_1_3(context: ssl.SSLContext) -> ssl.SSLContext:
+    """Hold a context to TLS 1.3, as NodePass v1.14's pool connections are."""
+    if hasattr(ssl, "TLSVersion"):  # 3.7+
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+    else:
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1 | ssl.OP_NO_TLSv1_2
     return context
 
 

@@ -118,6 +118,30 @@ class ServerPool:
         net.close_quietly(sock)
         return False
 
+    # v1.14's verify names one connection (wire/v114/control.py). gevent's Queue
+    # keeps its items in the deque ``queue``; only getters wait on it, and they
+    # wait only while it is empty, so taking one from the middle wakes no one.
+
+    def newest_id(self) -> Optional[str]:
+        """The id of the connection filed last, or None (the v1.14 verify's pick)."""
+        waiting = self._queue.queue
+        return waiting[-1][0] if waiting else None
+
+    def take_named(self, connection_id: str) -> Optional[socket.socket]:
+        """The waiting connection filed under ``connection_id``, or None."""
+        waiting = self._queue.queue
+        for item in waiting:
+            if item[0] == connection_id:
+                waiting.remove(item)
+                if not waiting:
+                    self._emptied_at = time.monotonic()
+                return item[1]
+        return None
+
+    def ids(self) -> set:
+        """The ids of the waiting connections (a new one must not repeat one)."""
+        return {item[0] for item in self._queue.queue}
+
     def close(self) -> None:
         """Take no more connections, and close the waiting ones. Never raises."""
         self.closed = True

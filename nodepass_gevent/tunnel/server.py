@@ -8,6 +8,10 @@ their kind:
     target_addr  TCP  -> tcp.serve_user         a user = a pooled data connection
     target_addr  UDP  -> udp.UdpUsers           datagrams: v1.0 exchanges or flows
 
+With wire=1.14 (server_v114.py) there is no data port: the v1.14 handshake
+and its pool connections share the tunnel port, and server_v114.V114Control
+stands where control.ServerControl and dataconn.DataPort stand.
+
 Listeners live as long as the server; a session (control.py) as long as one
 client's tunnel connection. When a session ends, its pooled data connections
 go with it. User TCP connections and UDP exchanges share the semaphore
@@ -27,10 +31,10 @@ from nodepass_gevent.base import health, net
 from nodepass_gevent.base.lifecycle import Component
 from nodepass_gevent.base.semaphore import UserSemaphore
 from nodepass_gevent.base.stats import Stats
-from nodepass_gevent.config import Address, Config, Settings
+from nodepass_gevent.config import WIRE_V114, Address, Config, Settings
 from nodepass_gevent.edge.policy import Edge
 from nodepass_gevent.log import TunnelLog
-from nodepass_gevent.tunnel import tcp, udp
+from nodepass_gevent.tunnel import server_v114, tcp, udp
 from nodepass_gevent.tunnel.listeners import TcpListener, UdpListener
 from nodepass_gevent.tunnel.pool import ServerPool
 from nodepass_gevent.wire.v1 import control, dataconn, protocol
@@ -85,7 +89,7 @@ class Server(Component):
                 net.close_quietly(sock)
             raise
         tunnel, data, target_tcp, target_udp = sockets
-        self.data_port = net.local_port(data)
+        self.data_port = net.local_port(data if data is not None else tunnel)
         self._wire(tunnel, data, target_tcp, target_udp)
         for listener in self._listeners:
             listener.start()
@@ -94,30 +98,45 @@ class Server(Component):
         self.ready.set()
         edge = self.config.edge_summary()
         self.log.info("Server: tunnel %s, data port %d, target %s (tcp+udp), tls=%d, auth=%s,"
-                      " udp=%s%s", self.config.tunnel, self.data_port, self.config.target,
+                      " udp=%s%s%s", self.config.tunnel, self.data_port, self.config.target,
                       self.config.tls_mode, "on" if self.config.auth_key else "off",
-                      self.config.udp_mode, ", " + edge if edge else "")
+                      self.config.udp_mode, ", " + edge if edge else "",
+                      ", v1.14 wire (one port)" if self.config.wire == WIRE_V114 else "")
 
-    def _wire(self, tunnel: socket.socket, data: socket.socket, target_tcp: socket.socket,
-              target_udp: socket.socket) -> None:
+    def _wire(self, tunnel: socket.socket, data: Optional[socket.socket],
+              target_tcp: socket.socket, target_udp: socket.socket) -> None:
+        if data is None:  # wire=1.14: handshake and pool on the tunnel port
+            self.control = self.data_port_handler = server_v114.V114Control(self)
+            tunnel_listeners = [TcpListener(tunnel, self.control.handle, self.control.spawn,
+                                            self, "tunnel", hands_on=True)]
+        else:
+            tunnel_listeners = self._wire_v1(tunnel, data)
+        self.udp_users = udp.UdpUsers(target_udp, self.users, self.hand_out,
+                                      self._session_flows, self.stats, self.settings,
+                                      self, self.edge if self.edge.filters_udp else None)
+        self._listeners = tunnel_listeners + [
+            _UserListener(target_tcp, self._serve_user, self.users, self, "target",
+                          admit=self.edge.admit_tcp if self.edge.admits_tcp else None,
+                          handle_now=self._serve_user_now if self._serves_users_now(data)
+                          else None),
+            UdpListener(target_udp, udp.RECEIVE_SIZE, self.udp_users.handle, self, "Target"),
+        ]
+
+    def _serves_users_now(self, data: Optional[socket.socket]) -> bool:
+        """A TCP user served from the accept callback (no greenlet) needs v1.0's
+        pool (data port), plain TCP, and nothing that reads or paces first."""
+        return (data is not None and self.ssl_context is None and self.edge.rate is None
+                and not self.edge.proxy_version)
+
+    def _wire_v1(self, tunnel: socket.socket, data: socket.socket) -> List:
         self.control = control.ServerControl(self.config, self.settings, self.data_port,
                                              self.stats, self.log, self._session_ended)
         data_port = dataconn.DataPort(self.ssl_context, self.config.auth_key, self.pool,
                                       self.stats, self.log, lambda: self.control.session)
         self.data_port_handler = data_port  # its TLS failures, for the health verdict
-        self.udp_users = udp.UdpUsers(target_udp, self.users, self.hand_out,
-                                      self._session_uses_flows, self.stats, self.settings,
-                                      self, self.edge if self.edge.filters_udp else None)
-        self._listeners = [
-            TcpListener(tunnel, self.control.handle, self.control.spawn, self, "tunnel"),
-            TcpListener(data, data_port.handle, self._handshakes, self, "data",
-                        hands_on=True, handle_now=data_port.handle_now),
-            _UserListener(target_tcp, self._serve_user, self.users, self, "target",
-                          admit=self.edge.admit_tcp if self.edge.admits_tcp else None,
-                          handle_now=self._serve_user_now if self.ssl_context is None and
-                          self.edge.rate is None and not self.edge.proxy_version else None),
-            UdpListener(target_udp, udp.RECEIVE_SIZE, self.udp_users.handle, self, "Target"),
-        ]
+        return [TcpListener(tunnel, self.control.handle, self.control.spawn, self, "tunnel"),
+                TcpListener(data, data_port.handle, self._handshakes, self, "data",
+                            hands_on=True, handle_now=data_port.handle_now)]
 
     def stop_accepting(self) -> None:
         for listener in self._listeners:
@@ -133,7 +152,9 @@ class Server(Component):
         self._handshakes.kill(block=False)
         self.pool.close()
 
-    def _listen_data_port(self) -> socket.socket:
+    def _listen_data_port(self) -> Optional[socket.socket]:
+        if self.config.wire == WIRE_V114:
+            return None  # v1.14 pools on the tunnel port
         host = self.config.tunnel.host
         if self.config.data_port:  # data_port=N: that one, or a BindError naming it
             return net.listen_tcp(Address(host, self.config.data_port),
@@ -155,6 +176,8 @@ class Server(Component):
     def hand_out(self, kind: str, peer: tuple) -> Optional[socket.socket]:
         """A pooled data connection, announced to the client for the user at
         ``peer``, or None (logged)."""
+        if self.config.wire == WIRE_V114:
+            return self.control.hand_out(kind, peer)
         session = self.control.session
         if session is None:
             self._drop(kind, peer, "no tunnel client is connected")
@@ -216,9 +239,12 @@ class Server(Component):
         net.close_quietly(user)
         return True
 
-    def _session_uses_flows(self) -> bool:
+    def _session_flows(self) -> Optional[type]:
+        """The flow class of the session's UDP users (udp.py), None for v1.0 exchanges."""
         session = self.control.session
-        return session is not None and session.udp_flow
+        if session is None or not session.udp_flow:
+            return None
+        return getattr(session, "flow_class", udp.ServerFlow)  # v1.14's: its own
 
     # -- reports -------------------------------------------------------------
 

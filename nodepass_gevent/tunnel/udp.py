@@ -86,17 +86,18 @@ class UdpUsers:
     """The server's UDP front end: the handler of the UDP listener.
 
     ``hand_out(kind, peer)`` gives an announced data connection or None;
-    ``session_uses_flows()`` says whether the connected client took flows.
+    ``session_flows()``: the flow class of the connected client's session (ServerFlow,
+    or udp_v114.RawFlow), None if it takes none (a v1.0 exchange per datagram).
     """
 
     def __init__(self, listener: socket.socket, users: UserSemaphore, hand_out,
-                 session_uses_flows: Callable[[], bool], stats: Stats, settings, owner,
+                 session_flows: Callable[[], Optional[type]], stats: Stats, settings, owner,
                  edge=None) -> None:
         self.listener = listener  # the gevent socket: flows' replies are sent on it
         self.users, self.hand_out, self.stats, self.owner = users, hand_out, stats, owner
         # allow=/deny= and rate= (edge.Edge); None: every datagram and reply passes.
         self.edge = edge
-        self.session_uses_flows = session_uses_flows
+        self.session_flows = session_flows
         # The largest datagram or reply on the v1.0 wire; flows carry any size.
         self.size, self.read_timeout = settings.udp_data_buf_size, settings.udp_read_timeout
         self.too_large = TooLargeDrops("server", self.size, stats, owner.log)
@@ -116,8 +117,9 @@ class UdpUsers:
         flow = self.flows.get(peer)
         if flow is not None:
             flow.offer(datagram)
-        elif self.session_uses_flows():
-            flow = ServerFlow(self.listener, peer, self.stats, udplink.LARGEST_DATAGRAM,
+        elif self.session_flows() is not None:
+            flow = self.session_flows()(self.listener, peer, self.stats,
+                                        udplink.LARGEST_DATAGRAM,
                               self.read_timeout, self._reply_gate)
             flow.offer(datagram)
             self.flows.add(flow)  # now, so the next datagram finds it

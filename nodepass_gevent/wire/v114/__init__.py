@@ -28,7 +28,9 @@ pool connection 00000000; *flow* "-" when the server accepts users (reverse),
 
 Modules: keys (key, bearer, certificate fingerprint), handshake (the HTTP
 exchange), signals (control lines), ids (connection ids).
-The client's I/O on top of them (TCP pool, reverse mode): client_session
-(the handshake over a socket), pool_dial (pool connections), control (the
-control channel); tunnel/client_v114.py wires them to the pool and the target.
+The I/O on top of them (TCP pool, reverse mode): control (the control
+channel, both roles); for the client client_session (the handshake over a
+socket) and pool_dial (pool connections), wired by tunnel/client_v114.py; for
+the server server_session (answering the handshake, accepting pool
+connections), wired by tunnel/server_v114.py.
 """

@@ -1,4 +1,4 @@
-"""The v1.14 client's control channel: pool connection 00000000, signals both ways.
+"""The v1.14 control channel, both roles: pool connection 00000000, signals both ways.
 
     client                                   server
       | <> ping at once, then every 5 s ---->  |   each side answers the other's with pong
@@ -9,13 +9,17 @@
 [contract (e)]. One writer greenlet, so lines never interleave; the reader
 gives up after LIVENESS s without a line (3 missed pings), which ends the
 session. A bad line is logged and skipped; an unknown action is ignored.
-What a signal does to the pool and the target is the role's (``peer``).
+What a signal does to the pool and the target is the role's (``peer``): the
+client's is tunnel/client_v114.py, the server's tunnel/server_v114.py. The
+two differ only there: the fingerprint a verify carries is the one the
+client saw on that connection, or the server's own.
 """
 
 import socket
 import time
 
 import gevent
+from gevent.event import Event
 from gevent.queue import Queue
 
 from nodepass_gevent.base import net
@@ -35,16 +39,24 @@ class ControlLost(V114Error):
 class ControlChannel:
     """Run by ``run()`` until it ends (ControlLost); ``close()`` never raises.
 
-    ``peer`` gives: take(id) -> socket or None, newest_idle() -> id or None,
-    fingerprint(id) -> str, launch_tcp(signal), flush(). ``tls_code`` "0" sends
-    no verify.
+    ``peer`` gives: take(id) -> socket or None (waiting briefly for an id not
+    pooled yet), newest_idle() -> id or None, fingerprint(id) -> str,
+    launch_tcp(signal), flush(). ``tls_code`` "0" sends no verify. ``role``
+    ("Client" or "Server") starts the log lines; ``other`` names the far end
+    in them ("the server", "the client").
     """
 
-    def __init__(self, sock: socket.socket, key: bytes, tls_code: str, peer, log) -> None:
+    def __init__(self, sock: socket.socket, key: bytes, tls_code: str, peer, log,
+                 role: str = "Client", other: str = "the server") -> None:
         self.sock, self.key, self.tls_code = sock, key, tls_code
         self.peer, self.log = peer, log
+        self.role, self.other = role, other
         self.last_line = time.monotonic()
-        self.verified = False  # the server's verify matched
+        # The far end's verify matched (set at once at tls 0): the side that
+        # accepts users serves none before it, as v1.14 does.
+        self.verified = Event()
+        if tls_code == "0":
+            self.verified.set()
         self._own_verify = {}  # id -> fp of the connection our verify took
         self._outbox = Queue()
         self._greenlets = []
@@ -99,7 +111,7 @@ class ControlChannel:
             except OSError as exc:
                 raise ControlLost(self._lost or "control channel lost: %s" % net.describe(exc))
             if not data:
-                raise ControlLost(self._lost or "control channel closed by the server")
+                raise ControlLost(self._lost or "control channel closed by %s" % self.other)
             self.last_line = time.monotonic()
             try:
                 lines, rest = signals.split_lines(rest + data)
@@ -112,10 +124,10 @@ class ControlChannel:
         try:
             signal = signals.decode_signal(line, self.key)
         except signals.UnknownAction as exc:
-            self.log.debug("Client: control signal ignored: %s", exc)
+            self.log.debug("%s: control signal ignored: %s", self.role, exc)
             return
         except signals.SignalError as exc:
-            self.log.warning("Client: control line skipped: %s", exc)
+            self.log.warning("%s: control line skipped: %s", self.role, exc)
             return
         if signal.action == signals.PING:
             self.send(signals.pong())
@@ -126,8 +138,8 @@ class ControlChannel:
         elif signal.action == signals.VERIFY:
             gevent.spawn(self._check_verify, signal)
         elif signal.action == signals.UDP:
-            self.log.warning("Client: UDP on the v1.14 wire is not supported yet; session %s"
-                             " dropped", signal.id)
+            self.log.warning("%s: UDP on the v1.14 wire is not supported yet; session %s"
+                             " dropped", self.role, signal.id)
             gevent.spawn(self._drop, signal.id)
 
     def _drop(self, name: str) -> None:
@@ -138,7 +150,7 @@ class ControlChannel:
     def _send_verify(self) -> None:
         """Our verify names the newest idle connection: the Go peer picks the oldest,
         so the two do not collide on one (contract (e), "Bug seen"). It goes out
-        as soon as one is pooled, not on a 5 s tick: the server serves no user
+        as soon as one is pooled, not on a 5 s tick: the far end serves no user
         before it has our verify."""
         name = None
         deadline = time.monotonic() + VERIFY_WAIT
@@ -147,7 +159,7 @@ class ControlChannel:
             if name is None:
                 gevent.sleep(0.05)
         if name is None:
-            return self._lose("no idle pool connection to verify the server's certificate on")
+            return self._lose("no idle pool connection to send our verify on")
         fingerprint = self.peer.fingerprint(name)
         sock = self.peer.take(name)
         self._own_verify[name] = fingerprint
@@ -166,6 +178,7 @@ class ControlChannel:
             net.close_quietly(sock)
         if signal.fp != seen:
             return self._lose("TLS certificate fingerprint mismatch on pool connection %s"
-                              " (server says %s, we saw %s)" % (signal.id, signal.fp, seen))
-        self.verified = True
-        self.log.info("Client: TLS certificate fingerprint verified")
+                              " (%s says %s, we expect %s)"
+                              % (signal.id, self.other, signal.fp, seen))
+        self.verified.set()
+        self.log.info("%s: TLS certificate fingerprint verified", self.role)

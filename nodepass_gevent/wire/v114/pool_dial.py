@@ -29,13 +29,7 @@ def client_context(tls_code: str) -> Optional[ssl.SSLContext]:
     """v1.0's client context for that mode (copy/tls.py: no checks at tls=1, the
     system roots at tls=2, a bare FIN ends a stream), held to TLS 1.3 as v1.14 is."""
     context = tls.client_context(int(tls_code))
-    if context is None:
-        return None
-    if hasattr(ssl, "TLSVersion"):  # 3.7+
-        context.minimum_version = ssl.TLSVersion.TLSv1_3
-    else:
-        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1 | ssl.OP_NO_TLSv1_2
-    return context
+    return None if context is None else tls.require_tls_1_3(context)
 
 
 class PoolDialer:
