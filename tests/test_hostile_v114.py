@@ -334,8 +334,8 @@ def test_a_verify_with_a_wrong_fingerprint_ends_the_session(tunnel_port, echo, c
     second = tunnel_port.good_server(tls="1")
     first.send(signals.verify(name, wrong))
     client.wait_for_output("TLS certificate fingerprint mismatch on pool connection %s"
-                           " (the server says %s, we expect %s)" % (name, wrong, first.fingerprint),
-                           timeout=5)
+                           " (the server says %s, we expect %s)"
+                           % (name, wrong, first.fingerprint), timeout=5)
     close_server(first)
     wait_until(lambda: client.output().count(OPEN % "1") == 2, 10, what="the session again")
     assert_served(second)  # it waits for our verify, which the client sends at once
