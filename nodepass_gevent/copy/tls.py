@@ -40,11 +40,21 @@ _HALF_CLOSE_OPTIONS = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF",
                               if ssl.OPENSSL_VERSION_INFO >= (3,) else 0)
 
 
+class ServerContext(ssl.SSLContext):
+    """An SSLContext that can carry the certificate it presents: Python cannot
+    ask a context for its own certificate, and v1.14's verify signal carries its
+    fingerprint (wire/v114/keys.py). A subclass, because Python 3.6's SSLContext
+    has __slots__ and takes no attributes of its own."""
+
+    leaf_pem = b""
+    crt = None  # type: Optional[str]
+
+
 def server_context(config: Config) -> Optional[ssl.SSLContext]:
     """The server's context for its mode; ConfigError if crt/key do not load."""
     if config.tls_mode == TLS_NONE:
         return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     _require_tls_1_2(context)
     context.options |= _HALF_CLOSE_OPTIONS
     _issue_no_session_tickets(context)
@@ -54,8 +64,6 @@ def server_context(config: Config) -> Optional[ssl.SSLContext]:
     else:
         _load_files(context, config.crt, config.key)
         cert_pem = _read_pem_file("certificate", "crt", config.crt)
-    # Python cannot ask a context for its own certificate; v1.14's verify
-    # signal carries its fingerprint (wire/v114/keys.py), so it is kept here.
     context.leaf_pem, context.crt = cert_pem, config.crt
     return context
 
