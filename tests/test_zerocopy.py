@@ -61,6 +61,11 @@ class CountingPool(zerocopy.PipePool):
         return list(self._idle)
 
 
+def kept_pipes(pool) -> set:
+    """fd_targets() of the pipes the splice pool keeps idle."""
+    return {os.readlink("/proc/self/fd/%d" % end) for pair in pool.kept() for end in pair}
+
+
 class Engine:
     def __init__(self, name, splice, pool) -> None:
         self.name, self.splice, self.pool = name, splice, pool
@@ -133,7 +138,6 @@ class Link:
     """The user's end, the target's end, and relay.exchange running between them."""
 
     def __init__(self, target_side: str) -> None:
-        self.fds_before = open_fds()
         self.targets_before = fd_targets()
         self.user, left = tcp_pair()
         right, self.target = tcp_pair() if target_side == "tcp" else unix_pair()
@@ -262,7 +266,8 @@ def test_no_descriptor_is_left_and_pipes_go_back_to_the_pool(link, engine):
     link.close()
     kept = engine.pool.kept()
     assert engine.pool.outstanding == 0
-    assert open_fds() == link.fds_before + 2 * len(kept)  # only the pool's pipes remain
+    # Only the pool's pipes remain of what this test opened.
+    assert fd_targets() - link.targets_before <= kept_pipes(engine.pool)
     for read_end, _ in kept:  # and they are empty
         with pytest.raises(BlockingIOError):
             os.read(read_end, 1)
@@ -278,9 +283,8 @@ def test_an_idle_connection_holds_only_its_two_sockets(link, engine):
     gevent.sleep(0.05)
     opened = fd_targets() - link.targets_before
     pipes = {target for target in opened if target.startswith("pipe:")}
-    kept = {os.readlink("/proc/self/fd/%d" % end) for pair in engine.pool.kept() for end in pair}
     sockets = [target for target in opened if target.startswith("socket:")]
-    assert pipes <= kept  # no pipe held but the pool's idle ones
+    assert pipes <= kept_pipes(engine.pool)  # no pipe held but the pool's idle ones
     assert len(sockets) == 4  # the two ends here, left and right in the relay
     assert engine.pool.outstanding == 0
     link.user.shutdown(socket.SHUT_WR)
