@@ -136,9 +136,9 @@ def test_check_fails_for_a_port_in_use_naming_its_role(busy_tcp, role):
 
 
 def test_check_fails_for_a_udp_target_port_in_use():
+    port = free_port()  # its TCP side kept from other processes' connects (TIME_WAIT)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
-        busy.bind((HOST, 0))
-        port = busy.getsockname()[1]
+        busy.bind((HOST, port))
         line = one_line(run_nodepass(["--check", server_url(target=port)]), 1)
     assert line.startswith("cannot listen on the target port at UDP %s:%d: Address already in"
                            " use" % (HOST, port)), line
