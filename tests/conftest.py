@@ -35,6 +35,15 @@ def nodepass():
 
 
 @pytest.fixture
+def started():
+    """start(thing) keeps it to close (peers, sockets) or stop (processes) after the test."""
+    things = []
+    yield things.append
+    for thing in reversed(things):
+        (thing.stop_quietly if isinstance(thing, NodepassProcess) else thing.close)()
+
+
+@pytest.fixture
 def echo():
     server = EchoServer()
     yield server

@@ -18,15 +18,6 @@ from nodepass_gevent.wire.v114 import handshake, signals
 FAST_PING = 1.0  # the reference server's ping (v1.14: 5 s); its verify follows one
 
 
-@pytest.fixture
-def started():
-    """start(thing) keeps it to close (servers) or stop (processes) after the test."""
-    things = []
-    yield things.append
-    for thing in reversed(things):
-        (thing.stop_quietly if isinstance(thing, NodepassProcess) else thing.close)()
-
-
 def run_client(started, url):
     process = NodepassProcess(url, env=FAST_ENV)
     started(process)

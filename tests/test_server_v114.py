@@ -23,15 +23,6 @@ from nodepass_gevent.wire.v114 import signals
 FAST_PING = 1.0  # the reference client's ping (v1.14: 5 s); its verify follows one
 
 
-@pytest.fixture
-def started():
-    """start(thing) keeps it to close (peers, sockets) or stop (processes) after the test."""
-    things = []
-    yield things.append
-    for thing in reversed(things):
-        (thing.stop_quietly if isinstance(thing, NodepassProcess) else thing.close)()
-
-
 def run_server(started, tls="0", key="", folder=None, env=None):
     """Our server at wire=1.14: (process, tunnel port, user port), once it listens.
     tls "2" takes a test CA's certificate, made in ``folder``."""
