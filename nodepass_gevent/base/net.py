@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 import termios
+import time
 from typing import Optional, Tuple
 
 import gevent
@@ -291,6 +292,18 @@ def _bytes_waiting(fileno: int) -> int:
         return struct.unpack("i", fcntl.ioctl(fileno, termios.FIONREAD, b"\0\0\0\0"))[0]
     except OSError:
         return 0
+
+
+def recv_by(sock: socket.socket, deadline: float, size: int) -> bytes:
+    """One recv() that must come by ``deadline`` (a time.monotonic() time);
+    socket.timeout once it has passed. A loop reading one bounded message calls
+    it for each read, so the message has one deadline, not each read a timeout
+    of its own: a peer sending a byte a second gets something to every read."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("timed out")
+    sock.settimeout(left)
+    return sock.recv(size)
 
 
 def send_message(sock: socket.socket, message: bytes) -> None:

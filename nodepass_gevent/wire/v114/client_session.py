@@ -67,11 +67,7 @@ def _read_reply(sock: socket.socket, address: Address,
     for hours (parse_reply bounds the bytes, this the time)."""
     buffer, reply = b"", None
     while reply is None:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise socket.timeout()
-        sock.settimeout(left)
-        data = sock.recv(READ_SIZE)
+        data = net.recv_by(sock, deadline, READ_SIZE)
         buffer += data
         if not HTTP_START.startswith(buffer[:len(HTTP_START)]):  # no need to wait for more
             raise WireMismatch("tunnel to %s: the server answered the v1.14 handshake with"

@@ -16,6 +16,7 @@ net/http does. The refusals are encoded by handshake.py, byte for byte.
 
 import socket
 import ssl
+import time
 from typing import Callable, Container, Optional, Tuple
 
 from nodepass_gevent.base import net
@@ -54,8 +55,7 @@ def answer_handshake(sock: socket.socket, key: bytes, config: handshake.TunnelCo
     The caller closes ``sock`` (every v1.14 reply says Connection: close).
     """
     try:
-        sock.settimeout(timeout)
-        head, complete = _read_head(sock)
+        head, complete = _read_head(sock, time.monotonic() + timeout)
         if not complete:
             if not head:
                 return Answer(None, PROBE)
@@ -77,16 +77,17 @@ def answer_handshake(sock: socket.socket, key: bytes, config: handshake.TunnelCo
         return Answer(None, "handshake failed: %s" % net.describe(exc))
 
 
-def _read_head(sock: socket.socket) -> Tuple[bytes, bool]:
+def _read_head(sock: socket.socket, deadline: float) -> Tuple[bytes, bool]:
     """(the request head through its empty line, True), or (what came, False) at
-    EOF first; BadRequest (431) past MAX_HEAD bytes. Bytes after the head are
-    dropped: a GET has no body."""
+    EOF first; BadRequest (431) past MAX_HEAD bytes, socket.timeout past
+    ``deadline`` (one for the whole head, as the client's reply has). Bytes
+    after the head are dropped: a GET has no body."""
     buffer = b""
     while True:
         end = handshake.head_end(buffer)
         if end is not None:
             return buffer[:end], True
-        data = sock.recv(READ_SIZE)
+        data = net.recv_by(sock, deadline, READ_SIZE)
         if not data:
             return buffer, False
         buffer += data
