@@ -12,6 +12,7 @@ import socket
 
 import pytest
 
+import loopback  # scripts/loopback.py, on the path by conftest.py
 import v114_transcripts as captures
 from reference_peer_v114 import ReferenceClient
 from support import (FAST_ENV, HOST, EchoServer, NodepassProcess, free_port, make_test_ca,
@@ -49,12 +50,7 @@ def exchange_raw(port, request, timeout=5.0):
     with socket.create_connection((HOST, port), timeout=timeout) as sock:
         sock.sendall(request)
         sock.shutdown(socket.SHUT_WR)
-        reply = b""
-        while True:
-            chunk = sock.recv(4096)
-            if not chunk:
-                return reply
-            reply += chunk
+        return loopback.read_to_eof(sock, 4096)
 
 
 @pytest.mark.timeout(20)
