@@ -32,6 +32,11 @@ class UserSemaphore(gevent.pool.Pool):
         self._next_warning = 0.0
         self._last_wait = float("-inf")
 
+    def free_count(self) -> int:
+        """Free places. Not gevent's count of greenlets in the pool: users served
+        from callbacks (tunnel/tcp.CallbackUsers) hold places without one."""
+        return max(0, self._semaphore.counter)
+
     def full(self) -> bool:
         if not super().full():
             return False
