@@ -117,9 +117,10 @@ class UdpUsers:
         flow = self.flows.get(peer)
         if flow is not None:
             flow.offer(datagram)
-        elif self.session_flows() is not None:
-            flow = self.session_flows()(self.listener, peer, self.stats,
-                                        udplink.LARGEST_DATAGRAM,
+            return
+        flow_class = self.session_flows()
+        if flow_class is not None:
+            flow = flow_class(self.listener, peer, self.stats, udplink.LARGEST_DATAGRAM,
                               self.read_timeout, self._reply_gate)
             flow.offer(datagram)
             self.flows.add(flow)  # now, so the next datagram finds it
